@@ -1,0 +1,1 @@
+"""Code that runs on the compute nodes, inside the allocation (started by the generated script)."""

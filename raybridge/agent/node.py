@@ -1,0 +1,398 @@
+"""The per-node agent: start Ray on this node (head on rank 0), rendezvous, watch, tear down.
+
+One agent runs on every node of the allocation (a single srun step). The agent makes itself a
+child subreaper, so every process Ray forks stays its descendant and teardown can stop exactly
+this job's Ray processes, never another job's (unlike `ray stop`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from raybridge import clusterinfo as ci
+from raybridge.agent import netinfo, ports, resources
+
+PR_SET_CHILD_SUBREAPER = 36
+MARKER = "RAYBRIDGE_JOB_ID"  # set in every Ray process this agent starts
+MAX_RAY_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    job_id: str
+    job_dir: Path
+    rank: int
+    nodes: int
+    interface: list[str]
+    node_tmp: str
+    ready_timeout: float
+    auth: bool
+    object_store_fraction: float
+    ray_args: list[str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AgentConfig:
+        job_id = env.get("SLURM_JOB_ID") or fail("SLURM_JOB_ID is not set: run inside a Slurm job")
+        job_dir = env.get("RAYBRIDGE_JOB_DIR") or fail("RAYBRIDGE_JOB_DIR is not set")
+        return cls(
+            job_id=job_id,
+            job_dir=Path(job_dir),
+            rank=int(env.get("SLURM_PROCID", "0")),
+            nodes=int(env.get("RAYBRIDGE_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1),
+            interface=(env.get("RAYBRIDGE_INTERFACE") or "auto").split(","),
+            node_tmp=env.get("RAYBRIDGE_NODE_TMP") or "/tmp",
+            ready_timeout=float(env.get("RAYBRIDGE_READY_TIMEOUT") or 300),
+            auth=env.get("RAYBRIDGE_AUTH", "token") == "token",
+            object_store_fraction=float(env.get("RAYBRIDGE_OBJECT_STORE_FRACTION") or 0.3),
+            ray_args=shlex.split(env.get("RAYBRIDGE_RAY_ARGS") or ""),
+        )
+
+    @property
+    def temp_dir(self) -> Path:
+        # Short on purpose: Ray's Unix sockets live under it (107-byte AF_UNIX limit).
+        return Path(self.node_tmp) / f"rb-{self.job_id}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.job_dir / ci.TOKEN
+
+
+def fail(message: str) -> Any:
+    raise SystemExit(f"raybridge agent: {message}")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, env: Mapping[str, str]):
+        self.cfg = cfg
+        self.env = dict(env)
+        self.host = socket.gethostname().split(".")[0]
+        self.role = "head" if cfg.rank == 0 else "worker"
+        self.stopping = False
+        self.restarts = 0
+
+    # ------------------------------------------------------------ plumbing
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"raybridge[{self.host}/{self.role}] {stamp} {message}", flush=True)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stopping:
+            self.log(f"received {signal.Signals(signum).name}; stopping this job's Ray processes")
+        self.stopping = True
+
+    def stop_requested(self) -> bool:
+        return self.stopping or (self.cfg.job_dir / ci.STOP).exists()
+
+    def ray_env(self, iface: netinfo.Iface) -> dict[str, str]:
+        env = dict(self.env)
+        env[MARKER] = self.cfg.job_id
+        # Collective libraries use the same fabric as Ray.
+        env["NCCL_SOCKET_IFNAME"] = iface.name
+        env["GLOO_SOCKET_IFNAME"] = iface.name
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["TMPDIR"] = str(self.cfg.temp_dir)  # Python's scratch files go where teardown cleans
+        if self.cfg.auth:
+            env["RAY_AUTH_MODE"] = "token"
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.cfg.token_path)
+            env.pop("RAY_AUTH_TOKEN", None)
+        return env
+
+    def ray_command(self, iface: netinfo.Iface, plan: ports.PortPlan, head: dict[str, Any] | None) -> list[str]:
+        res = resources.detect(self.env, self.cfg.object_store_fraction)
+        ray = shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", ""))
+        cmd = [
+            ray or "ray", "start",
+            f"--node-ip-address={iface.ip}",
+            f"--temp-dir={self.cfg.temp_dir}",
+            f"--num-cpus={res.cpus}",
+            f"--num-gpus={len(res.gpu_ids)}",
+            f"--object-store-memory={res.object_store_bytes}",
+            f"--node-manager-port={plan.node_manager}",
+            f"--object-manager-port={plan.object_manager}",
+            f"--metrics-export-port={plan.metrics}",
+            f"--dashboard-agent-listen-port={plan.dashboard_agent}",
+            f"--dashboard-agent-grpc-port={plan.dashboard_agent_grpc}",
+            f"--runtime-env-agent-port={plan.runtime_env_agent}",
+            f"--min-worker-port={plan.min_worker}",
+            f"--max-worker-port={plan.max_worker}",
+            "--disable-usage-stats",
+        ]
+        if head is None:
+            cmd += [
+                "--head",
+                f"--port={plan.gcs}",
+                f"--ray-client-server-port={plan.client}",
+                "--include-dashboard=true",
+                f"--dashboard-host={iface.ip}",
+                f"--dashboard-port={plan.dashboard}",
+            ]
+        else:
+            cmd.append(f"--address={head['ip']}:{head['ports']['gcs']}")
+        self.resources = res
+        return cmd + self.cfg.ray_args
+
+    def start_ray(self, iface: netinfo.Iface, head: dict[str, Any] | None) -> ports.PortPlan:
+        plan = ports.choose_plan(self.cfg.job_id, iface.ip)
+        cmd = self.ray_command(iface, plan, head)
+        env = self.ray_env(iface)
+        if self.resources.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.resources.gpu_ids)
+        else:
+            env.pop("CUDA_VISIBLE_DEVICES", None)  # 'NoDevFiles' would confuse Ray
+        logfile = self.cfg.job_dir / "logs" / f"ray-start-{self.host}.log"
+        self.log(f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
+                 f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)")
+        with open(logfile, "a") as out:
+            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            tail = logfile.read_text().strip().splitlines()[-5:]
+            raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: " + " | ".join(tail))
+        return plan
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if self.cfg.auth:  # this agent talks to the GCS too
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.cfg.token_path))
+        self.cfg.temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.cfg.job_dir / "logs").mkdir(exist_ok=True)
+        try:
+            return self.head() if self.cfg.rank == 0 else self.worker()
+        except Exception as e:  # report, then tear down: never leave Ray running
+            self.log(f"error: {e}")
+            if self.cfg.rank == 0:
+                self.update_cluster(state="failed", error=str(e))
+            return 1
+        finally:
+            self.teardown()
+
+    def head(self) -> int:
+        iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
+        plan = self.start_ray(iface, None)
+        head_up = ci.now()
+        head = {"ip": iface.ip, "hostname": self.host, "interface": iface.name, "ports": plan.as_dict(),
+                "up_at": head_up}
+        ci.write_json(self.cfg.job_dir / ci.HEAD, head)
+        self.write_node(iface, plan)
+        self.log(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.cfg.nodes} nodes")
+        self.update_cluster(state="starting", head=head, address=f"{iface.ip}:{plan.gcs}", ports=plan.as_dict(),
+                            dashboard_url=f"http://{iface.ip}:{plan.dashboard}", head_up_at=head_up)
+        gcs = GcsView(f"{iface.ip}:{plan.gcs}")
+        deadline = time.monotonic() + self.cfg.ready_timeout
+        while True:
+            alive = gcs.alive_count()
+            joined = len(list((self.cfg.job_dir / ci.NODES).glob("*.json")))
+            if alive >= self.cfg.nodes and joined >= self.cfg.nodes:
+                break
+            if self.stop_requested():
+                return 0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
+                                   f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)")
+            time.sleep(0.2)
+        self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
+        self.log(f"all {self.cfg.nodes} nodes alive; cluster ready")
+        return self.watch(gcs)
+
+    def worker(self) -> int:
+        head = self.wait_for_head()
+        if head is None:
+            return 0
+        iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces(), head["ip"])
+        plan = self.start_ray(iface, head)
+        self.write_node(iface, plan)
+        self.log(f"joined head {head['ip']}")
+        return self.watch(None, iface=iface, head=head)
+
+    def wait_for_head(self) -> dict[str, Any] | None:
+        deadline = time.monotonic() + self.cfg.ready_timeout
+        path = self.cfg.job_dir / ci.HEAD
+        while (head := ci.read_json(path)) is None:
+            if self.stop_requested():
+                return None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head did not publish {path} within {self.cfg.ready_timeout:.0f}s")
+            time.sleep(0.1)
+        return head
+
+    def watch(self, gcs: GcsView | None, iface: netinfo.Iface | None = None,
+              head: dict[str, Any] | None = None) -> int:
+        """Until stop: reap orphans, keep cluster.json current (head), restart a dead raylet (worker)."""
+        last_refresh = 0.0
+        missing_since: float | None = None
+        while not self.stop_requested():
+            reap()
+            now = time.monotonic()
+            if gcs is not None and now - last_refresh > 2:
+                last_refresh = now
+                if not self.has_process("gcs_server"):
+                    raise RuntimeError("the GCS server on the head node died")
+                self.update_cluster(nodes=self.node_records(gcs), updated_at=ci.now())
+            if gcs is None and not self.has_process("raylet"):
+                missing_since = missing_since or now
+                if now - missing_since > 1 and iface and head:
+                    self.restart_worker(iface, head)
+                    missing_since = None
+            time.sleep(0.2)
+        return 0
+
+    def restart_worker(self, iface: netinfo.Iface, head: dict[str, Any]) -> None:
+        if self.restarts >= MAX_RAY_RESTARTS:
+            raise RuntimeError(f"the raylet on this node died {self.restarts + 1} times; giving up")
+        self.restarts += 1
+        self.log(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
+        self.kill_ray()
+        plan = self.start_ray(iface, head)
+        self.write_node(iface, plan)
+
+    def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
+        res = self.resources
+        (self.cfg.job_dir / ci.NODES).mkdir(exist_ok=True)
+        ci.write_json(self.cfg.job_dir / ci.NODES / f"{self.cfg.rank}.json", {
+            "rank": self.cfg.rank, "hostname": self.host, "ip": iface.ip, "interface": iface.name,
+            "cpus": res.cpus, "gpus": len(res.gpu_ids), "memory_bytes": res.memory_bytes,
+            "object_store_bytes": res.object_store_bytes, "ports": plan.as_dict(), "joined_at": ci.now(),
+            "restarts": self.restarts,
+        })
+
+    def node_records(self, gcs: GcsView) -> list[dict[str, Any]]:
+        agents = {}
+        for f in (self.cfg.job_dir / ci.NODES).glob("*.json"):
+            rec = ci.read_json(f)
+            if rec:
+                agents[rec["ip"]] = rec
+        out = []
+        for n in gcs.nodes():
+            rec = dict(agents.get(n["ip"], {}))
+            rec.update(n)
+            rec.setdefault("hostname", n["ray_hostname"])
+            out.append(rec)
+        return sorted(out, key=lambda r: (not r["alive"], r.get("rank", 1 << 30), r["ip"]))
+
+    def update_cluster(self, **fields: Any) -> None:
+        path = self.cfg.job_dir / ci.CLUSTER
+        data = ci.read_json(path) or {}
+        before = dict(data)
+        data.update(fields)
+        if data != before:
+            ci.write_json(path, data)
+
+    # ------------------------------------------------------------ teardown
+
+    def has_process(self, name: str) -> bool:
+        return any(p.info["name"] == name for p in self.descendants(with_name=True))
+
+    def descendants(self, with_name: bool = False) -> list[psutil.Process]:
+        procs = psutil.Process().children(recursive=True)
+        if with_name:
+            for p in procs:
+                try:
+                    p.info = {"name": p.name()}
+                except psutil.Error:
+                    p.info = {"name": ""}
+        return procs
+
+    def kill_ray(self) -> None:
+        procs = {p.pid: p for p in self.descendants()}
+        procs.update({p.pid: p for p in marked_processes(self.cfg.job_id)})
+        for p in procs.values():
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=2)
+        reap()
+
+    def teardown(self) -> None:
+        self.kill_ray()
+        shutil.rmtree(self.cfg.temp_dir, ignore_errors=True)
+        if self.cfg.rank == 0:
+            data = ci.read_json(self.cfg.job_dir / ci.CLUSTER) or {}
+            if data.get("state") != "failed":
+                self.update_cluster(state="stopped", stopped_at=ci.now())
+        self.log("stopped this job's Ray processes")
+
+
+def marked_processes(job_id: str) -> list[psutil.Process]:
+    """Processes of this user that carry this job's marker (Ray processes that escaped the tree)."""
+    me = os.getuid()
+    out = []
+    for p in psutil.process_iter(["uids"]):
+        try:
+            if p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid():
+                if p.environ().get(MARKER) == job_id:
+                    out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def reap() -> None:
+    """Collect exited orphans that were re-parented to us (we are their subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+class GcsView:
+    """Node table from the head's GCS (uses the auth token from the environment)."""
+
+    def __init__(self, address: str):
+        from ray._raylet import GcsClient  # the client `ray status` uses; imported only on the head
+
+        self.client = GcsClient(address=address)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        try:
+            info = self.client.get_all_node_info(timeout=5)
+        except Exception:
+            return []
+        out = []
+        for node_id, n in info.items():
+            total = dict(getattr(n, "resources_total", {}) or {})
+            out.append({
+                "node_id": node_id.hex() if hasattr(node_id, "hex") else str(node_id),
+                "ip": n.node_manager_address,
+                "ray_hostname": n.node_manager_hostname,
+                "alive": n.state == 0,
+                "ray_cpus": total.get("CPU", 0),
+                "ray_gpus": total.get("GPU", 0),
+            })
+        # A restarted node shows up twice: keep the alive record per address.
+        best: dict[str, dict[str, Any]] = {}
+        for rec in out:
+            if rec["ip"] not in best or rec["alive"]:
+                best[rec["ip"]] = rec
+        return list(best.values())
+
+    def alive_count(self) -> int:
+        return sum(1 for n in self.nodes() if n["alive"])

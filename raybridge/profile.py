@@ -1,0 +1,380 @@
+"""Cluster profiles (YAML) and the fully resolved request they become: ClusterSpec.
+
+A profile holds what is stable for a site (partition, shared storage, environment setup); CLI flags
+override it. Every value is validated here, so rendering and submission never see bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raybridge.errors import ConfigError
+
+# Options raybridge sets itself; a user's extra directive may not override them.
+OWNED_SBATCH_OPTIONS = frozenset(
+    {
+        "nodes", "N", "ntasks", "n", "ntasks-per-node", "cpus-per-task", "c", "job-name", "J",
+        "output", "o", "error", "e", "mem", "mem-per-cpu", "time", "t", "partition", "p",
+        "account", "A", "qos", "q", "gpus-per-node", "exclusive", "comment", "signal",
+        "requeue", "no-requeue", "wrap", "array", "a", "export", "parsable", "wait", "W",
+    }
+)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SLURM_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,-]{0,127}$")
+MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+HOST = re.compile(r"^[A-Za-z0-9_.:-]+$|^\[[0-9A-Fa-f:]+\]$")
+TIME_FORMATS = [
+    re.compile(p)
+    for p in (
+        r"^(?P<m>\d+)$",
+        r"^(?P<m>\d+):(?P<s>\d{1,2})$",
+        r"^(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})$",
+        r"^(?P<d>\d+)-(?P<h>\d{1,2})$",
+        r"^(?P<d>\d+)-(?P<h>\d{1,2}):(?P<m>\d{1,2})$",
+        r"^(?P<d>\d+)-(?P<h>\d{1,2}):(?P<m>\d{1,2}):(?P<s>\d{1,2})$",
+    )
+]
+
+
+@dataclass(frozen=True)
+class LoginSpec:
+    """How to reach the login node over SSH (remote mode)."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = None
+    proxy_jump: str | None = None
+    accept_new_host_key: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One validated, fully resolved request for a Ray cluster in a Slurm allocation."""
+
+    nodes: int = 1
+    job_name: str = "raybridge"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    cpus_per_node: int | None = None
+    gpus_per_node: int | None = None
+    memory_per_node: str | None = None
+    exclusive: bool = True
+    interface: tuple[str, ...] = ("auto",)
+    nccl_ib_hca: str | None = None
+    shared_dir: str = "~/raybridge"
+    node_tmp: str = "/tmp"
+    python: str = "python3"
+    setup: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    sbatch_args: tuple[str, ...] = ()
+    ray_args: tuple[str, ...] = ()
+    object_store_fraction: float = 0.3
+    ready_timeout: int = 300
+    auth: bool = True
+    command: tuple[str, ...] = ()
+    login: LoginSpec | None = None
+    profile: str = "(none)"
+
+    @property
+    def jobs_dir(self) -> str:
+        return f"{self.shared_dir.rstrip('/')}/jobs"
+
+    @property
+    def logs_dir(self) -> str:
+        return f"{self.shared_dir.rstrip('/')}/logs"
+
+    def job_dir(self, job_id: str) -> str:
+        return f"{self.jobs_dir}/{job_id}"
+
+    def with_home(self, home: str) -> ClusterSpec:
+        """Resolve a leading ~ in shared_dir against the home folder where the job runs."""
+        if self.shared_dir == "~" or self.shared_dir.startswith("~/"):
+            return dataclasses.replace(self, shared_dir=home.rstrip("/") + self.shared_dir[1:])
+        return self
+
+
+PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {"command", "profile"}
+LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
+
+
+# ------------------------------------------------------------------ finding profiles
+
+
+def profile_dirs() -> list[Path]:
+    """Where named profiles are looked up, in order."""
+    dirs = [Path(p) for p in os.environ.get("RAYBRIDGE_PROFILE_PATH", "").split(os.pathsep) if p]
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    dirs.append(config_home / "raybridge" / "profiles")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")  # a source checkout
+    return dirs
+
+
+def list_profiles() -> list[tuple[str, Path]]:
+    seen: dict[str, Path] = {}
+    for d in profile_dirs():
+        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            seen.setdefault(p.stem, p)
+    return sorted(seen.items())
+
+
+def find_profile(name: str | None) -> Path | None:
+    """A profile path from a name or path; None when no profile is given or configured."""
+    name = name or os.environ.get("RAYBRIDGE_PROFILE") or None
+    if name is None:
+        default = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "raybridge/default.yaml"
+        return default if default.is_file() else None
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"profile file not found: {name}")
+        return path
+    for d in profile_dirs():
+        path = d / f"{name}.yaml"
+        if path.is_file():
+            return path
+    known = ", ".join(n for n, _ in list_profiles()) or "none"
+    raise ConfigError(f"unknown profile {name!r} (known profiles: {known})")
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read profile {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"profile {path}{line} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path} must be a mapping of keys to values")
+    unknown = sorted(set(map(str, data)) - PROFILE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"profile {path}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(PROFILE_KEYS))})"
+        )
+    return data
+
+
+# ------------------------------------------------------------------ building a spec
+
+
+def load_spec(profile: str | None = None, **overrides: Any) -> ClusterSpec:
+    """Profile (by name or path, or the default one) + overrides (None = not given) → ClusterSpec."""
+    path = find_profile(profile)
+    values: dict[str, Any] = read_profile(path) if path else {}
+    for key, value in overrides.items():
+        if key not in PROFILE_KEYS | {"command"}:
+            raise ConfigError(f"unknown option {key!r}")
+        if value is None or (key in ("sbatch_args", "ray_args") and not value):
+            continue
+        if key in ("sbatch_args", "ray_args"):
+            value = list(values.get(key) or []) + list(value)
+        values[key] = value
+    where = f"profile {path}" if path else "options"
+    spec = build_spec(values, where)
+    return dataclasses.replace(spec, profile=str(path) if path else "(none)")
+
+
+def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
+    v = _Validator(where)
+    login = values.get("login")
+    spec = ClusterSpec(
+        nodes=v.integer("nodes", values.get("nodes", 1), minimum=1, maximum=100000),
+        job_name=v.match("job_name", values.get("job_name", "raybridge"), SAFE_NAME,
+                         "letters, digits, '.', '_' and '-' (at most 64)"),
+        partition=v.optional_match("partition", values.get("partition"), SLURM_WORD),
+        account=v.optional_match("account", values.get("account"), SLURM_WORD),
+        qos=v.optional_match("qos", values.get("qos"), SLURM_WORD),
+        time=v.time(values.get("time")),
+        cpus_per_node=v.optional_integer("cpus_per_node", values.get("cpus_per_node"), 1),
+        gpus_per_node=v.optional_integer("gpus_per_node", values.get("gpus_per_node"), 0),
+        memory_per_node=v.memory(values.get("memory_per_node")),
+        exclusive=v.boolean("exclusive", values.get("exclusive", True)),
+        interface=v.interfaces(values.get("interface", "auto")),
+        nccl_ib_hca=v.optional_match("nccl_ib_hca", values.get("nccl_ib_hca"), SLURM_WORD),
+        shared_dir=v.path("shared_dir", values.get("shared_dir", "~/raybridge"), allow_home=True),
+        node_tmp=v.path("node_tmp", values.get("node_tmp", "/tmp"), max_len=40),
+        python=v.line("python", values.get("python", "python3")),
+        setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", values.get("setup")))),
+        env=v.env(values.get("env")),
+        sbatch_args=v.sbatch_args(values.get("sbatch_args")),
+        ray_args=tuple(v.line("ray_args", a) for a in v.str_list("ray_args", values.get("ray_args"))),
+        object_store_fraction=v.fraction("object_store_fraction", values.get("object_store_fraction", 0.3)),
+        ready_timeout=v.integer("ready_timeout", values.get("ready_timeout", 300), minimum=10, maximum=86400),
+        auth=v.boolean("auth", values.get("auth", True)),
+        command=tuple(v.line("command", c) for c in v.str_list("command", values.get("command"))),
+        login=v.login(login) if login is not None else None,
+    )
+    return spec
+
+
+class _Validator:
+    """Type and value checks with messages that name the key and where it came from."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {key} {problem}")
+
+    def line(self, key: str, value: Any) -> str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise self.fail(key, f"must be a string, got {type(value).__name__}")
+        value = str(value)
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise self.fail(key, "must not contain newlines")
+        return value
+
+    def integer(self, key: str, value: Any, minimum: int, maximum: int = 10**9) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            else:
+                raise self.fail(key, f"must be a whole number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.fail(key, f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def optional_integer(self, key: str, value: Any, minimum: int) -> int | None:
+        return None if value is None else self.integer(key, value, minimum)
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def fraction(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 0.8:
+            raise self.fail(key, f"must be a number between 0.05 and 0.8, got {value!r}")
+        return float(value)
+
+    def match(self, key: str, value: Any, pattern: re.Pattern[str], allowed: str = "") -> str:
+        text = self.line(key, value)
+        if not pattern.match(text):
+            hint = f" (allowed: {allowed})" if allowed else ""
+            raise self.fail(key, f"has characters Slurm or the shell would misread: {text!r}{hint}")
+        return text
+
+    def optional_match(self, key: str, value: Any, pattern: re.Pattern[str]) -> str | None:
+        return None if value is None else self.match(key, value, pattern, "letters, digits, '.', '_', ',', '-'")
+
+    def time(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        text = self.line("time", value)
+        if text.upper() in ("UNLIMITED", "INFINITE") or any(p.match(text) for p in TIME_FORMATS):
+            return text
+        raise self.fail("time", f"is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS ...): {text!r}")
+
+    def memory(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        text = self.line("memory_per_node", value).upper()
+        if not MEMORY.match(text):
+            raise self.fail("memory_per_node", f"must look like 4000M or 64G, got {value!r}")
+        return text
+
+    def path(self, key: str, value: Any, allow_home: bool = False, max_len: int = 4096) -> str:
+        text = self.line(key, value)
+        if not (text.startswith("/") or (allow_home and (text == "~" or text.startswith("~/")))):
+            raise self.fail(key, f"must be an absolute path, got {text!r}")
+        if len(text) > max_len:
+            raise self.fail(key, f"must be at most {max_len} characters (Unix socket paths are short)")
+        return text
+
+    def str_list(self, key: str, value: Any) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list | tuple):
+            raise self.fail(key, f"must be a list of strings, got {type(value).__name__}")
+        return list(value)
+
+    def interfaces(self, value: Any) -> tuple[str, ...]:
+        names = self.str_list("interface", value)
+        if not names:
+            raise self.fail("interface", "must name at least one interface, or 'auto'")
+        return tuple(self.match("interface", n, IFACE, "an interface name such as ib0") for n in names)
+
+    def env(self, value: Any) -> tuple[tuple[str, str], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise self.fail("env", "must be a mapping of variable names to values")
+        out = []
+        for name, val in value.items():
+            if not isinstance(name, str) or not ENV_NAME.match(name):
+                raise self.fail("env", f"has an invalid variable name {name!r}")
+            out.append((name, self.line(f"env.{name}", val)))
+        return tuple(out)
+
+    def sbatch_args(self, value: Any) -> tuple[str, ...]:
+        out = []
+        for arg in self.str_list("sbatch_args", value):
+            arg = self.line("sbatch_args", arg)
+            m = re.match(r"^--?([A-Za-z][A-Za-z0-9-]*)", arg)
+            if not m:
+                raise self.fail("sbatch_args", f"entries must be options like --constraint=ib, got {arg!r}")
+            if m.group(1) in OWNED_SBATCH_OPTIONS:
+                raise self.fail("sbatch_args", f"may not set {arg.split('=')[0]!r}: raybridge sets it (use its own option)")
+            out.append(arg)
+        return tuple(out)
+
+    def login(self, value: Any) -> LoginSpec:
+        if isinstance(value, str):
+            value = {"host": value}
+        if not isinstance(value, dict):
+            raise self.fail("login", "must be a host name or a mapping with 'host'")
+        unknown = sorted(set(map(str, value)) - LOGIN_KEYS)
+        if unknown:
+            raise self.fail("login", f"has unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(LOGIN_KEYS))})")
+        host = self.line("login.host", value.get("host", ""))
+        user = value.get("user")
+        if "@" in host:
+            user, host = host.rsplit("@", 1)
+        if not host or not HOST.match(host):
+            raise self.fail("login.host", f"is not a host name: {host!r}")
+        port = value.get("port")
+        return LoginSpec(
+            host=host,
+            user=self.line("login.user", user) if user else None,
+            port=self.integer("login.port", port, 1, 65535) if port is not None else None,
+            identity_file=self._opt_line("login.identity_file", value.get("identity_file")),
+            known_hosts=self._opt_line("login.known_hosts", value.get("known_hosts")),
+            ssh_config=self._opt_line("login.ssh_config", value.get("ssh_config")),
+            proxy_jump=self._opt_line("login.proxy_jump", value.get("proxy_jump")),
+            accept_new_host_key=self.boolean("login.accept_new_host_key", value.get("accept_new_host_key", False)),
+        )
+
+    def _opt_line(self, key: str, value: Any) -> str | None:
+        return None if value is None else self.line(key, value)
+
+
+def time_to_seconds(text: str) -> int | None:
+    """Slurm time string → seconds (None for unlimited)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    for p in TIME_FORMATS:
+        m = p.match(text)
+        if m:
+            g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+            return ((g.get("d", 0) * 24 + g.get("h", 0)) * 60 + g.get("m", 0)) * 60 + g.get("s", 0)
+    raise ConfigError(f"not a Slurm time: {text!r}")

@@ -1,0 +1,113 @@
+"""ClusterSpec → sbatch script text. Pure: no I/O besides reading the packaged template."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from functools import cache
+from pathlib import Path
+
+from raybridge.profile import ClusterSpec
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+UP_BODY = """
+# Keep the cluster until `raybridge down`, the time limit or scancel.
+wait "$agents"
+"""
+
+RUN_BODY = """
+# Wait until every node has joined, then run the driver on the head node (this node).
+eval "$({python} -m raybridge.agent wait-ready "$agents")"   # exports RAY_ADDRESS + auth settings
+set +e
+{command}
+rc=$?
+set -e
+echo "raybridge: driver exited with code $rc"
+{python} -m raybridge.agent stop
+wait "$agents" || true
+exit "$rc"
+"""
+
+
+@cache
+def _template() -> str:
+    return TEMPLATE.read_text()
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace {{name}} placeholders; a missing or unused value is an error, never empty text."""
+    names = set(PLACEHOLDER.findall(template))
+    missing, unused = names - values.keys(), values.keys() - names
+    if missing or unused:
+        raise ValueError(f"template placeholders do not match: missing={sorted(missing)} unused={sorted(unused)}")
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def directives(spec: ClusterSpec) -> list[str]:
+    """#SBATCH lines. Values were validated to a safe character set by the profile layer."""
+    d = [
+        f"--job-name={spec.job_name}",
+        f"--nodes={spec.nodes}",
+        "--ntasks-per-node=1",
+    ]
+    if spec.cpus_per_node:
+        d.append(f"--cpus-per-task={spec.cpus_per_node}")
+    if spec.gpus_per_node:
+        d.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.memory_per_node:
+        d.append(f"--mem={spec.memory_per_node}")
+    if spec.time:
+        d.append(f"--time={spec.time}")
+    for opt in ("partition", "account", "qos"):
+        if getattr(spec, opt):
+            d.append(f"--{opt}={getattr(spec, opt)}")
+    if spec.exclusive:
+        d.append("--exclusive")
+    d.append("--comment=raybridge")
+    d.extend(spec.sbatch_args)
+    return [f"#SBATCH {x}" for x in d]
+
+
+def exports(spec: ClusterSpec) -> list[str]:
+    q = shlex.quote
+    pairs = [
+        ("RAYBRIDGE_JOB_DIR", f'{q(spec.jobs_dir)}/"$SLURM_JOB_ID"'),
+        ("RAYBRIDGE_NODES", q(str(spec.nodes))),
+        ("RAYBRIDGE_INTERFACE", q(",".join(spec.interface))),
+        ("RAYBRIDGE_NODE_TMP", q(spec.node_tmp)),
+        ("RAYBRIDGE_READY_TIMEOUT", q(str(spec.ready_timeout))),
+        ("RAYBRIDGE_AUTH", q("token" if spec.auth else "none")),
+        ("RAYBRIDGE_OBJECT_STORE_FRACTION", q(str(spec.object_store_fraction))),
+        ("RAYBRIDGE_RAY_ARGS", q(shlex.join(spec.ray_args))),
+    ]
+    if spec.gpus_per_node is not None:
+        pairs.append(("RAYBRIDGE_GPUS_PER_NODE", q(str(spec.gpus_per_node))))
+    if spec.nccl_ib_hca:
+        pairs.append(("NCCL_IB_HCA", q(spec.nccl_ib_hca)))
+    pairs.extend((name, q(value)) for name, value in spec.env)
+    return [f"export {name}={value}" for name, value in pairs]
+
+
+def render(spec: ClusterSpec, version: str | None = None) -> str:
+    """The complete sbatch script for spec. Runs unchanged under plain `sbatch`."""
+    if version is None:
+        from raybridge import __version__ as version
+    python = shlex.quote(spec.python)
+    if spec.command:
+        body = RUN_BODY.format(python=python, command=shlex.join(spec.command))
+    else:
+        body = UP_BODY
+    return fill(
+        _template(),
+        {
+            "version": version,
+            "profile": spec.profile.replace("\n", " "),
+            "directives": "\n".join(directives(spec)),
+            "setup": "\n".join(spec.setup) if spec.setup else "# (none)",
+            "exports": "\n".join(exports(spec)),
+            "python": python,
+            "body": body.rstrip("\n"),
+        },
+    )
