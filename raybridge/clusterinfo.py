@@ -1,11 +1,11 @@
 """The job folder on shared storage: the single source of truth about a running cluster.
 
-    <shared_dir>/jobs/<job id>/
-        token          random auth token (0600)
-        head.json      the head's address and ports (rendezvous for the workers)
-        nodes/<rank>.json   one per node that joined
-        cluster.json   everything a client needs; refreshed by the head while the cluster runs
-        stop           present = please tear down (written by `raybridge down` / the driver's end)
+<shared_dir>/jobs/<job id>/
+    token          random auth token (0600)
+    head.json      the head's address and ports (rendezvous for the workers)
+    nodes/<rank>.json   one per node that joined
+    cluster.json   everything a client needs; refreshed by the head while the cluster runs
+    stop           present = please tear down (written by `raybridge down` / the driver's end)
 """
 
 from __future__ import annotations

@@ -20,10 +20,42 @@ from raybridge.errors import ConfigError
 # Options raybridge sets itself; a user's extra directive may not override them.
 OWNED_SBATCH_OPTIONS = frozenset(
     {
-        "nodes", "N", "ntasks", "n", "ntasks-per-node", "cpus-per-task", "c", "job-name", "J",
-        "output", "o", "error", "e", "mem", "mem-per-cpu", "time", "t", "partition", "p",
-        "account", "A", "qos", "q", "gpus-per-node", "exclusive", "comment", "signal",
-        "requeue", "no-requeue", "wrap", "array", "a", "export", "parsable", "wait", "W",
+        "nodes",
+        "N",
+        "ntasks",
+        "n",
+        "ntasks-per-node",
+        "cpus-per-task",
+        "c",
+        "job-name",
+        "J",
+        "output",
+        "o",
+        "error",
+        "e",
+        "mem",
+        "mem-per-cpu",
+        "time",
+        "t",
+        "partition",
+        "p",
+        "account",
+        "A",
+        "qos",
+        "q",
+        "gpus-per-node",
+        "exclusive",
+        "comment",
+        "signal",
+        "requeue",
+        "no-requeue",
+        "wrap",
+        "array",
+        "a",
+        "export",
+        "parsable",
+        "wait",
+        "W",
     }
 )
 
@@ -197,8 +229,12 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
     login = values.get("login")
     spec = ClusterSpec(
         nodes=v.integer("nodes", values.get("nodes", 1), minimum=1, maximum=100000),
-        job_name=v.match("job_name", values.get("job_name", "raybridge"), SAFE_NAME,
-                         "letters, digits, '.', '_' and '-' (at most 64)"),
+        job_name=v.match(
+            "job_name",
+            values.get("job_name", "raybridge"),
+            SAFE_NAME,
+            "letters, digits, '.', '_' and '-' (at most 64)",
+        ),
         partition=v.optional_match("partition", values.get("partition"), SLURM_WORD),
         account=v.optional_match("account", values.get("account"), SLURM_WORD),
         qos=v.optional_match("qos", values.get("qos"), SLURM_WORD),
@@ -273,7 +309,9 @@ class _Validator:
         return text
 
     def optional_match(self, key: str, value: Any, pattern: re.Pattern[str]) -> str | None:
-        return None if value is None else self.match(key, value, pattern, "letters, digits, '.', '_', ',', '-'")
+        return (
+            None if value is None else self.match(key, value, pattern, "letters, digits, '.', '_', ',', '-'")
+        )
 
     def time(self, value: Any) -> str | None:
         if value is None:
@@ -334,7 +372,10 @@ class _Validator:
             if not m:
                 raise self.fail("sbatch_args", f"entries must be options like --constraint=ib, got {arg!r}")
             if m.group(1) in OWNED_SBATCH_OPTIONS:
-                raise self.fail("sbatch_args", f"may not set {arg.split('=')[0]!r}: raybridge sets it (use its own option)")
+                raise self.fail(
+                    "sbatch_args",
+                    f"may not set {arg.split('=')[0]!r}: raybridge sets it (use its own option)",
+                )
             out.append(arg)
         return tuple(out)
 
@@ -345,7 +386,9 @@ class _Validator:
             raise self.fail("login", "must be a host name or a mapping with 'host'")
         unknown = sorted(set(map(str, value)) - LOGIN_KEYS)
         if unknown:
-            raise self.fail("login", f"has unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(LOGIN_KEYS))})")
+            raise self.fail(
+                "login", f"has unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(LOGIN_KEYS))})"
+            )
         host = self.line("login.host", value.get("host", ""))
         user = value.get("user")
         if "@" in host:
@@ -361,7 +404,9 @@ class _Validator:
             known_hosts=self._opt_line("login.known_hosts", value.get("known_hosts")),
             ssh_config=self._opt_line("login.ssh_config", value.get("ssh_config")),
             proxy_jump=self._opt_line("login.proxy_jump", value.get("proxy_jump")),
-            accept_new_host_key=self.boolean("login.accept_new_host_key", value.get("accept_new_host_key", False)),
+            accept_new_host_key=self.boolean(
+                "login.accept_new_host_key", value.get("accept_new_host_key", False)
+            ),
         )
 
     def _opt_line(self, key: str, value: Any) -> str | None:

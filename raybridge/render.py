@@ -41,7 +41,9 @@ def fill(template: str, values: dict[str, str]) -> str:
     names = set(PLACEHOLDER.findall(template))
     missing, unused = names - values.keys(), values.keys() - names
     if missing or unused:
-        raise ValueError(f"template placeholders do not match: missing={sorted(missing)} unused={sorted(unused)}")
+        raise ValueError(
+            f"template placeholders do not match: missing={sorted(missing)} unused={sorted(unused)}"
+        )
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
@@ -95,10 +97,7 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
     if version is None:
         from raybridge import __version__ as version
     python = shlex.quote(spec.python)
-    if spec.command:
-        body = RUN_BODY.format(python=python, command=shlex.join(spec.command))
-    else:
-        body = UP_BODY
+    body = RUN_BODY.format(python=python, command=shlex.join(spec.command)) if spec.command else UP_BODY
     return fill(
         _template(),
         {

@@ -1,9 +1,9 @@
 """Entry points used by the generated sbatch script:
 
-    python -m raybridge.agent prepare      job folder + auth token (batch step, once)
-    python -m raybridge.agent node         the per-node agent (one per node, from srun)
-    python -m raybridge.agent wait-ready   block until all nodes joined; print exports for the driver
-    python -m raybridge.agent stop         ask every agent to tear down
+python -m raybridge.agent prepare      job folder + auth token (batch step, once)
+python -m raybridge.agent node         the per-node agent (one per node, from srun)
+python -m raybridge.agent wait-ready   block until all nodes joined; print exports for the driver
+python -m raybridge.agent stop         ask every agent to tear down
 """
 
 from __future__ import annotations
@@ -30,17 +30,20 @@ def prepare(cfg: AgentConfig) -> int:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     submitted = os.environ.get("RAYBRIDGE_SUBMITTED_AT")
-    ci.write_json(cfg.job_dir / ci.CLUSTER, {
-        "job_id": cfg.job_id,
-        "job_name": os.environ.get("SLURM_JOB_NAME", ""),
-        "state": "starting",
-        "expected_nodes": cfg.nodes,
-        "auth": "token" if cfg.auth else "none",
-        "token_path": str(cfg.token_path) if cfg.auth else None,
-        "job_dir": str(cfg.job_dir),
-        "submitted_at": float(submitted) if submitted else None,
-        "started_at": ci.now(),
-    })
+    ci.write_json(
+        cfg.job_dir / ci.CLUSTER,
+        {
+            "job_id": cfg.job_id,
+            "job_name": os.environ.get("SLURM_JOB_NAME", ""),
+            "state": "starting",
+            "expected_nodes": cfg.nodes,
+            "auth": "token" if cfg.auth else "none",
+            "token_path": str(cfg.token_path) if cfg.auth else None,
+            "job_dir": str(cfg.job_dir),
+            "submitted_at": float(submitted) if submitted else None,
+            "started_at": ci.now(),
+        },
+    )
     return 0
 
 

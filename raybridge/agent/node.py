@@ -7,6 +7,7 @@ this job's Ray processes, never another job's (unlike `ray stop`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shlex
@@ -112,11 +113,16 @@ class Agent:
             env.pop("RAY_AUTH_TOKEN", None)
         return env
 
-    def ray_command(self, iface: netinfo.Iface, plan: ports.PortPlan, head: dict[str, Any] | None) -> list[str]:
+    def ray_command(
+        self, iface: netinfo.Iface, plan: ports.PortPlan, head: dict[str, Any] | None
+    ) -> list[str]:
         res = resources.detect(self.env, self.cfg.object_store_fraction)
-        ray = shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", ""))
+        ray = shutil.which(
+            "ray", path=os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
+        )
         cmd = [
-            ray or "ray", "start",
+            ray or "ray",
+            "start",
             f"--node-ip-address={iface.ip}",
             f"--temp-dir={self.cfg.temp_dir}",
             f"--num-cpus={res.cpus}",
@@ -155,10 +161,14 @@ class Agent:
         else:
             env.pop("CUDA_VISIBLE_DEVICES", None)  # 'NoDevFiles' would confuse Ray
         logfile = self.cfg.job_dir / "logs" / f"ray-start-{self.host}.log"
-        self.log(f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
-                 f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)")
+        self.log(
+            f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
+            f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
+        )
         with open(logfile, "a") as out:
-            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            rc = subprocess.run(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            ).returncode
         if rc != 0:
             tail = logfile.read_text().strip().splitlines()[-5:]
             raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: " + " | ".join(tail))
@@ -189,13 +199,24 @@ class Agent:
         iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
         plan = self.start_ray(iface, None)
         head_up = ci.now()
-        head = {"ip": iface.ip, "hostname": self.host, "interface": iface.name, "ports": plan.as_dict(),
-                "up_at": head_up}
+        head = {
+            "ip": iface.ip,
+            "hostname": self.host,
+            "interface": iface.name,
+            "ports": plan.as_dict(),
+            "up_at": head_up,
+        }
         ci.write_json(self.cfg.job_dir / ci.HEAD, head)
         self.write_node(iface, plan)
         self.log(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.cfg.nodes} nodes")
-        self.update_cluster(state="starting", head=head, address=f"{iface.ip}:{plan.gcs}", ports=plan.as_dict(),
-                            dashboard_url=f"http://{iface.ip}:{plan.dashboard}", head_up_at=head_up)
+        self.update_cluster(
+            state="starting",
+            head=head,
+            address=f"{iface.ip}:{plan.gcs}",
+            ports=plan.as_dict(),
+            dashboard_url=f"http://{iface.ip}:{plan.dashboard}",
+            head_up_at=head_up,
+        )
         gcs = GcsView(f"{iface.ip}:{plan.gcs}")
         deadline = time.monotonic() + self.cfg.ready_timeout
         while True:
@@ -206,8 +227,10 @@ class Agent:
             if self.stop_requested():
                 return 0
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
-                                   f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)")
+                raise RuntimeError(
+                    f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
+                    f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)"
+                )
             time.sleep(0.2)
         self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
         self.log(f"all {self.cfg.nodes} nodes alive; cluster ready")
@@ -234,8 +257,9 @@ class Agent:
             time.sleep(0.1)
         return head
 
-    def watch(self, gcs: GcsView | None, iface: netinfo.Iface | None = None,
-              head: dict[str, Any] | None = None) -> int:
+    def watch(
+        self, gcs: GcsView | None, iface: netinfo.Iface | None = None, head: dict[str, Any] | None = None
+    ) -> int:
         """Until stop: reap orphans, keep cluster.json current (head), restart a dead raylet (worker)."""
         last_refresh = 0.0
         missing_since: float | None = None
@@ -267,12 +291,22 @@ class Agent:
     def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
         res = self.resources
         (self.cfg.job_dir / ci.NODES).mkdir(exist_ok=True)
-        ci.write_json(self.cfg.job_dir / ci.NODES / f"{self.cfg.rank}.json", {
-            "rank": self.cfg.rank, "hostname": self.host, "ip": iface.ip, "interface": iface.name,
-            "cpus": res.cpus, "gpus": len(res.gpu_ids), "memory_bytes": res.memory_bytes,
-            "object_store_bytes": res.object_store_bytes, "ports": plan.as_dict(), "joined_at": ci.now(),
-            "restarts": self.restarts,
-        })
+        ci.write_json(
+            self.cfg.job_dir / ci.NODES / f"{self.cfg.rank}.json",
+            {
+                "rank": self.cfg.rank,
+                "hostname": self.host,
+                "ip": iface.ip,
+                "interface": iface.name,
+                "cpus": res.cpus,
+                "gpus": len(res.gpu_ids),
+                "memory_bytes": res.memory_bytes,
+                "object_store_bytes": res.object_store_bytes,
+                "ports": plan.as_dict(),
+                "joined_at": ci.now(),
+                "restarts": self.restarts,
+            },
+        )
 
     def node_records(self, gcs: GcsView) -> list[dict[str, Any]]:
         agents = {}
@@ -315,16 +349,12 @@ class Agent:
         procs = {p.pid: p for p in self.descendants()}
         procs.update({p.pid: p for p in marked_processes(self.cfg.job_id)})
         for p in procs.values():
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.terminate()
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=2)
         reap()
 
@@ -344,9 +374,9 @@ def marked_processes(job_id: str) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["uids"]):
         try:
-            if p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid():
-                if p.environ().get(MARKER) == job_id:
-                    out.append(p)
+            mine = p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid()
+            if mine and p.environ().get(MARKER) == job_id:
+                out.append(p)
         except psutil.Error:
             continue
     return out
@@ -379,14 +409,16 @@ class GcsView:
         out = []
         for node_id, n in info.items():
             total = dict(getattr(n, "resources_total", {}) or {})
-            out.append({
-                "node_id": node_id.hex() if hasattr(node_id, "hex") else str(node_id),
-                "ip": n.node_manager_address,
-                "ray_hostname": n.node_manager_hostname,
-                "alive": n.state == 0,
-                "ray_cpus": total.get("CPU", 0),
-                "ray_gpus": total.get("GPU", 0),
-            })
+            out.append(
+                {
+                    "node_id": node_id.hex() if hasattr(node_id, "hex") else str(node_id),
+                    "ip": n.node_manager_address,
+                    "ray_hostname": n.node_manager_hostname,
+                    "alive": n.state == 0,
+                    "ray_cpus": total.get("CPU", 0),
+                    "ray_gpus": total.get("GPU", 0),
+                }
+            )
         # A restarted node shows up twice: keep the alive record per address.
         best: dict[str, dict[str, Any]] = {}
         for rec in out:

@@ -13,8 +13,15 @@ FIRST_PORT = 10000
 LAST_PORT = 32000  # Linux's ephemeral range starts at 32768 by default
 BLOCK = 256
 NAMED = (
-    "gcs", "dashboard", "client", "dashboard_agent", "dashboard_agent_grpc", "node_manager",
-    "object_manager", "metrics", "runtime_env_agent",
+    "gcs",
+    "dashboard",
+    "client",
+    "dashboard_agent",
+    "dashboard_agent_grpc",
+    "node_manager",
+    "object_manager",
+    "metrics",
+    "runtime_env_agent",
 )
 WORKER_OFFSET = 16  # worker ports: block+16 .. block+255
 
@@ -73,4 +80,6 @@ def choose_plan(job_id: str, host: str = "", attempts: int = 32) -> PortPlan:
         plan = plan_for_block(start + i)
         if all(is_free(p, host) for p in plan.all_ports()):
             return plan
-    raise RuntimeError(f"no free block of {BLOCK} ports in {attempts} tries between {FIRST_PORT} and {LAST_PORT}")
+    raise RuntimeError(
+        f"no free block of {BLOCK} ports in {attempts} tries between {FIRST_PORT} and {LAST_PORT}"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Mapping
@@ -57,10 +58,8 @@ def memory_bytes(env: Mapping[str, str]) -> int:
 
 def object_store_bytes(memory: int, fraction: float, shm: str = "/dev/shm") -> int:
     want = int(memory * fraction)
-    try:
+    with contextlib.suppress(OSError):
         want = min(want, int(shutil.disk_usage(shm).free * 0.8))
-    except OSError:
-        pass
     return max(want, MIN_OBJECT_STORE)
 
 

@@ -1,0 +1,258 @@
+"""The life of one Ray cluster as a Slurm job: submit, wait until ready, inspect, stop.
+
+Library API (the CLI is a thin layer over it):
+
+    spec = load_spec("mysite", nodes=4)
+    with open_runner(spec.login) as runner:       # local, or SSH to the login node
+        cluster = submit(spec, runner)
+        info = cluster.wait_ready(on_progress=print)
+        ...
+        cluster.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raybridge import clusterinfo as ci
+from raybridge.errors import ClusterError, JobNotFound
+from raybridge.profile import ClusterSpec
+from raybridge.render import render
+from raybridge.runner import Runner
+from raybridge.slurm import JobInfo, SlurmClient
+
+POLL = 0.5
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    phase: str  # queued | starting | joining | ready
+    slurm_state: str
+    reason: str
+    joined: int
+    expected: int
+    elapsed: float
+
+    def line(self) -> str:
+        t = f"{self.elapsed:5.1f}s"
+        if self.phase == "queued":
+            return f"[{t}] job {self.job_id}: {self.slurm_state.lower()} (reason: {self.reason})"
+        if self.phase == "starting":
+            return f"[{t}] job {self.job_id}: running, starting Ray head"
+        return f"[{t}] job {self.job_id}: nodes joined {self.joined}/{self.expected}"
+
+
+class Cluster:
+    """A handle to one raybridge job, wherever its login node is."""
+
+    def __init__(self, runner: Runner, job_id: str, job_dir: str, expected: int | None = None):
+        self.runner = runner
+        self.slurm = SlurmClient(runner)
+        self.job_id = job_id
+        self.job_dir = job_dir
+        self.expected = expected
+
+    def info(self) -> dict[str, Any] | None:
+        text = self.runner.read_text(posixpath.join(self.job_dir, ci.CLUSTER))
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return None
+
+    def job(self) -> JobInfo | None:
+        return self.slurm.job(self.job_id)
+
+    def joined(self) -> int:
+        return sum(
+            1 for n in self.runner.listdir(posixpath.join(self.job_dir, ci.NODES)) if n.endswith(".json")
+        )
+
+    def log_path(self, job: JobInfo | None = None) -> str:
+        job = job or self.job()
+        return job.stdout if job and job.stdout else ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        path = self.log_path()
+        text = self.runner.read_text(path) if path else None
+        if not text:
+            return f"(no job output at {path or 'unknown path'})"
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def wait_ready(
+        self, timeout: float | None = 900, on_progress: Callable[[Progress], None] | None = None
+    ) -> dict[str, Any]:
+        """Block until every node joined; on failure or timeout cancel the job and raise ClusterError."""
+        start = time.monotonic()
+        last: Progress | None = None
+        while True:
+            elapsed = time.monotonic() - start
+            job = self.job()
+            if job is None:
+                raise ClusterError(f"job {self.job_id} disappeared from Slurm before the cluster was ready")
+            info = self.info() or {}
+            expected = int(info.get("expected_nodes") or self.expected or 0)
+            if info.get("state") == "ready":
+                self._report(
+                    on_progress,
+                    last,
+                    Progress(self.job_id, "ready", job.slurm_state, job.reason, expected, expected, elapsed),
+                )
+                return info
+            if info.get("state") == "failed" or job.finished:
+                why = info.get("error") or f"job ended ({job.slurm_state}, reason {job.reason})"
+                self._cancel_quietly(job)
+                raise ClusterError(
+                    f"cluster {self.job_id} failed: {why}\n--- job output (tail) ---\n{self.log_tail()}"
+                )
+            if timeout and elapsed > timeout:
+                self._cancel_quietly(job)
+                raise ClusterError(
+                    f"cluster {self.job_id} not ready after {timeout:.0f}s "
+                    f"({job.slurm_state}, reason {job.reason}); job cancelled\n"
+                    f"--- job output (tail) ---\n{self.log_tail()}"
+                )
+            if job.state == "pending" or job.state == "suspended":
+                p = Progress(self.job_id, "queued", job.slurm_state, job.reason, 0, expected, elapsed)
+            elif not info.get("head"):
+                p = Progress(self.job_id, "starting", job.slurm_state, job.reason, 0, expected, elapsed)
+            else:
+                p = Progress(
+                    self.job_id, "joining", job.slurm_state, job.reason, self.joined(), expected, elapsed
+                )
+            last = self._report(on_progress, last, p)
+            time.sleep(POLL)
+
+    @staticmethod
+    def _report(cb: Callable[[Progress], None] | None, last: Progress | None, p: Progress) -> Progress:
+        changed = last is None or (p.phase, p.slurm_state, p.reason, p.joined) != (
+            last.phase,
+            last.slurm_state,
+            last.reason,
+            last.joined,
+        )
+        if cb and changed:
+            cb(p)
+        return p if changed else last  # type: ignore[return-value]
+
+    def _cancel_quietly(self, job: JobInfo) -> None:
+        if not job.finished:
+            self.slurm.cancel(self.job_id)
+
+    def stop(self, timeout: float = 60) -> str:
+        """Ask the agents to tear down (they stop only this job's Ray), then make sure the job is
+        gone. Idempotent. Returns what happened, for the CLI."""
+        job = self.job()
+        if job is None or job.finished:
+            return "already stopped"
+        if job.state == "pending":
+            self.slurm.cancel(self.job_id)
+        else:
+            with contextlib.suppress(OSError):  # no job folder yet: scancel below does it
+                self.runner.write_text(posixpath.join(self.job_dir, ci.STOP), "", mode=0o600)
+        deadline = time.monotonic() + timeout
+        cancelled = job.state == "pending"
+        grace = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            job = self.job()
+            if job is None or job.finished:
+                return "stopped"
+            if not cancelled and time.monotonic() > grace:
+                self.slurm.cancel(self.job_id)  # agents tear down on SIGTERM too
+                cancelled = True
+            time.sleep(POLL)
+        raise ClusterError(f"job {self.job_id} did not end within {timeout:.0f}s of the stop request")
+
+    def follow_output(self, write: Callable[[str], None], until_done: bool = True) -> JobInfo | None:
+        """Stream the job's output until the job ends; returns the final job record."""
+        offset = 0
+        path = ""
+        while True:
+            job = self.job()
+            path = self.log_path(job) or path
+            text = self.runner.read_text(path) if path else None
+            if text and len(text) > offset:
+                write(text[offset:])
+                offset = len(text)
+            if job is None or job.finished or not until_done:
+                return job
+            time.sleep(POLL)
+
+
+def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | None = None) -> str:
+    """The job's folder: under the profile's shared_dir, or next to the script Slurm ran."""
+    spec = spec.with_home(runner.home())
+    candidate = spec.job_dir(job_id)
+    if job and job.command and runner.read_text(posixpath.join(candidate, ci.CLUSTER)) is None:
+        other = posixpath.join(posixpath.dirname(posixpath.dirname(job.command)), "jobs", job_id)
+        if runner.read_text(posixpath.join(other, ci.CLUSTER)) is not None:
+            return other
+    return candidate
+
+
+def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
+    """Render the script into <shared_dir>/scripts and sbatch it. Returns at once."""
+    spec = spec.with_home(runner.home())
+    script = render(spec)
+    scripts_dir = posixpath.join(spec.shared_dir, "scripts")
+    for d in (spec.shared_dir, scripts_dir, spec.logs_dir, spec.jobs_dir):
+        runner.makedirs(d)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = posixpath.join(scripts_dir, f"{spec.job_name}-{stamp}-{int(time.time() * 1000) % 1000:03d}.sbatch")
+    runner.write_text(path, script, mode=0o700)
+    job_id = SlurmClient(runner).submit(
+        path,
+        [f"--output={spec.logs_dir}/%x-%j.out"],
+        env={"RAYBRIDGE_SUBMITTED_AT": f"{time.time():.3f}"},
+    )
+    return Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.nodes)
+
+
+def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Cluster:
+    """A handle to an existing job (the newest raybridge job of this user when job_id is None)."""
+    slurm = SlurmClient(runner)
+    if job_id is None:
+        jobs = slurm.my_jobs()
+        if not jobs:
+            raise JobNotFound("no running raybridge job (raybridge up starts one)")
+        job = max(jobs, key=lambda j: int(j.job_id.split("_")[0]))
+        job_id = job.job_id
+    else:
+        if not job_id.isdigit():
+            raise JobNotFound(f"not a Slurm job id: {job_id!r}")
+        job = slurm.job(job_id)
+        if job is None:
+            raise JobNotFound(f"no such job: {job_id}")
+        if job.comment != "raybridge":
+            raise JobNotFound(f"job {job_id} is not a raybridge job")
+    return Cluster(runner, job_id, job_dir_for(spec, runner, job_id, job))
+
+
+def status_record(cluster: Cluster) -> dict[str, Any]:
+    job = cluster.job()
+    info = cluster.info() or {}
+    nodes = info.get("nodes") or []
+    return {
+        "job_id": cluster.job_id,
+        "name": job.name if job else info.get("job_name"),
+        "slurm_state": job.slurm_state if job else "GONE",
+        "state": job.state if job else "gone",
+        "reason": job.reason if job else None,
+        "nodelist": job.nodelist if job else None,
+        "ray_state": info.get("state", "unknown"),
+        "expected_nodes": info.get("expected_nodes"),
+        "alive_nodes": sum(1 for n in nodes if n.get("alive")),
+        "nodes": nodes,
+        "address": info.get("address"),
+        "dashboard_url": info.get("dashboard_url"),
+        "token_path": info.get("token_path"),
+        "job_dir": cluster.job_dir,
+        "log": job.stdout if job else None,
+        "timestamps": {k: v for k, v in info.items() if k.endswith("_at")},
+    }

@@ -1,0 +1,308 @@
+"""Run commands and touch files where Slurm lives: here (LocalRunner) or on the login node over
+one persistent SSH connection (SSHRunner). Everything above this module uses the Runner interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import paramiko
+
+from raybridge.errors import CommandError, HostKeyError, SSHError
+from raybridge.profile import LoginSpec
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    host: str  # "" when local
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = 60,
+        env: dict[str, str] | None = None,
+    ) -> Result: ...
+
+    def read_text(self, path: str) -> str | None: ...
+
+    def write_text(self, path: str, text: str, mode: int = 0o600) -> None: ...
+
+    def makedirs(self, path: str, mode: int = 0o700) -> None: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def home(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class LocalRunner:
+    host = ""
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = 60,
+        env: dict[str, str] | None = None,
+    ) -> Result:
+        try:
+            p = subprocess.run(
+                argv,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **env} if env else None,
+            )
+        except FileNotFoundError:
+            raise CommandError(argv, 127, "", f"{argv[0]}: command not found") from None
+        except subprocess.TimeoutExpired:
+            raise CommandError(argv, 124, "", f"timed out after {timeout}s") from None
+        result = Result(argv, p.returncode, p.stdout, p.stderr)
+        if check and p.returncode != 0:
+            raise CommandError(argv, p.returncode, p.stdout, p.stderr)
+        return result
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        os.makedirs(path, mode=mode, exist_ok=True)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def home(self) -> str:
+        return str(Path.home())
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ SSH
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """A login destination after applying ~/.ssh/config (aliases, ports, keys, ProxyJump)."""
+
+    alias: str
+    hostname: str
+    user: str
+    port: int
+    identity_files: tuple[str, ...]
+    known_hosts: str
+    proxy_jump: str | None
+    accept_new_host_key: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.hostname}" + (f":{self.port}" if self.port != 22 else "")
+
+
+def resolve_target(login: LoginSpec) -> SSHTarget:
+    config_path = Path(login.ssh_config or "~/.ssh/config").expanduser()
+    cfg = paramiko.SSHConfig()
+    if config_path.is_file():
+        try:
+            cfg = paramiko.SSHConfig.from_path(str(config_path))
+        except Exception as e:  # paramiko raises several types for bad configs
+            raise SSHError(f"cannot parse SSH config {config_path}: {e}") from None
+    entry = cfg.lookup(login.host)
+    known = login.known_hosts or (entry.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]
+    ids = (login.identity_file,) if login.identity_file else tuple(entry.get("identityfile", []))
+    return SSHTarget(
+        alias=login.host,
+        hostname=entry.get("hostname", login.host),
+        user=login.user or entry.get("user") or os.environ.get("USER", "root"),
+        port=login.port or int(entry.get("port", 22)),
+        identity_files=tuple(str(Path(i).expanduser()) for i in ids),
+        known_hosts=str(Path(known).expanduser()),
+        proxy_jump=login.proxy_jump or entry.get("proxyjump"),
+        accept_new_host_key=login.accept_new_host_key,
+    )
+
+
+def connect(target: SSHTarget, timeout: float = 15) -> paramiko.SSHClient:
+    """One SSH connection with host-key checking against known_hosts (unknown key = refused,
+    unless accept_new_host_key, which records it like OpenSSH's StrictHostKeyChecking=accept-new)."""
+    client = paramiko.SSHClient()
+    client.load_system_host_keys()
+    if os.path.exists(target.known_hosts):
+        client.load_host_keys(target.known_hosts)
+    elif target.accept_new_host_key:
+        client._host_keys_filename = target.known_hosts  # where AutoAdd saves
+    client.set_missing_host_key_policy(
+        paramiko.AutoAddPolicy() if target.accept_new_host_key else paramiko.RejectPolicy()
+    )
+    sock = None
+    if target.proxy_jump:
+        jump = resolve_target(
+            LoginSpec(
+                host=target.proxy_jump,
+                known_hosts=target.known_hosts,
+                accept_new_host_key=target.accept_new_host_key,
+            )
+        )
+        jump_client = connect(jump, timeout)
+        try:
+            sock = jump_client.get_transport().open_channel(
+                "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=timeout
+            )
+        except (paramiko.SSHException, OSError) as e:
+            raise SSHError(f"jump host {jump.label} cannot reach {target.label}: {e}") from None
+    try:
+        client.connect(
+            target.hostname,
+            port=target.port,
+            username=target.user,
+            key_filename=list(target.identity_files) or None,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            sock=sock,
+            allow_agent=True,
+            look_for_keys=not target.identity_files,
+        )
+    except paramiko.BadHostKeyException:
+        raise HostKeyError(
+            f"host key of {target.label} does not match {target.known_hosts}: refusing to connect "
+            "(the key changed, or someone is intercepting the connection)"
+        ) from None
+    except paramiko.SSHException as e:
+        if "not found in known_hosts" in str(e):
+            raise HostKeyError(
+                f"host key of {target.label} is not in {target.known_hosts}: refusing to connect "
+                "(verify it and add it, or pass --accept-new-host-key once)"
+            ) from None
+        if isinstance(e, paramiko.AuthenticationException):
+            raise SSHError(
+                f"authentication to {target.label} failed (keys tried: "
+                f"{', '.join(target.identity_files) or 'agent/default keys'})"
+            ) from None
+        raise SSHError(f"SSH to {target.label} failed: {e}") from None
+    except (TimeoutError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+            reason = "connection refused"
+        raise SSHError(f"cannot reach login host {target.label}: {reason}") from None
+    if target.accept_new_host_key:
+        Path(target.known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        client.save_host_keys(target.known_hosts)
+    return client
+
+
+class SSHRunner:
+    """Runs commands on the login node over one persistent connection; files go over SFTP."""
+
+    def __init__(self, login: LoginSpec, timeout: float = 15):
+        self.target = resolve_target(login)
+        self.host = self.target.label
+        self.client = connect(self.target, timeout)
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = 60,
+        env: dict[str, str] | None = None,
+    ) -> Result:
+        command = shlex.join(argv)
+        if env:  # `env` on the far side: servers usually refuse SSH environment requests
+            command = shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *argv])
+        try:
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            if input is not None:
+                stdin.write(input)
+            stdin.channel.shutdown_write()
+            out = stdout.read().decode(errors="replace")
+            err = stderr.read().decode(errors="replace")
+            rc = stdout.channel.recv_exit_status()
+        except (paramiko.SSHException, OSError) as e:
+            raise SSHError(f"lost the SSH connection to {self.host}: {e or type(e).__name__}") from None
+        if rc == -1:
+            rc = 255
+        result = Result(argv, rc, out, err)
+        if check and rc != 0:
+            raise CommandError(argv, rc, out, err, host=self.host)
+        return result
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            with self.sftp.open(path, "r") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if getattr(e, "errno", None) == 2:
+                return None
+            raise SSHError(f"cannot read {path} on {self.host}: {e}") from None
+
+    def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with self.sftp.open(tmp, "w") as f:
+            f.chmod(mode)
+            f.write(text.encode())
+        self.sftp.posix_rename(tmp, path)
+
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        self.run(["mkdir", "-p", "-m", oct(mode)[2:], path])
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(self.sftp.listdir(path))
+        except OSError:
+            return []
+
+    def home(self) -> str:
+        return self.sftp.normalize(".")
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        self.client.close()
+
+
+def open_runner(login: LoginSpec | None) -> Runner:
+    return SSHRunner(login) if login else LocalRunner()

@@ -1,0 +1,142 @@
+"""Slurm client over a Runner: submit, inspect, cancel. Parses machine output into small records."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from raybridge.errors import CommandError, SlurmError
+from raybridge.runner import Runner
+
+# Every Slurm job state → raybridge's coarse state.
+STATES = {
+    "PENDING": "pending",
+    "CONFIGURING": "pending",
+    "REQUEUED": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "RESV_DEL_HOLD": "pending",
+    "SPECIAL_EXIT": "pending",
+    "RUNNING": "running",
+    "RESIZING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+    "COMPLETING": "ending",
+    "SUSPENDED": "suspended",
+    "STOPPED": "suspended",
+    "COMPLETED": "completed",
+    "CANCELLED": "cancelled",
+    "PREEMPTED": "preempted",
+    "FAILED": "failed",
+    "TIMEOUT": "failed",
+    "NODE_FAIL": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "REVOKED": "failed",
+}
+FINISHED = {"completed", "cancelled", "failed", "preempted"}
+JOB_ID = re.compile(r"^\d+(_\d+)?$")
+FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9/:_]*)=")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    name: str
+    slurm_state: str
+    reason: str
+    nodelist: str
+    stdout: str
+    exit_code: int | None
+    comment: str
+    command: str = ""
+
+    @property
+    def state(self) -> str:
+        return STATES.get(self.slurm_state, "unknown")
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """`scontrol show job -o` → {key: value}. Values may contain spaces (Command=, WorkDir=)."""
+    text = text.strip()
+    matches = list(FIELD.finditer(text))
+    out = {}
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        out[m.group(1)] = text[m.end() : end].strip()
+    return out
+
+
+def job_from_fields(f: dict[str, str]) -> JobInfo:
+    exit_code = None
+    if ":" in f.get("ExitCode", ""):
+        code, sig = f["ExitCode"].split(":", 1)
+        exit_code = int(code) if code.isdigit() else None
+        if sig.isdigit() and int(sig) and not exit_code:
+            exit_code = 128 + int(sig)
+    return JobInfo(
+        job_id=f.get("JobId", ""),
+        name=f.get("JobName", ""),
+        slurm_state=f.get("JobState", "UNKNOWN").split()[0],
+        reason=f.get("Reason", "None"),
+        nodelist=f.get("NodeList", "(null)"),
+        stdout=f.get("StdOut", ""),
+        exit_code=exit_code,
+        comment=f.get("Comment", "(null)"),
+        command=f.get("Command", ""),
+    )
+
+
+class SlurmClient:
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def submit(
+        self, script_path: str, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> str:
+        argv = ["sbatch", "--parsable", *(args or []), script_path]
+        try:
+            out = self.runner.run(argv, env=env, timeout=120).stdout.strip()
+        except CommandError as e:
+            msg = (
+                " ".join(line.strip() for line in (e.stderr or e.stdout).strip().splitlines()) or "no output"
+            )
+            raise SlurmError(f"sbatch rejected the job: {msg}") from None
+        job_id = out.split(";")[0].strip()
+        if not JOB_ID.match(job_id):
+            raise SlurmError(f"sbatch printed no job id: {out!r}")
+        return job_id
+
+    def job(self, job_id: str) -> JobInfo | None:
+        """The job's record, or None once Slurm has forgotten it (or never knew it)."""
+        r = self.runner.run(["scontrol", "show", "job", "-o", job_id], check=False)
+        if r.returncode != 0:
+            if "Invalid job id" in r.stderr or "Invalid job id" in r.stdout:
+                return None
+            raise CommandError(r.argv, r.returncode, r.stdout, r.stderr, host=self.runner.host)
+        lines = [line for line in r.stdout.splitlines() if line.strip()]
+        return job_from_fields(parse_scontrol(lines[0])) if lines else None
+
+    def my_jobs(self) -> list[JobInfo]:
+        """This user's jobs that raybridge started (marked by --comment=raybridge)."""
+        user = self.runner.run(["id", "-un"]).stdout.strip()
+        r = self.runner.run(["squeue", "-h", "-u", user, "-o", "%i"])
+        jobs = []
+        for job_id in r.stdout.split():
+            info = self.job(job_id)
+            if info and info.comment == "raybridge":
+                jobs.append(info)
+        return jobs
+
+    def cancel(self, job_id: str, signal: str | None = None, batch_only: bool = False) -> None:
+        argv = ["scancel"]
+        if signal:
+            argv.append(f"--signal={signal}")
+        if batch_only:
+            argv.append("--batch")
+        self.runner.run([*argv, job_id])
