@@ -44,6 +44,8 @@ class Progress:
         t = f"{self.elapsed:5.1f}s"
         if self.phase == "queued":
             return f"[{t}] job {self.job_id}: {self.slurm_state.lower()} (reason: {self.reason})"
+        if self.phase == "ready":
+            return f"[{t}] job {self.job_id}: all {self.expected} nodes joined, cluster ready"
         if self.phase == "starting":
             return f"[{t}] job {self.job_id}: running, starting Ray head"
         return f"[{t}] job {self.job_id}: nodes joined {self.joined}/{self.expected}"

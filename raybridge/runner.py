@@ -215,8 +215,9 @@ def connect(target: SSHTarget, timeout: float = 15) -> paramiko.SSHClient:
         raise SSHError(f"SSH to {target.label} failed: {e}") from None
     except (TimeoutError, OSError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
-            reason = "connection refused"
+        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) and e.errors:
+            first = next(iter(e.errors.values()))
+            reason = getattr(first, "strerror", None) or str(first)
         raise SSHError(f"cannot reach login host {target.label}: {reason}") from None
     if target.accept_new_host_key:
         Path(target.known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -236,7 +237,10 @@ class SSHRunner:
     @property
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
-            self._sftp = self.client.open_sftp()
+            try:
+                self._sftp = self.client.open_sftp()
+            except (paramiko.SSHException, OSError) as e:
+                raise SSHError(f"SFTP to {self.host} failed (is the sftp subsystem enabled?): {e}") from None
         return self._sftp
 
     def run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import sys
 import time
 
@@ -22,9 +23,13 @@ def prepare(cfg: AgentConfig) -> int:
     cfg.job_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     cfg.job_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(cfg.job_dir, 0o700)
-    (cfg.job_dir / ci.NODES).mkdir(exist_ok=True)
+    # A requeued job keeps its id and folder: drop the previous start's rendezvous state.
+    for stale in (ci.HEAD, ci.STOP, ci.TOKEN):
+        (cfg.job_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(cfg.job_dir / ci.NODES, ignore_errors=True)
+    (cfg.job_dir / ci.NODES).mkdir()
     (cfg.job_dir / "logs").mkdir(exist_ok=True)
-    if cfg.auth and not cfg.token_path.exists():
+    if cfg.auth:
         # Created 0600 from the start: the token is never readable by others, even briefly.
         fd = os.open(cfg.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
