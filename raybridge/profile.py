@@ -368,10 +368,10 @@ class _Validator:
         out = []
         for arg in self.str_list("sbatch_args", value):
             arg = self.line("sbatch_args", arg)
-            m = re.match(r"^--?([A-Za-z][A-Za-z0-9-]*)", arg)
+            m = re.match(r"^--([A-Za-z][A-Za-z0-9-]*)|^-([A-Za-z])", arg)
             if not m:
                 raise self.fail("sbatch_args", f"entries must be options like --constraint=ib, got {arg!r}")
-            if m.group(1) in OWNED_SBATCH_OPTIONS:
+            if (m.group(1) or m.group(2)) in OWNED_SBATCH_OPTIONS:
                 raise self.fail(
                     "sbatch_args",
                     f"may not set {arg.split('=')[0]!r}: raybridge sets it (use its own option)",

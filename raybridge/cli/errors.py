@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
 
 from raybridge.errors import CommandError, RaybridgeError
 
@@ -24,13 +28,13 @@ def run_app(app: typer.Typer) -> None:
     debug = os.environ.get("RAYBRIDGE_DEBUG") == "1"
     try:
         rv = app(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:  # help was printed
+    except click_exc.NoArgsIsHelpError:  # help was printed
         sys.exit(0)
-    except click.exceptions.UsageError as e:
+    except click_exc.UsageError as e:
         fail(e.format_message().replace("\n", " "), 2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         fail("interrupted", 130)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
     except CommandError as e:
         if debug:

@@ -1,0 +1,3 @@
+from raybridge.cli import main
+
+main()

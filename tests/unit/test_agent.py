@@ -1,0 +1,62 @@
+import socket
+
+import pytest
+
+from raybridge.agent import netinfo, ports, resources
+
+IFS = [
+    netinfo.Iface("eth0", "10.211.0.11", "255.255.255.0"),
+    netinfo.Iface("ib0", "10.212.0.11", "255.255.255.0"),
+    netinfo.Iface("ib1", "10.214.0.11", "255.255.255.0"),
+]
+
+
+def test_interface_policy():
+    assert netinfo.choose(["auto"], IFS).name == "ib0"
+    assert netinfo.choose(["auto"], IFS, head_ip="10.214.0.2").name == "ib1"
+    assert netinfo.choose(["auto"], IFS[:1], head_ip="10.9.9.9").name == "eth0"
+    assert netinfo.choose(["eth0"], IFS).name == "eth0"
+    assert netinfo.choose(["ib7", "ib1"], IFS).name == "ib1"
+    with pytest.raises(LookupError, match="no interface matches ib7 .*ib0=10.212.0.11"):
+        netinfo.choose(["ib7"], IFS)
+
+
+def test_port_plans_differ_between_jobs_and_stay_in_range():
+    a, b = ports.plan_for_block(ports.first_block("1000")), ports.plan_for_block(ports.first_block("1001"))
+    assert set(a.all_ports()).isdisjoint(b.all_ports())
+    for plan in (a, b):
+        assert min(plan.all_ports()) >= ports.FIRST_PORT and max(plan.all_ports()) < ports.LAST_PORT
+        assert len(set(plan.all_ports())) == len(plan.all_ports())
+
+
+def test_busy_port_moves_to_next_block():
+    first = ports.plan_for_block(ports.first_block("4242"))
+    with socket.socket() as s:
+        s.bind(("", first.node_manager))
+        s.listen()
+        plan = ports.choose_plan("4242")
+    assert plan != first and first.node_manager not in plan.all_ports()
+
+
+@pytest.mark.parametrize(
+    ("env", "ids"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, ()),
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, ("0", "1")),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb"}, ("GPU-aa", "GPU-bb")),
+        ({"SLURM_JOB_GPUS": "2,3"}, ("2", "3")),
+        ({"SLURM_GPUS_ON_NODE": "4"}, ("0", "1", "2", "3")),
+        ({}, ()),
+    ],
+)
+def test_gpu_ids(env, ids):
+    assert resources.gpu_ids(env) == ids
+
+
+def test_cpus_and_memory_come_from_slurm():
+    env = {"SLURM_CPUS_ON_NODE": "6", "SLURM_MEM_PER_NODE": "2048"}
+    r = resources.detect(env, 0.3)
+    assert r.cpus == 6
+    assert r.memory_bytes == 2048 * 1024**2
+    assert resources.MIN_OBJECT_STORE <= r.object_store_bytes <= int(r.memory_bytes * 0.3)
+    assert resources.cpus({"SLURM_JOB_CPUS_PER_NODE": "4(x2),2"}) == 4

@@ -1,0 +1,92 @@
+"""Rendering is pure: golden files pin the output (RAYBRIDGE_REGEN_GOLDEN=1 rewrites them)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from raybridge.profile import build_spec
+from raybridge.render import directives, fill, render
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+CASES = {
+    "minimal": {"nodes": 2, "shared_dir": "/shared/rb"},
+    "full-site": {
+        "nodes": 8,
+        "job_name": "llm-pretrain",
+        "partition": "gpu",
+        "account": "proj42",
+        "qos": "high",
+        "time": "2-00:00:00",
+        "cpus_per_node": 64,
+        "gpus_per_node": 4,
+        "memory_per_node": "480G",
+        "interface": ["ib0", "ib1"],
+        "nccl_ib_hca": "mlx5_0,mlx5_1",
+        "shared_dir": "/lustre/proj42/rb",
+        "setup": ["module load cuda/12.4", "source /lustre/proj42/venv/bin/activate"],
+        "env": {"OMP_NUM_THREADS": "8"},
+        "sbatch_args": ["--constraint=ib"],
+        "ray_args": ["--log-style=record"],
+    },
+    "batch-hostile": {
+        "nodes": 2,
+        "shared_dir": "/shared/my dir/it's",
+        "python": "/opt/py 3/bin/python",
+        "env": {"NASTY": "a'b\"c; echo pwned $(id) `id` \\"},
+        "ray_args": ['--resources={"x": 1}'],
+        "command": ["python", "train.py", "--name", "it's a; $(rm -rf /)", "--lr=1e-3"],
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name):
+    text = render(build_spec(dict(CASES[name])), version="TEST")
+    path = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("RAYBRIDGE_REGEN_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; RAYBRIDGE_REGEN_GOLDEN=1 regenerates on purpose"
+
+
+def test_script_is_valid_bash_and_hostile_values_survive_quoting(tmp_path):
+    spec = build_spec(dict(CASES["batch-hostile"]))
+    text = render(spec, version="TEST")
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # Evaluate only the exports block and read the values back: they must be byte-identical.
+    exports = "\n".join(line for line in text.splitlines() if line.startswith("export "))
+    probe = f'SLURM_JOB_ID=7\n{exports}\nprintf \'%s\\0\' "$NASTY" "$RAYBRIDGE_JOB_DIR" "$RAYBRIDGE_RAY_ARGS"'
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
+    nasty, job_dir, ray_args, _ = out.split("\0")
+    assert nasty == dict(spec.env)["NASTY"]
+    assert job_dir == "/shared/my dir/it's/jobs/7"
+    assert ray_args == "'--resources={\"x\": 1}'"
+    assert "pwned" not in subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stderr
+
+
+def test_driver_command_is_quoted_word_by_word(tmp_path):
+    spec = build_spec(dict(CASES["batch-hostile"]))
+    line = next(x for x in render(spec).splitlines() if x.startswith("python train.py"))
+    out = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {line[len('python ') :]}"], capture_output=True, text=True
+    )
+    assert out.stdout.splitlines() == ["train.py", "--name", "it's a; $(rm -rf /)", "--lr=1e-3"]
+
+
+def test_directives_only_contain_validated_values():
+    spec = build_spec(dict(CASES["full-site"]))
+    lines = directives(spec)
+    assert "#SBATCH --nodes=8" in lines and "#SBATCH --exclusive" in lines
+    assert "#SBATCH --gpus-per-node=4" in lines and "#SBATCH --constraint=ib" in lines
+    assert all("\n" not in x for x in lines)
+
+
+def test_fill_refuses_missing_or_unused_values():
+    with pytest.raises(ValueError, match="missing=\\['b'\\]"):
+        fill("{{a}} {{b}}", {"a": "1"})
+    with pytest.raises(ValueError, match="unused=\\['c'\\]"):
+        fill("{{a}}", {"a": "1", "c": "2"})

@@ -1,0 +1,73 @@
+import pytest
+
+from raybridge.errors import CommandError, SlurmError
+from raybridge.runner import Result
+from raybridge.slurm import STATES, SlurmClient, job_from_fields, parse_scontrol
+
+LINE = (
+    "JobId=42 JobName=raybridge UserId=root(0) GroupId=root(0) Priority=1 JobState=PENDING "
+    "Reason=Resources Dependency=(null) ExitCode=0:0 NodeList=(null) Command=/home/a b/s.sbatch "
+    "WorkDir=/home/a b StdOut=/shared/logs/raybridge-42.out Comment=raybridge"
+)
+
+
+class FakeRunner:
+    host = ""
+
+    def __init__(self, results):
+        self.results = list(results)
+        self.calls = []
+
+    def run(self, argv, *, input=None, check=True, timeout=60, env=None):
+        self.calls.append((argv, env))
+        rc, out, err = self.results.pop(0)
+        if check and rc:
+            raise CommandError(argv, rc, out, err)
+        return Result(argv, rc, out, err)
+
+
+def test_parse_scontrol_keeps_values_with_spaces():
+    f = parse_scontrol(LINE)
+    assert f["Command"] == "/home/a b/s.sbatch"
+    assert f["WorkDir"] == "/home/a b"
+    job = job_from_fields(f)
+    assert (job.job_id, job.state, job.reason, job.comment) == ("42", "pending", "Resources", "raybridge")
+    assert job.stdout == "/shared/logs/raybridge-42.out"
+
+
+@pytest.mark.parametrize(("code", "expected"), [("0:0", 0), ("3:0", 3), ("0:9", 137)])
+def test_exit_codes(code, expected):
+    assert job_from_fields({"ExitCode": code, "JobState": "FAILED"}).exit_code == expected
+
+
+def test_every_state_maps_and_finished_states():
+    assert {"pending", "running", "completed", "failed", "cancelled"} <= set(STATES.values())
+    assert job_from_fields({"JobState": "TIMEOUT"}).finished
+    assert not job_from_fields({"JobState": "COMPLETING"}).finished
+
+
+def test_submit_parses_id_and_passes_env():
+    r = FakeRunner([(0, "123;cluster\n", "")])
+    assert SlurmClient(r).submit("/s.sbatch", ["--output=x"], env={"A": "1"}) == "123"
+    assert r.calls[0] == (["sbatch", "--parsable", "--output=x", "/s.sbatch"], {"A": "1"})
+
+
+def test_submit_rejection_shows_sbatch_stderr():
+    r = FakeRunner(
+        [
+            (
+                1,
+                "",
+                "sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed\n",
+            )
+        ]
+    )
+    with pytest.raises(
+        SlurmError, match="sbatch rejected the job: sbatch: error: invalid partition specified: nope"
+    ):
+        SlurmClient(r).submit("/s.sbatch")
+
+
+def test_unknown_job_is_none():
+    r = FakeRunner([(1, "", "slurm_load_jobs error: Invalid job id specified\n")])
+    assert SlurmClient(r).job("99") is None
