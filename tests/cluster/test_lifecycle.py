@@ -1,0 +1,139 @@
+"""up / status / down / run / render against the real test bed, on the login node (local mode)."""
+
+import ipaddress
+import json
+import re
+import stat
+
+import pytest
+
+from tests.conftest import job_processes, ray_processes_in
+
+pytestmark = pytest.mark.cluster
+FABRIC = ipaddress.ip_network("10.212.0.0/24")
+
+
+def job_id_from(stderr: str) -> str:
+    m = re.search(r"submitted job (\d+)", stderr)
+    assert m, stderr
+    return m.group(1)
+
+
+def test_up_status_down_three_nodes(testbed):
+    r = testbed.raybridge("login", "up", "--nodes", "3", "--profile", testbed.local_profile)
+    assert r.returncode == 0, r.stderr + r.stdout
+    job = job_id_from(r.stderr)
+    assert "nodes joined 3/3" in r.stderr  # live progress was shown
+    assert f"Ray cluster ready: job {job}, 3 nodes" in r.stdout
+    try:
+        st = testbed.raybridge("login", "status", job, "--json", "--profile", testbed.local_profile)
+        assert st.returncode == 0, st.stderr
+        rec = json.loads(st.stdout)
+        assert rec["slurm_state"] == "RUNNING" and rec["ray_state"] == "ready"
+        assert rec["alive_nodes"] == 3
+        ips = {n["ip"] for n in rec["nodes"]}
+        hosts = {n["hostname"] for n in rec["nodes"]}
+        assert len(ips) == 3 and len(hosts) == 3
+        assert all(ipaddress.ip_address(ip) in FABRIC for ip in ips)  # ib0, not eth0
+        assert all(n["interface"] == "ib0" for n in rec["nodes"])
+        assert rec["address"].startswith(rec["nodes"][0]["ip"] + ":")
+        # The token and the cluster record are private to the user.
+        info = testbed.cluster_json(job)
+        token = testbed.job_dir(job) / "token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        assert stat.S_IMODE((testbed.job_dir(job) / "cluster.json").stat().st_mode) == 0o600
+        assert stat.S_IMODE(testbed.job_dir(job).stat().st_mode) == 0o700
+        assert info["token_path"] == str(token)
+        for phase in ("submitted_at", "started_at", "head_up_at", "ready_at"):
+            assert info[phase] > 0
+        assert info["submitted_at"] <= info["started_at"] <= info["head_up_at"] <= info["ready_at"]
+        assert job_processes(job), "Ray processes of the job should carry the job marker"
+        listing = testbed.raybridge("login", "status", "--profile", testbed.local_profile)
+        assert f"job {job} (raybridge): Slurm RUNNING, Ray ready, 3/3 nodes alive" in listing.stdout
+    finally:
+        d = testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+    assert d.returncode == 0, d.stderr
+    assert f"job {job}: stopped" in d.stderr
+    testbed.wait_job_gone(job)
+    assert job_processes(job) == []
+    for n in range(1, 4):
+        assert ray_processes_in(f"rbtb-n{n}") == []
+        assert testbed.exec(f"n{n}", "test", "-e", f"/tmp/rb-{job}").returncode != 0  # temp dir removed
+    again = testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+    assert again.returncode == 0 and "already" in again.stderr  # idempotent
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_run_propagates_the_driver_exit_code(testbed, code):
+    driver = (
+        "import os, ray, sys; ray.init(); "
+        "print('driver nodes', len([n for n in ray.nodes() if n['Alive']]), os.environ['RAY_ADDRESS']); "
+        f"sys.exit({code})"
+    )
+    r = testbed.raybridge(
+        "login", "run", "--nodes", "2", "--profile", testbed.local_profile, "--", "python", "-c", driver
+    )
+    assert r.returncode == code, r.stderr + r.stdout
+    assert "driver nodes 2 10.212.0." in r.stdout
+    job = job_id_from(r.stderr)
+    testbed.wait_job_gone(job)
+    assert job_processes(job) == []
+
+
+def test_rendered_script_runs_with_plain_sbatch(testbed):
+    script = f"{testbed.shared}/plain.sbatch"
+    r = testbed.raybridge(
+        "login",
+        "render",
+        "--nodes",
+        "2",
+        "--profile",
+        testbed.local_profile,
+        "-o",
+        script,
+        "--",
+        "python",
+        "-c",
+        "import ray; ray.init(); print('plain nodes', len(ray.nodes()))",
+    )
+    assert r.returncode == 0, r.stderr
+    out = f"{testbed.shared}/plain-%j.out"
+    s = testbed.exec("login", "sbatch", "--wait", "--parsable", f"--output={out}", script, timeout=300)
+    assert s.returncode == 0, s.stderr
+    job = s.stdout.strip().split(";")[0]
+    text = open(out.replace("%j", job)).read()
+    assert "plain nodes 2" in text
+    assert "driver exited with code 0" in text
+
+
+def test_sbatch_rejection_is_one_line_and_submits_nothing(testbed):
+    before = testbed.squeue_ids()
+    r = testbed.raybridge(
+        "login", "up", "--nodes", "2", "--partition", "nosuchpartition", "--profile", testbed.local_profile
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "raybridge: error: sbatch rejected the job: sbatch: error: invalid partition specified: nosuchpartition "
+        "sbatch: error: Batch job submission failed: Invalid partition name specified"
+    ]
+    assert testbed.squeue_ids() == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--job-name", "evil'; touch /tmp/pwned #"],
+        ["--job-name", "$(touch /tmp/pwned)"],
+        ["--time", "forever"],
+        ["--nodes", "0"],
+        ["--sbatch-arg", "--exclusive\n#SBATCH --nodes=4"],
+        ["--sbatch-arg", "--job-name=x"],
+    ],
+)
+def test_hostile_input_submits_nothing(testbed, args):
+    before = testbed.squeue_ids()
+    r = testbed.raybridge("login", "up", "--profile", testbed.local_profile, *args)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("raybridge: error: ")
+    assert "Traceback" not in r.stderr
+    assert testbed.squeue_ids() == before
