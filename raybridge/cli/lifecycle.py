@@ -246,10 +246,11 @@ def register(app: typer.Typer) -> None:
         job: Annotated[str | None, typer.Argument(help="Job id (default: all your raybridge jobs).")] = None,
         profile: Profile = None,
         login: Login = None,
+        accept_new_host_key: AcceptKey = False,
         json_out: Json = False,
     ) -> None:
         """Slurm state and Ray state (nodes, addresses, dashboard) of your raybridge jobs."""
-        spec = build_spec(profile, None, login)
+        spec = build_spec(profile, None, login, accept_new_host_key)
         with connected(spec) as runner:
             if job:
                 clusters = [lib.attach(spec, runner, job)]
@@ -284,11 +285,12 @@ def register(app: typer.Typer) -> None:
         all_jobs: Annotated[bool, typer.Option("--all", help="Stop all your raybridge jobs.")] = False,
         profile: Profile = None,
         login: Login = None,
+        accept_new_host_key: AcceptKey = False,
     ) -> None:
         """Stop a cluster: only this job's Ray processes, then the Slurm job. Idempotent."""
         if not job and not all_jobs:
             raise RaybridgeError("name a job id, or pass --all")
-        spec = build_spec(profile, None, login)
+        spec = build_spec(profile, None, login, accept_new_host_key)
         with connected(spec) as runner:
             if all_jobs:
                 jobs = lib.SlurmClient(runner).my_jobs()

@@ -1,0 +1,100 @@
+"""Remote mode: the laptop reaches Slurm only through the login node's sshd."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import job_processes
+
+pytestmark = pytest.mark.cluster
+
+
+def test_remote_up_status_down(testbed):
+    r = testbed.raybridge("laptop", "up", "--nodes", "2", "--profile", testbed.remote_profile)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "on root@10.213.0.3" in r.stderr
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    try:
+        st = testbed.raybridge("laptop", "status", job, "--json", "--profile", testbed.remote_profile)
+        assert st.returncode == 0, st.stderr
+        rec = json.loads(st.stdout)
+        assert rec["ray_state"] == "ready" and rec["alive_nodes"] == 2
+        assert len({n["ip"] for n in rec["nodes"]}) == 2
+    finally:
+        d = testbed.raybridge("laptop", "down", job, "--profile", testbed.remote_profile)
+    assert d.returncode == 0, d.stderr
+    testbed.wait_job_gone(job)
+    assert job_processes(job) == []
+
+
+def test_remote_run_exit_code(testbed):
+    r = testbed.raybridge(
+        "laptop",
+        "run",
+        "--nodes",
+        "2",
+        "--profile",
+        testbed.remote_profile,
+        "--",
+        "python",
+        "-c",
+        "import sys; print('remote driver'); sys.exit(5)",
+    )
+    assert r.returncode == 5, r.stderr + r.stdout
+    assert "remote driver" in r.stdout
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raybridge: error: "), r.stderr
+    return lines[0]
+
+
+def profile_variant(testbed, name, **login):
+    text = open(testbed.remote_profile).read()
+    for key, value in login.items():
+        text = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", text)
+    path = f"{testbed.shared}/{name}.yaml"
+    open(path, "w").write(text)
+    return path
+
+
+def test_unreachable_login_host(testbed):
+    before = testbed.squeue_ids()
+    r = testbed.raybridge(
+        "laptop", "up", "--profile", testbed.remote_profile, "--login", "root@10.213.0.77", timeout=120
+    )
+    assert "cannot reach login host root@10.213.0.77" in one_line_error(r)
+    assert testbed.squeue_ids() == before
+
+
+def test_unknown_host_key_is_refused_and_accept_new_records_it(testbed):
+    kh = f"{testbed.shared}/remote-known-hosts"
+    open(kh, "w").close()
+    path = profile_variant(testbed, "remote-unknown-key", known_hosts=kh)
+    r = testbed.raybridge("laptop", "status", "--profile", path)
+    assert "is not in" in one_line_error(r) and "refusing to connect" in r.stderr
+    ok = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
+    assert ok.returncode == 0, ok.stderr
+    assert "10.213.0.3" in open(kh).read()
+
+
+def test_changed_host_key_is_refused(testbed):
+    kh = f"{testbed.shared}/remote-wrong-known-hosts"
+    # A syntactically valid ed25519 key that is not the login node's.
+    open(kh, "w").write(
+        "10.213.0.3 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZWtleWZha2VrZXlmYWtla2V5ZmFrZWtleWZh\n"
+    )
+    path = profile_variant(testbed, "remote-wrong-key", known_hosts=kh)
+    r = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
+    assert "does not match" in one_line_error(r)
+
+
+def test_wrong_client_key(testbed):
+    key = f"{testbed.shared}/other_id"
+    testbed.exec("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key, check=True, input="y\n")
+    path = profile_variant(testbed, "remote-wrong-client-key", identity_file=key)
+    r = testbed.raybridge("laptop", "status", "--profile", path)
+    assert "authentication to root@10.213.0.3 failed" in one_line_error(r)

@@ -1,0 +1,93 @@
+"""Two users' clusters on the same nodes: separate ports, and neither gets in without its token."""
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, RAYBRIDGE, TESTBED
+
+pytestmark = pytest.mark.cluster
+
+GCS_PROBE = """
+import os, sys
+from ray._raylet import GcsClient
+try:
+    nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+    print("ALLOWED", len(nodes))
+except Exception as e:
+    print("REFUSED", type(e).__name__, str(e).splitlines()[0][:120])
+"""
+
+HTTP_PROBE = """
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1] + "/api/version")
+if len(sys.argv) > 2:
+    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
+try:
+    print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+def probe_gcs(testbed, address, token_path):
+    env = ["env", "RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN_PATH={token_path}"]
+    return testbed.exec("login", *env, PYTHON, "-c", GCS_PROBE, address, timeout=120).stdout.strip()
+
+
+def http(testbed, url, token_path=None):
+    args = [url] + ([token_path] if token_path else [])
+    return int(testbed.exec("login", PYTHON, "-c", HTTP_PROBE, *args, check=True).stdout.strip())
+
+
+def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testbed):
+    cmd = [
+        TESTBED,
+        "exec",
+        "login",
+        "--",
+        RAYBRIDGE,
+        "up",
+        "--nodes",
+        "2",
+        "--partition",
+        "shared",
+        "--profile",
+        testbed.local_profile,
+        "--json",
+        "--sbatch-arg=--nodelist=n1,n2",
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    jobs = [re.search(r"submitted job (\d+)", err).group(1) for _, err in results]
+    try:
+        for p, (out, err) in zip(procs, results, strict=True):
+            assert p.returncode == 0, err + out
+        a, b = (json.loads(out) for out, _ in results)
+        # They really share nodes, yet every port differs.
+        shared_hosts = {n["hostname"] for n in a["nodes"]} & {n["hostname"] for n in b["nodes"]}
+        assert shared_hosts, "the shared partition should have put both clusters on the same nodes"
+        ports_a = set(testbed.cluster_json(a["job_id"])["ports"].values())
+        ports_b = set(testbed.cluster_json(b["job_id"])["ports"].values())
+        assert ports_a.isdisjoint(ports_b)
+        assert a["alive_nodes"] == 2 and b["alive_nodes"] == 2
+        token_a, token_b = a["token_path"], b["token_path"]
+        assert open(token_a).read() != open(token_b).read()
+        # GCS: own token works, the other cluster's token is refused.
+        assert probe_gcs(testbed, a["address"], token_a).startswith("ALLOWED")
+        assert probe_gcs(testbed, a["address"], token_b).startswith("REFUSED")
+        assert probe_gcs(testbed, b["address"], token_a).startswith("REFUSED")
+        # Dashboard / Jobs API: no token → 401, wrong token → 401/403, right token → 200.
+        assert http(testbed, a["dashboard_url"]) in (401, 403)
+        assert http(testbed, a["dashboard_url"], token_b) in (401, 403)
+        assert http(testbed, a["dashboard_url"], token_a) == 200
+        assert http(testbed, b["dashboard_url"], token_b) == 200
+    finally:
+        for job in jobs:
+            testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+    for job in jobs:
+        testbed.wait_job_gone(job)
