@@ -1,9 +1,9 @@
 """Runs last: the test bed recovers from a killed run and `down` leaves nothing behind."""
 
+import contextlib
 import os
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
@@ -38,10 +38,8 @@ def namespaces():
 def netns_inodes():
     inodes = set()
     for ns in namespaces():
-        try:
+        with contextlib.suppress(OSError):
             inodes.add(f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]")
-        except OSError:
-            pass
     return inodes
 
 
@@ -56,14 +54,12 @@ def test_up_is_idempotent(testbed):
 
 
 def test_up_recovers_from_a_killed_run(testbed):
-    victims = bed_processes()
+    victims = [psutil.Process(int(v.split(":")[0])) for v in bed_processes()]
     assert victims
-    for v in victims:
-        try:
-            os.kill(int(v.split(":")[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(0.5)  # let the kernel reap; namespaces, bridges, pid files and mounts stay behind
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=10)  # namespaces, bridges, pid files and mounts stay behind
     assert namespaces() and links()
     r = subprocess.run([TESTBED, "up"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
