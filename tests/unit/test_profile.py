@@ -114,3 +114,12 @@ def test_home_resolution():
 def test_time_to_seconds(text, seconds):
     assert time_to_seconds(text) == seconds
     assert time_to_seconds("UNLIMITED") is None
+
+
+def test_shipped_profiles_are_valid():
+    from raybridge.profile import list_profiles
+
+    found = dict(list_profiles())
+    assert "example-ib-cluster" in found
+    spec = load_spec(str(found["example-ib-cluster"]), nodes=8)
+    assert spec.gpus_per_node == 4 and spec.login.host == "hpc-login"
