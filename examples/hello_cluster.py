@@ -17,8 +17,10 @@ def where() -> tuple[str, str]:
 def main() -> None:
     ray.init()  # RAY_ADDRESS and the auth token come from raybridge
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    print(f"connected to {os.environ.get('RAY_ADDRESS')}: {len(nodes)} nodes, "
-          f"{int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    print(
+        f"connected to {os.environ.get('RAY_ADDRESS')}: {len(nodes)} nodes, "
+        f"{int(ray.cluster_resources().get('CPU', 0))} CPUs"
+    )
     counts = collections.Counter(ray.get([where.remote() for _ in range(4 * len(nodes))]))
     for (host, ip), n in sorted(counts.items()):
         print(f"  {n} tasks ran on {host} ({ip})")

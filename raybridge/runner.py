@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,8 @@ class Runner(Protocol):
     def makedirs(self, path: str, mode: int = 0o700) -> None: ...
 
     def listdir(self, path: str) -> list[str]: ...
+
+    def get(self, path: str, local: str, callback: Callable[[int, int], None] | None = None) -> None: ...
 
     def home(self) -> str: ...
 
@@ -103,6 +106,15 @@ class LocalRunner:
             return sorted(os.listdir(path))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def get(self, path: str, local: str, callback: Callable[[int, int], None] | None = None) -> None:
+        done = 0
+        with open(path, "rb") as src, open(local, "wb") as dst:
+            while chunk := src.read(1024 * 1024):
+                dst.write(chunk)
+                done += len(chunk)
+                if callback:
+                    callback(done, 0)
 
     def home(self) -> str:
         return str(Path.home())
@@ -298,6 +310,12 @@ class SSHRunner:
             return sorted(self.sftp.listdir(path))
         except OSError:
             return []
+
+    def get(self, path: str, local: str, callback: Callable[[int, int], None] | None = None) -> None:
+        try:
+            self.sftp.get(path, local, callback=callback)
+        except OSError as e:
+            raise SSHError(f"cannot copy {path} from {self.host}: {e}") from None
 
     def home(self) -> str:
         return self.sftp.normalize(".")

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -84,7 +85,7 @@ def ray_processes_in(namespace: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def testbed() -> Testbed:
+def testbed() -> Iterator[Testbed]:
     if os.geteuid() != 0:
         pytest.skip("the test bed needs root (network namespaces, Slurm daemons)")
     if subprocess.run([TESTBED, "status"], capture_output=True).returncode != 0:
@@ -94,4 +95,8 @@ def testbed() -> Testbed:
     for line in out.splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = value
-    return Testbed(env)
+    bed = Testbed(env)
+    yield bed
+    # A failed test must not leave jobs that block the nodes for the rest of a run.
+    if subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0:
+        bed.exec("login", "scancel", "--user=root")

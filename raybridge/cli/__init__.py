@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from raybridge.cli import lifecycle
+from raybridge.cli import ckpt, lifecycle, remote
 from raybridge.cli.errors import run_app
 
 app = typer.Typer(
@@ -16,6 +16,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 lifecycle.register(app)
+remote.register(app)
+app.add_typer(ckpt.app, name="checkpoints")
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.cluster
 
 def test_remote_up_status_down(testbed):
     r = testbed.raybridge("laptop", "up", "--nodes", "2", "--profile", testbed.remote_profile)
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert "on root@10.213.0.3" in r.stderr
     job = re.search(r"submitted job (\d+)", r.stderr).group(1)
     try:
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert "on root@10.213.0.3" in r.stderr
         st = testbed.raybridge("laptop", "status", job, "--json", "--profile", testbed.remote_profile)
         assert st.returncode == 0, st.stderr
         rec = json.loads(st.stdout)

@@ -1,0 +1,116 @@
+"""Reaching a cluster from a laptop: the token, the tunnel, the Jobs API client."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from raybridge import clusterinfo as ci
+from raybridge.cluster import Cluster
+from raybridge.errors import ClusterError, RaybridgeError
+from raybridge.profile import ClusterSpec
+from raybridge.runner import Runner, SSHRunner, connect, resolve_target
+from raybridge.tunnel import Forwarder, Target
+
+PORT_NAMES = {"dashboard": "dashboard", "client": "client", "gcs": "gcs"}
+DEFAULT_LOCAL = {"dashboard": 8265, "client": 10001, "gcs": 6379}
+
+
+def cache_dir(runner: Runner, job_id: str) -> Path:
+    """~/.cache/raybridge/<login>/<job>: private (0700) copies of what a laptop needs."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raybridge"
+    host = (runner.host or "local").replace("/", "_")
+    d = base / host / job_id
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for p in (base, base / host, d):
+        os.chmod(p, 0o700)
+    return d
+
+
+def ready_info(cluster: Cluster) -> dict[str, Any]:
+    job = cluster.job()
+    if job is None:
+        raise ClusterError(f"job {cluster.job_id} is gone")
+    if job.state != "running":
+        raise ClusterError(f"job {cluster.job_id} is not running ({job.slurm_state}, reason {job.reason})")
+    info = cluster.info() or {}
+    if info.get("state") != "ready":
+        raise ClusterError(
+            f"the Ray cluster of job {cluster.job_id} is not ready (state: {info.get('state', 'unknown')})"
+        )
+    return info
+
+
+def fetch_token(cluster: Cluster, info: dict[str, Any]) -> Path | None:
+    """Copy the cluster's token to the local cache (mode 0600); None when auth is off."""
+    if info.get("auth") != "token":
+        return None
+    text = cluster.runner.read_text(info["token_path"])
+    if not text:
+        raise ClusterError(f"cannot read the cluster token {info['token_path']}")
+    dest = cache_dir(cluster.runner, cluster.job_id) / "token"
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text.strip())
+    return dest
+
+
+def targets_from(info: dict[str, Any]) -> dict[str, Target]:
+    ip = info["head"]["ip"]
+    ports = info.get("ports") or {}
+    return {name: Target(name, ip, int(ports[key])) for name, key in PORT_NAMES.items() if key in ports}
+
+
+def make_forwarder(
+    spec: ClusterSpec, job_dir: str, local_ports: dict[str, int], token: str | None, log: Any = lambda m: None
+) -> Forwarder:
+    """A forwarder with its own SSH connection; it re-reads cluster.json after each reconnect."""
+    if spec.login is None:
+        raise RaybridgeError("a tunnel needs a login host (the profile's login, or --login)")
+    target = resolve_target(spec.login)
+
+    def connect_once() -> paramiko.SSHClient:
+        return connect(target)
+
+    def resolve(client: paramiko.SSHClient) -> dict[str, Target]:
+        try:
+            with client.open_sftp() as sftp, sftp.open(posixpath.join(job_dir, ci.CLUSTER)) as f:
+                info = json.loads(f.read())
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            raise ClusterError(f"cannot read the cluster record in {job_dir}: {e}") from None
+        if info.get("state") != "ready":
+            raise ClusterError(f"cluster not ready (state {info.get('state')})")
+        return targets_from(info)
+
+    return Forwarder(connect_once, resolve, local_ports, token=token, log=log)
+
+
+def auth_env(token_path: Path | None) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)} if token_path else {}
+
+
+def jobs_client(address: str, token_path: Path | None):  # -> JobSubmissionClient
+    """Ray's own Jobs API client; the token travels in the Authorization header Ray adds."""
+    os.environ.update(auth_env(token_path))
+    if token_path is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # connection and auth errors surface here
+        raise ClusterError(f"the Jobs API at {address} did not answer: {str(e).splitlines()[0]}") from None
+
+
+def require_ssh(runner: Runner) -> SSHRunner:
+    if not isinstance(runner, SSHRunner):
+        raise RaybridgeError(
+            "this command reaches the cluster through the login node: give the profile a login "
+            "host, or --login"
+        )
+    return runner

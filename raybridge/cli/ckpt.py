@@ -1,0 +1,104 @@
+"""checkpoints ls / pull: Ray Train checkpoints on shared storage, copied here verified."""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from raybridge import checkpoints as ck
+from raybridge.cli.lifecycle import AcceptKey, Login, Profile, build_spec, connected, say
+from raybridge.errors import RaybridgeError
+
+app = typer.Typer(help="Ray Train checkpoints on shared storage.", no_args_is_help=True)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class Bar:
+    def __init__(self, label: str):
+        self.label, self.start, self.last = label, time.monotonic(), 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2 and done < total:
+            return
+        self.last = now
+        frac = done / total if total else 1
+        rate = done / max(now - self.start, 1e-6)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(
+            f"\r{self.label} [{bar:30}] {frac:6.1%} {human(done)}/{human(total)} {human(rate)}/s"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@app.command("ls")
+def ls_cmd(
+    run: Annotated[str | None, typer.Argument(help="Run name (default: list runs).")] = None,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+) -> None:
+    """List runs, or the checkpoints of one run (oldest first)."""
+    spec = build_spec(profile, None, login, accept_new_host_key)
+    with connected(spec) as runner:
+        shared = spec.with_home(runner.home()).shared_dir
+        if run is None:
+            runs = ck.list_runs(runner, shared)
+            print("\n".join(runs) if runs else f"no runs under {ck.runs_dir(shared)}")
+            return
+        check_name(run)
+        cps = ck.list_checkpoints(runner, posixpath.join(ck.runs_dir(shared), run))
+    if not cps:
+        print(f"run {run}: no checkpoints")
+    for c in cps:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.mtime))
+        print(f"{c.name:40} {c.files:5} files {human(c.size):>10}  {stamp}")
+
+
+@app.command("pull")
+def pull_cmd(
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    dest: Annotated[Path, typer.Argument(help="Local folder to copy into.")],
+    latest: Annotated[bool, typer.Option("--latest", help="The newest checkpoint (default).")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="A checkpoint by name.")] = None,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+) -> None:
+    """Copy a checkpoint here; verified by sha256, resumable, never half-visible."""
+    if latest and name:
+        raise RaybridgeError("give --latest or --name, not both")
+    check_name(run)
+    spec = build_spec(profile, None, login, accept_new_host_key)
+    with connected(spec) as runner:
+        shared = spec.with_home(runner.home()).shared_dir
+        cps = ck.list_checkpoints(runner, posixpath.join(ck.runs_dir(shared), run))
+        if not cps:
+            raise RaybridgeError(f"run {run} has no checkpoints")
+        chosen = next((c for c in cps if c.name == name), None) if name else cps[-1]
+        if chosen is None:
+            raise RaybridgeError(
+                f"run {run} has no checkpoint {name!r} (have: {', '.join(c.name for c in cps)})"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        final = ck.pull(runner, chosen.path, dest, Bar(chosen.name))
+    say(f"pulled {chosen.name} ({chosen.files} files, {human(chosen.size)}, sha256 verified) to {final}")
+
+
+def check_name(run: str) -> None:
+    if not run or "/" in run or run in (".", "..") or "\n" in run:
+        raise RaybridgeError(f"not a run name: {run!r}")

@@ -1,0 +1,310 @@
+"""tunnel / submit / jobs / logs: reach a running cluster from a laptop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from raybridge import access
+from raybridge import cluster as lib
+from raybridge.cli.lifecycle import AcceptKey, Login, Profile, build_spec, connected, say
+from raybridge.errors import ClusterError, RaybridgeError
+from raybridge.profile import ClusterSpec
+from raybridge.runner import SSHRunner
+from raybridge.tunnel import Forwarder
+
+JobArg = Annotated[str | None, typer.Argument(help="Job id (default: your newest raybridge job).")]
+
+
+def tunnel_dir() -> Path:
+    d = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raybridge" / "tunnels"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str, Path | None, lib.Cluster]]:
+    """The Jobs API address for a job: through a private tunnel in remote mode, direct on the login node."""
+    with connected(spec) as runner:
+        cluster = lib.attach(spec, runner, job)
+        info = access.ready_info(cluster)
+        token = access.fetch_token(cluster, info)
+        if not isinstance(runner, SSHRunner):
+            yield info["dashboard_url"], token, cluster
+            return
+        fwd = access.make_forwarder(
+            spec, cluster.job_dir, {"dashboard": 0}, token.read_text() if token else None, log=say
+        )
+        fwd.start()
+        try:
+            yield f"http://127.0.0.1:{fwd.local_ports['dashboard']}", token, cluster
+        finally:
+            fwd.stop()
+
+
+def print_connection(fwd: Forwarder, token: Path | None, job_id: str, head: dict[str, Any]) -> None:
+    dash = f"http://127.0.0.1:{fwd.local_ports['dashboard']}"
+    print(f"tunnel to job {job_id} (head {head.get('hostname')} {head.get('ip')}) is up")
+    for name, port in fwd.local_ports.items():
+        scheme = "http://" if name == "dashboard" else ""
+        print(f"  {name:10} {scheme}127.0.0.1:{port}")
+    if token:
+        print(f"  browser    {fwd.login_url()}   (signs this browser in, then shows the dashboard)")
+        print("For the Ray CLI and Jobs API (e.g. `ray job submit -- python x.py`):")
+        print(f"  export RAY_ADDRESS={dash} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}")
+    else:
+        print(f"For the Ray CLI: export RAY_ADDRESS={dash}")
+    sys.stdout.flush()
+
+
+def stop_tunnels(job: str | None) -> None:
+    files = sorted(tunnel_dir().glob(f"{job or '*'}.json"))
+    if not files:
+        say("no background tunnel" + (f" for job {job}" if job else ""))
+        return
+    for f in files:
+        rec = json.loads(f.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec["pid"], signal.SIGTERM)
+        f.unlink(missing_ok=True)
+        say(f"stopped the tunnel for job {f.stem} (pid {rec['pid']})")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tunnel")
+    def tunnel_cmd(
+        job: JobArg = None,
+        local_port: Annotated[int, typer.Option(help="Local port for the dashboard / Jobs API.")] = 8265,
+        ports: Annotated[str, typer.Option(help="What to forward: dashboard,client,gcs.")] = "dashboard",
+        background: Annotated[bool, typer.Option("--background", help="Detach; stop with --stop.")] = False,
+        stop: Annotated[
+            bool, typer.Option("--stop", help="Stop background tunnels (of JOB, or all).")
+        ] = False,
+        profile: Profile = None,
+        login: Login = None,
+        accept_new_host_key: AcceptKey = False,
+    ) -> None:
+        """Forward the head's dashboard (and optionally client/GCS ports) to this machine."""
+        if stop:
+            stop_tunnels(job)
+            return
+        wanted = [p.strip() for p in ports.split(",") if p.strip()]
+        bad = [p for p in wanted if p not in access.PORT_NAMES]
+        if bad or "dashboard" not in wanted:
+            raise RaybridgeError(
+                f"--ports takes dashboard,client,gcs (dashboard always included), got {ports!r}"
+            )
+        spec = build_spec(profile, None, login, accept_new_host_key)
+        with connected(spec) as runner:
+            cluster = lib.attach(spec, runner, job)
+            info = access.ready_info(cluster)
+            if not isinstance(runner, SSHRunner):
+                raise RaybridgeError(
+                    f"no tunnel needed on the login node: the dashboard is at {info['dashboard_url']}"
+                )
+            token = access.fetch_token(cluster, info)
+        local = {"dashboard": local_port}
+        for name in wanted:
+            if name != "dashboard":
+                local[name] = access.DEFAULT_LOCAL[name] if local_port == 8265 else 0
+        from raybridge.tunnel import check_free
+
+        for port in local.values():
+            if port:
+                check_free(port)
+        if background:
+            daemonize(spec, cluster.job_dir, cluster.job_id, local, token, info)
+            return
+        fwd = access.make_forwarder(
+            spec, cluster.job_dir, local, token.read_text() if token else None, log=say
+        )
+        fwd.start()
+        print_connection(fwd, token, cluster.job_id, info["head"])
+        say("press Ctrl-C to close the tunnel")
+        try:
+            fwd.wait()
+        except KeyboardInterrupt:
+            say("tunnel closed")
+        finally:
+            fwd.stop()
+
+    @app.command("submit", context_settings={"allow_interspersed_args": False})
+    def submit_cmd(
+        command: Annotated[list[str], typer.Argument(help="Entrypoint, after --.")],
+        job: Annotated[
+            str | None, typer.Option("--job", "-j", help="Slurm job id (default: newest).")
+        ] = None,
+        working_dir: Annotated[
+            Path | None, typer.Option(help="Upload this folder as the job's working dir.")
+        ] = None,
+        follow: Annotated[
+            bool, typer.Option("--follow", "-f", help="Stream logs; exit with the job's status.")
+        ] = False,
+        profile: Profile = None,
+        login: Login = None,
+        accept_new_host_key: AcceptKey = False,
+    ) -> None:
+        """Submit a Ray job through the tunnel with Ray's Jobs API."""
+        import shlex
+
+        if working_dir is not None and not working_dir.is_dir():
+            raise RaybridgeError(f"--working-dir {working_dir} is not a folder")
+        spec = build_spec(profile, None, login, accept_new_host_key)
+        with dashboard_address(spec, job) as (address, token, _cluster):
+            client = access.jobs_client(address, token)
+            runtime_env = {"working_dir": str(working_dir)} if working_dir else None
+            ray_job = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+            say(f"submitted Ray job {ray_job}")
+            print(ray_job, flush=True)
+            if not follow:
+                return
+            status = follow_job(client, ray_job)
+        say(f"Ray job {ray_job}: {status}")
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+    @app.command("jobs")
+    def jobs_cmd(
+        job: JobArg = None,
+        profile: Profile = None,
+        login: Login = None,
+        json_out: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """List the Ray jobs of a cluster."""
+        spec = build_spec(profile, None, login)
+        with dashboard_address(spec, job) as (address, token, _):
+            rows = access.jobs_client(address, token).list_jobs()
+        recs = [
+            {
+                "id": r.submission_id or r.job_id,
+                "status": str(r.status),
+                "entrypoint": r.entrypoint,
+                "start_time": r.start_time,
+                "end_time": r.end_time,
+            }
+            for r in rows
+        ]
+        if json_out:
+            print(json.dumps(recs, indent=2))
+            return
+        if not recs:
+            print("no Ray jobs")
+        for r in recs:
+            print(f"{r['id'] or '-':32} {r['status']:10} {r['entrypoint']}")
+
+    @app.command("logs")
+    def logs_cmd(
+        job: JobArg = None,
+        follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+        ray_job: Annotated[
+            str | None, typer.Option("--ray-job", help="Show this Ray job's logs instead.")
+        ] = None,
+        profile: Profile = None,
+        login: Login = None,
+    ) -> None:
+        """The Slurm job's output (agents + driver), or a Ray job's logs with --ray-job."""
+        spec = build_spec(profile, None, login)
+        if ray_job:
+            with dashboard_address(spec, job) as (address, token, _):
+                client = access.jobs_client(address, token)
+                if follow:
+                    follow_job(client, ray_job)
+                else:
+                    try:
+                        sys.stdout.write(client.get_job_logs(ray_job))
+                    except RuntimeError as e:
+                        raise ClusterError(f"no Ray job {ray_job!r}: {str(e).splitlines()[0]}") from None
+            return
+        with connected(spec) as runner:
+            cluster = lib.attach(spec, runner, job)
+            info = cluster.job()
+            path = cluster.log_path(info)
+            if not path:
+                raise ClusterError(f"Slurm does not know job {cluster.job_id}'s output file any more")
+            if follow:
+                cluster.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            else:
+                text = runner.read_text(path)
+                if text is None:
+                    raise ClusterError(f"no output yet at {path}")
+                sys.stdout.write(text)
+
+
+def follow_job(client: Any, ray_job: str) -> str:
+    """Print a Ray job's logs as they come; return its final status."""
+    offset = 0
+    terminal = {"SUCCEEDED", "FAILED", "STOPPED"}
+    while True:
+        try:
+            status = str(client.get_job_status(ray_job)).split(".")[-1]
+            logs = client.get_job_logs(ray_job)
+        except RuntimeError as e:
+            raise ClusterError(f"no Ray job {ray_job!r}: {str(e).splitlines()[0]}") from None
+        if len(logs) > offset:
+            sys.stdout.write(logs[offset:])
+            sys.stdout.flush()
+            offset = len(logs)
+        if status in terminal:
+            return status
+        time.sleep(0.5)
+
+
+def daemonize(
+    spec: ClusterSpec,
+    job_dir: str,
+    job_id: str,
+    local: dict[str, int],
+    token: Path | None,
+    info: dict[str, Any],
+) -> None:
+    """Fork a detached tunnel; report its addresses once it listens (or its error)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r) as pipe:
+            msg = pipe.read()
+        if not msg.startswith("{"):
+            raise RaybridgeError(msg.strip() or "the background tunnel did not start")
+        rec = json.loads(msg)
+        (tunnel_dir() / f"{job_id}.json").write_text(msg)
+        say(
+            f"tunnel running in the background (pid {rec['pid']}); stop it with: raybridge tunnel --stop {job_id}"
+        )
+        fwd = Forwarder.__new__(Forwarder)  # only for printing
+        fwd.local_ports, fwd.nonce = rec["ports"], rec["nonce"]
+        print_connection(fwd, token, job_id, info["head"])
+        return
+    os.close(r)
+    os.setsid()
+    log = open(tunnel_dir() / f"{job_id}.log", "a")  # noqa: SIM115 - lives as long as the daemon
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    try:
+        fwd = access.make_forwarder(
+            spec,
+            job_dir,
+            local,
+            token.read_text() if token else None,
+            log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True),
+        )
+        fwd.start()
+        os.write(w, json.dumps({"pid": os.getpid(), "ports": fwd.local_ports, "nonce": fwd.nonce}).encode())
+        os.close(w)
+        signal.signal(signal.SIGTERM, lambda *_: fwd.stop())
+        fwd.wait()
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            os.write(w, str(e).encode())
+        os._exit(1)
+    os._exit(0)
