@@ -90,7 +90,7 @@ def manifest(runner: Runner, folder: str, hashes: bool = True) -> list[FileEntry
         for line in out.splitlines():
             digest, _, name = line.partition("  ")
             sums[name.removeprefix("./")] = digest
-    return sorted(FileEntry(p, int(s), sums.get(p, "")) for p, s in sizes.items())
+    return [FileEntry(p, int(s), sums.get(p, "")) for p, s in sorted(sizes.items())]
 
 
 def sha256_of(path: Path) -> str:

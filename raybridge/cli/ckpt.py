@@ -27,12 +27,13 @@ def human(n: float) -> str:
 
 class Bar:
     def __init__(self, label: str):
-        self.label, self.start, self.last = label, time.monotonic(), 0.0
+        self.label, self.start, self.last, self.finished = label, time.monotonic(), 0.0, False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - self.last < 0.2 and done < total:
+        if self.finished or (now - self.last < 0.2 and done < total):
             return
+        self.finished = done >= total
         self.last = now
         frac = done / total if total else 1
         rate = done / max(now - self.start, 1e-6)
