@@ -3,6 +3,7 @@ traceback unless RAYBRIDGE_DEBUG=1."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,6 +27,8 @@ def fail(message: str, code: int = 1) -> None:
 
 def run_app(app: typer.Typer) -> None:
     debug = os.environ.get("RAYBRIDGE_DEBUG") == "1"
+    # paramiko logs channel failures on its own; raybridge reports them as its one-line errors.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
         rv = app(standalone_mode=False)
     except click_exc.NoArgsIsHelpError:  # help was printed

@@ -41,8 +41,9 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
         if not isinstance(runner, SSHRunner):
             yield info["dashboard_url"], token, cluster
             return
+        # Quiet: a failure shows up as the Jobs API client's error, in one line.
         fwd = access.make_forwarder(
-            spec, cluster.job_dir, {"dashboard": 0}, token.read_text() if token else None, log=say
+            spec, cluster.job_dir, {"dashboard": 0}, token.read_text() if token else None
         )
         fwd.start()
         try:

@@ -1,0 +1,304 @@
+"""Reaching a cluster from the laptop: tunnel, browser, Ray Jobs, logs, checkpoints, reconnects."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import PYTHON, RAYBRIDGE, TESTBED
+
+pytestmark = pytest.mark.cluster
+CHROMIUM = shutil.which("chromium")
+
+HTTP = """
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1])
+if len(sys.argv) > 2:
+    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
+try:
+    print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except OSError as e:
+    print("ERR", getattr(e, "reason", e))
+"""
+
+
+@pytest.fixture(scope="module")
+def remote(testbed):
+    """One 2-node cluster, brought up from the laptop, with a background tunnel on port 18265."""
+    r = testbed.raybridge("laptop", "up", "--nodes", "2", "--profile", testbed.remote_profile)
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    assert r.returncode == 0, r.stderr + r.stdout
+    t = testbed.raybridge(
+        "laptop", "tunnel", job, "--background", "--local-port", "18265", "--profile", testbed.remote_profile
+    )
+    assert t.returncode == 0, t.stderr + t.stdout
+    exports = re.search(r"export (RAY_ADDRESS=.*)", t.stdout).group(1).split()
+    env = dict(e.split("=", 1) for e in exports)
+    login_url = re.search(r"browser +(http://\S+)", t.stdout).group(1)
+    yield {"job": job, "env": env, "login_url": login_url, "info": testbed.cluster_json(job)}
+    testbed.raybridge("laptop", "tunnel", "--stop", job)
+    testbed.raybridge("laptop", "down", job, "--profile", testbed.remote_profile)
+    testbed.wait_job_gone(job)
+
+
+def http(testbed, url, token=None):
+    return testbed.exec(
+        "laptop", PYTHON, "-c", HTTP, url, *([token] if token else []), check=True
+    ).stdout.strip()
+
+
+def test_tunnel_reaches_the_dashboard_and_direct_access_does_not(testbed, remote):
+    token = remote["env"]["RAY_AUTH_TOKEN_PATH"]
+    assert oct(os.stat(token).st_mode & 0o777) == "0o600"
+    assert http(testbed, "http://127.0.0.1:18265/api/version", token) == "200"
+    assert http(testbed, "http://127.0.0.1:18265/api/version") == "401"  # the tunnel adds no credentials
+    direct = remote["info"]["dashboard_url"] + "/api/version"
+    assert http(testbed, direct, token).startswith("ERR") and "unreachable" in http(testbed, direct, token)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test installs it as root)")
+def test_browser_signs_in_and_shows_the_nodes(testbed, remote, tmp_path):
+    profile = f"{testbed.shared}/chromium-profile"
+    shutil.rmtree(profile, ignore_errors=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=15000",
+        "--window-size=1400,900",
+    ]
+    testbed.exec("laptop", CHROMIUM, *flags, "--dump-dom", remote["login_url"], timeout=120)
+    page = "http://127.0.0.1:18265/#/cluster"
+    dom = testbed.exec("laptop", CHROMIUM, *flags, "--dump-dom", page, timeout=120).stdout
+    for node in remote["info"]["nodes"]:
+        assert node["ip"] in dom, f"node {node['ip']} not on the dashboard's cluster page"
+    shot = f"{testbed.shared}/dashboard.png"
+    testbed.exec("laptop", CHROMIUM, *flags, f"--screenshot={shot}", page, timeout=120)
+    assert Path(shot).stat().st_size > 10_000
+
+
+def test_plain_ray_job_submit_through_the_tunnel(testbed, remote):
+    env = [f"{k}={v}" for k, v in remote["env"].items()]
+    ray = str(Path(RAYBRIDGE).with_name("ray"))
+    ok = testbed.exec(
+        "laptop", "env", *env, ray, "job", "submit", "--", "python", "-c", "print(6 * 7)", timeout=180
+    )
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert "succeeded" in ok.stdout + ok.stderr and "42" in ok.stdout
+    no_token = testbed.exec(
+        "laptop",
+        "env",
+        f"RAY_ADDRESS={remote['env']['RAY_ADDRESS']}",
+        ray,
+        "job",
+        "submit",
+        "--",
+        "true",
+        timeout=120,
+    )
+    assert no_token.returncode != 0
+    assert "token" in (no_token.stdout + no_token.stderr).lower()
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_raybridge_submit_follow_returns_the_job_status(testbed, remote, code):
+    wd = Path(testbed.shared) / f"wd-{code}"
+    wd.mkdir(exist_ok=True)
+    (wd / "job.py").write_text(
+        "import sys\nfor i in range(3): print('step', i, flush=True)\nsys.exit(int(sys.argv[1]))\n"
+    )
+    r = testbed.raybridge(
+        "laptop",
+        "submit",
+        "--job",
+        remote["job"],
+        "--working-dir",
+        str(wd),
+        "--follow",
+        "--profile",
+        testbed.remote_profile,
+        "--",
+        "python",
+        "job.py",
+        str(code),
+    )
+    assert r.returncode == (0 if code == 0 else 1), r.stderr + r.stdout
+    assert "step 2" in r.stdout
+    assert ("SUCCEEDED" if code == 0 else "FAILED") in r.stderr
+    ray_job = r.stdout.split()[0]
+    listing = testbed.raybridge(
+        "laptop", "jobs", remote["job"], "--json", "--profile", testbed.remote_profile
+    )
+    assert ray_job in {j["id"] for j in json.loads(listing.stdout)}
+    logs = testbed.raybridge(
+        "laptop", "logs", remote["job"], "--ray-job", ray_job, "--profile", testbed.remote_profile
+    )
+    assert "step 1" in logs.stdout
+
+
+def test_slurm_logs(testbed, remote):
+    r = testbed.raybridge("laptop", "logs", remote["job"], "--profile", testbed.remote_profile)
+    assert r.returncode == 0 and "cluster ready" in r.stdout
+
+
+def sshd_sessions():
+    main = Path("/srv/rbtb/state/pids/sshd.pid").read_text().strip()
+    return [p for p in psutil.Process(int(main)).children(recursive=True)]
+
+
+def test_tunnel_reconnects_after_the_ssh_connection_dies(testbed, remote):
+    token = remote["env"]["RAY_AUTH_TOKEN_PATH"]
+    log = Path.home() / ".cache" / "raybridge" / "tunnels" / f"{remote['job']}.log"
+    before = log.read_text().count("reconnected") if log.exists() else 0
+    victims = sshd_sessions()
+    assert victims, "the tunnel's SSH session should be visible on the login node"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while log.read_text().count("reconnected") <= before:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    assert http(testbed, "http://127.0.0.1:18265/api/version", token) == "200"
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
+    run = Path(testbed.shared) / "raybridge" / "runs" / "pull-test"
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "checkpoint_000000").mkdir(parents=True)
+    (run / "checkpoint_000001" / "shards").mkdir(parents=True)
+    (run / "checkpoint_000000" / "model.pt").write_bytes(os.urandom(1000))
+    (run / "checkpoint_000001" / "meta.json").write_text('{"epoch": 2}')
+    for i in range(3):
+        (run / "checkpoint_000001" / "shards" / f"s{i}.bin").write_bytes(os.urandom(120_000_000))
+    dest = Path(testbed.shared) / "pulled"
+    shutil.rmtree(dest, ignore_errors=True)
+    ls = testbed.raybridge("laptop", "checkpoints", "ls", "pull-test", "--profile", testbed.remote_profile)
+    assert "checkpoint_000001" in ls.stdout and "4 files" in ls.stdout
+    # Interrupt a pull part-way: nothing may look complete.
+    cmd = [
+        TESTBED,
+        "exec",
+        "laptop",
+        "--",
+        RAYBRIDGE,
+        "checkpoints",
+        "pull",
+        "pull-test",
+        str(dest),
+        "--latest",
+        "--profile",
+        testbed.remote_profile,
+    ]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = dest / ".partial-checkpoint_000001"
+    deadline = time.monotonic() + 60
+    while (
+        not any(partial.rglob("s0.bin*"))
+        or sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) < 50e6
+    ):
+        assert time.monotonic() < deadline and p.poll() is None, (
+            "pull finished before it could be interrupted"
+        )
+        time.sleep(0.05)
+    for proc in psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]:
+        proc.kill()
+    p.wait()
+    assert not (dest / "checkpoint_000001").exists()
+    assert partial.exists()
+    r = testbed.raybridge(
+        "laptop",
+        "checkpoints",
+        "pull",
+        "pull-test",
+        str(dest),
+        "--profile",
+        testbed.remote_profile,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "sha256 verified" in r.stderr
+    assert not partial.exists()
+    for f in (run / "checkpoint_000001").rglob("*"):
+        if f.is_file():
+            copy = dest / "checkpoint_000001" / f.relative_to(run / "checkpoint_000001")
+            assert sha256(copy) == sha256(f)
+    again = testbed.raybridge(
+        "laptop",
+        "checkpoints",
+        "pull",
+        "pull-test",
+        str(dest),
+        "--name",
+        "checkpoint_000001",
+        "--profile",
+        testbed.remote_profile,
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+    shutil.rmtree(run)
+    shutil.rmtree(dest)
+
+
+def one_line(r):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raybridge: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_bad_input(testbed, remote):
+    prof = ["--profile", testbed.remote_profile]
+    assert "no such job: 99999" in one_line(testbed.raybridge("laptop", "tunnel", "99999", *prof))
+    assert "not a Slurm job id" in one_line(testbed.raybridge("laptop", "tunnel", "12;rm", *prof))
+    busy = one_line(testbed.raybridge("laptop", "tunnel", remote["job"], "--local-port", "18265", *prof))
+    assert "local port 18265 is in use" in busy
+    assert "no Ray job 'nope'" in one_line(
+        testbed.raybridge("laptop", "logs", remote["job"], "--ray-job", "nope", *prof)
+    )
+    missing = testbed.raybridge(
+        "laptop", "checkpoints", "pull", "missing-run", "/tmp/x", "--name", "x", *prof
+    )
+    assert "no run folder" in one_line(missing)
+
+
+def test_finished_job_and_dead_dashboard(testbed, remote):
+    prof = ["--profile", testbed.remote_profile]
+    done = testbed.raybridge("laptop", "run", "--nodes", "1", "--partition", "shared", *prof, "--", "true")
+    finished = re.search(r"submitted job (\d+)", done.stderr).group(1)
+    testbed.wait_job_gone(finished)
+    assert re.search(
+        r"job \d+ is (not running|gone)", one_line(testbed.raybridge("laptop", "tunnel", finished, *prof))
+    )
+    # Kill the dashboard of the module's cluster (this test runs last in the module).
+    dash = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "dashboard.py" in " ".join(p.info["cmdline"] or [])
+        and p.environ().get("RAYBRIDGE_JOB_ID") == remote["job"]
+    ]
+    assert dash
+    for p in dash:
+        p.kill()
+    psutil.wait_procs(dash, timeout=10)
+    msg = one_line(testbed.raybridge("laptop", "jobs", remote["job"], *prof))
+    assert "did not answer" in msg or "refused" in msg
