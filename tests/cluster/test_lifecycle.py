@@ -138,3 +138,19 @@ def test_hostile_input_submits_nothing(testbed, args):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("raybridge: error: ")
     assert "Traceback" not in r.stderr
     assert testbed.squeue_ids() == before
+
+
+def test_failing_job_reports_its_log_and_is_cancelled(testbed):
+    path = f"{testbed.shared}/broken-setup.yaml"
+    text = (
+        open(testbed.local_profile)
+        .read()
+        .replace("setup:\n", "setup:\n  - echo 'module load: cuda/99 not found' >&2; exit 3\n")
+    )
+    open(path, "w").write(text)
+    r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", path, timeout=180)
+    job = job_id_from(r.stderr)
+    assert r.returncode == 1
+    assert f"raybridge: error: cluster {job} failed: job ended (FAILED" in r.stderr
+    assert "module load: cuda/99 not found" in r.stderr  # the tail of the job's log
+    assert job not in testbed.squeue_ids()

@@ -98,3 +98,16 @@ def test_wrong_client_key(testbed):
     path = profile_variant(testbed, "remote-wrong-client-key", identity_file=key)
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert "authentication to root@10.213.0.3 failed" in one_line_error(r)
+
+
+def test_ssh_config_alias_is_honoured(testbed):
+    # `login` exists only as a Host alias in the test bed's ssh_config (HostName, User, IdentityFile).
+    path = f"{testbed.shared}/remote-alias.yaml"
+    text = open(testbed.remote_profile).read().split("login:")[0]
+    open(path, "w").write(
+        text + "login:\n  host: login\n"
+        f"  ssh_config: {testbed.env['RAYBRIDGE_TESTBED_SSH_CONFIG']}\n"
+        f"  known_hosts: {testbed.env['RAYBRIDGE_TESTBED_KNOWN_HOSTS']}\n"
+    )
+    r = testbed.raybridge("laptop", "status", "--profile", path)
+    assert r.returncode == 0, r.stderr
