@@ -145,7 +145,7 @@ def test_failing_job_reports_its_log_and_is_cancelled(testbed):
     text = (
         open(testbed.local_profile)
         .read()
-        .replace("setup:\n", "setup:\n  - echo 'module load: cuda/99 not found' >&2; exit 3\n")
+        .replace("setup:\n", "setup:\n  - \"echo 'module load: cuda/99 not found' >&2; exit 3\"\n")
     )
     open(path, "w").write(text)
     r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", path, timeout=180)
