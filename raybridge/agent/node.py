@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,14 @@ class Agent:
         self.resources = res
         return cmd + self.cfg.ray_args
 
-    def start_ray(self, iface: netinfo.Iface, head: dict[str, Any] | None) -> ports.PortPlan:
+    def start_ray(
+        self,
+        iface: netinfo.Iface,
+        head: dict[str, Any] | None,
+        on_gcs_up: Callable[[ports.PortPlan], None] | None = None,
+    ) -> ports.PortPlan:
+        """Run `ray start`. on_gcs_up fires as soon as the GCS accepts connections (head only):
+        workers can then join while the head is still starting its dashboard and agents."""
         plan = ports.choose_plan(self.cfg.job_id, iface.ip)
         cmd = self.ray_command(iface, plan, head)
         env = self.ray_env(iface)
@@ -166,9 +173,16 @@ class Agent:
             f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
         )
         with open(logfile, "a") as out:
-            rc = subprocess.run(
+            proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            ).returncode
+            )
+            while (rc := proc.poll()) is None:
+                if on_gcs_up and port_open(iface.ip, plan.gcs):
+                    on_gcs_up(plan)
+                    on_gcs_up = None
+                time.sleep(0.05)
+        if rc == 0 and on_gcs_up:
+            on_gcs_up(plan)
         if rc != 0:
             tail = logfile.read_text().strip().splitlines()[-5:]
             raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: " + " | ".join(tail))
@@ -197,16 +211,15 @@ class Agent:
 
     def head(self) -> int:
         iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
-        plan = self.start_ray(iface, None)
+        head: dict[str, Any] = {"ip": iface.ip, "hostname": self.host, "interface": iface.name}
+
+        def publish(plan: ports.PortPlan) -> None:  # the rendezvous: workers start joining now
+            head.update(ports=plan.as_dict(), gcs_up_at=ci.now())
+            ci.write_json(self.cfg.job_dir / ci.HEAD, head)
+
+        plan = self.start_ray(iface, None, on_gcs_up=publish)
         head_up = ci.now()
-        head = {
-            "ip": iface.ip,
-            "hostname": self.host,
-            "interface": iface.name,
-            "ports": plan.as_dict(),
-            "up_at": head_up,
-        }
-        ci.write_json(self.cfg.job_dir / ci.HEAD, head)
+        head["up_at"] = head_up
         self.write_node(iface, plan)
         self.log(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.cfg.nodes} nodes")
         self.update_cluster(
@@ -380,6 +393,12 @@ def marked_processes(job_id: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
 
 
 def reap() -> None:
