@@ -20,6 +20,20 @@ RAYBRIDGE = str(REPO / ".venv" / "bin" / "raybridge")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
+HTTP_PROBE = """
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1])
+if len(sys.argv) > 2:
+    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
+try:
+    print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except OSError as e:
+    print("ERR", getattr(e, "reason", e))
+"""
+
+
 class Testbed:
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -42,6 +56,11 @@ class Testbed:
 
     def raybridge(self, host: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self.exec(host, RAYBRIDGE, *args, timeout=timeout)
+
+    def http(self, host: str, url: str, token_path: str | None = None) -> str:
+        """GET url from host (optionally with the bearer token in token_path): status code or ERR reason."""
+        args = [url] + ([token_path] if token_path else [])
+        return self.exec(host, PYTHON, "-c", HTTP_PROBE, *args, check=True).stdout.strip()
 
     def squeue_ids(self) -> list[str]:
         return self.exec("login", "squeue", "-h", "-o", "%i", check=True).stdout.split()

@@ -65,6 +65,46 @@ def connected(spec: ClusterSpec) -> Iterator[Runner]:
         runner.close()
 
 
+def slurm_overrides(
+    nodes: int | None,
+    partition: str | None,
+    time: str | None,
+    account: str | None,
+    qos: str | None,
+    gpus_per_node: int | None,
+    cpus_per_node: int | None,
+    mem: str | None,
+    job_name: str | None,
+    sbatch_arg: list[str] | None,
+) -> dict[str, Any]:
+    """CLI flags → profile keys (None = not given, the profile decides)."""
+    return {
+        "nodes": nodes,
+        "partition": partition,
+        "time": time,
+        "account": account,
+        "qos": qos,
+        "gpus_per_node": gpus_per_node,
+        "cpus_per_node": cpus_per_node,
+        "memory_per_node": mem,
+        "job_name": job_name,
+        "sbatch_args": sbatch_arg,
+    }
+
+
+@contextlib.contextmanager
+def submitted(spec: ClusterSpec, runner: Runner) -> Iterator[lib.Cluster]:
+    """Submit; on Ctrl-C cancel the job so no allocation is left behind."""
+    c = lib.submit(spec, runner)
+    say(f"submitted job {c.job_id} ({spec.nodes} nodes) on {runner.host or 'this host'}")
+    try:
+        yield c
+    except KeyboardInterrupt:
+        say(f"interrupted: cancelling job {c.job_id}")
+        c.slurm.cancel(c.job_id)
+        raise
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -118,16 +158,9 @@ def register(app: typer.Typer) -> None:
         spec = build_spec(
             profile,
             command or None,
-            nodes=nodes,
-            partition=partition,
-            time=time,
-            account=account,
-            qos=qos,
-            gpus_per_node=gpus_per_node,
-            cpus_per_node=cpus_per_node,
-            memory_per_node=mem,
-            job_name=job_name,
-            sbatch_args=sbatch_arg,
+            **slurm_overrides(
+                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
+            ),
         )
         if spec.shared_dir.startswith("~"):
             spec = spec.with_home(str(Path.home()))
@@ -165,26 +198,12 @@ def register(app: typer.Typer) -> None:
             None,
             login,
             accept_new_host_key,
-            nodes=nodes,
-            partition=partition,
-            time=time,
-            account=account,
-            qos=qos,
-            gpus_per_node=gpus_per_node,
-            cpus_per_node=cpus_per_node,
-            memory_per_node=mem,
-            job_name=job_name,
-            sbatch_args=sbatch_arg,
+            **slurm_overrides(
+                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
+            ),
         )
-        with connected(spec) as runner:
-            c = lib.submit(spec, runner)
-            say(f"submitted job {c.job_id} ({spec.nodes} nodes) on {runner.host or 'this host'}")
-            try:
-                info = c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
-            except KeyboardInterrupt:
-                say(f"interrupted: cancelling job {c.job_id}")
-                c.slurm.cancel(c.job_id)
-                raise
+        with connected(spec) as runner, submitted(spec, runner) as c:
+            info = c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
             if json_out:
                 print(json.dumps(lib.status_record(c), indent=2, sort_keys=True))
             else:
@@ -215,28 +234,14 @@ def register(app: typer.Typer) -> None:
             command,
             login,
             accept_new_host_key,
-            nodes=nodes,
-            partition=partition,
-            time=time,
-            account=account,
-            qos=qos,
-            gpus_per_node=gpus_per_node,
-            cpus_per_node=cpus_per_node,
-            memory_per_node=mem,
-            job_name=job_name,
-            sbatch_args=sbatch_arg,
+            **slurm_overrides(
+                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
+            ),
         )
-        with connected(spec) as runner:
-            c = lib.submit(spec, runner)
-            say(f"submitted job {c.job_id} ({spec.nodes} nodes) on {runner.host or 'this host'}")
-            try:
-                c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
-                say(f"cluster ready; running: {' '.join(command)}")
-                job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-            except KeyboardInterrupt:
-                say(f"interrupted: cancelling job {c.job_id}")
-                c.slurm.cancel(c.job_id)
-                raise
+        with connected(spec) as runner, submitted(spec, runner) as c:
+            c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
+            say(f"cluster ready; running: {' '.join(command)}")
+            job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
             code = job.exit_code if job and job.exit_code is not None else 1
             say(f"job {c.job_id} finished: {job.slurm_state if job else 'unknown'}, exit code {code}")
             raise typer.Exit(code)

@@ -13,23 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import PYTHON, RAYBRIDGE, TESTBED
+from tests.conftest import RAYBRIDGE, TESTBED
 
 pytestmark = pytest.mark.cluster
 CHROMIUM = shutil.which("chromium")
-
-HTTP = """
-import sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1])
-if len(sys.argv) > 2:
-    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
-try:
-    print(urllib.request.urlopen(req, timeout=10).status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-except OSError as e:
-    print("ERR", getattr(e, "reason", e))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +39,7 @@ def remote(testbed):
 
 
 def http(testbed, url, token=None):
-    return testbed.exec(
-        "laptop", PYTHON, "-c", HTTP, url, *([token] if token else []), check=True
-    ).stdout.strip()
+    return testbed.http("laptop", url, token)
 
 
 def test_tunnel_reaches_the_dashboard_and_direct_access_does_not(testbed, remote):

@@ -20,17 +20,6 @@ except Exception as e:
     print("REFUSED", type(e).__name__, str(e).splitlines()[0][:120])
 """
 
-HTTP_PROBE = """
-import sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1] + "/api/version")
-if len(sys.argv) > 2:
-    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
-try:
-    print(urllib.request.urlopen(req, timeout=10).status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-"""
-
 
 def probe_gcs(testbed, address, token_path):
     env = ["env", "RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN_PATH={token_path}"]
@@ -38,8 +27,7 @@ def probe_gcs(testbed, address, token_path):
 
 
 def http(testbed, url, token_path=None):
-    args = [url] + ([token_path] if token_path else [])
-    return int(testbed.exec("login", PYTHON, "-c", HTTP_PROBE, *args, check=True).stdout.strip())
+    return int(testbed.http("login", url, token_path))
 
 
 def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testbed):
