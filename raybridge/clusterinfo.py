@@ -22,6 +22,7 @@ HEAD = "head.json"
 NODES = "nodes"
 CLUSTER = "cluster.json"
 STOP = "stop"
+PREEMPT = "preempt"  # Slurm warned of the time limit / preemption: training should checkpoint now
 
 
 def now() -> float:

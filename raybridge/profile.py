@@ -118,9 +118,18 @@ class ClusterSpec:
     object_store_fraction: float = 0.3
     ready_timeout: int = 300
     auth: bool = True
+    spare_nodes: int = 0
+    signal_seconds: int | None = None
+    requeue: bool = False
+    max_requeues: int = 3
     command: tuple[str, ...] = ()
     login: LoginSpec | None = None
     profile: str = "(none)"
+
+    @property
+    def total_nodes(self) -> int:
+        """Nodes to allocate: the training nodes plus hot spares."""
+        return self.nodes + self.spare_nodes
 
     @property
     def jobs_dir(self) -> str:
@@ -255,6 +264,10 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         object_store_fraction=v.fraction("object_store_fraction", values.get("object_store_fraction", 0.3)),
         ready_timeout=v.integer("ready_timeout", values.get("ready_timeout", 300), minimum=10, maximum=86400),
         auth=v.boolean("auth", values.get("auth", True)),
+        spare_nodes=v.integer("spare_nodes", values.get("spare_nodes", 0), minimum=0, maximum=1000),
+        signal_seconds=v.optional_integer("signal_seconds", values.get("signal_seconds"), 10),
+        requeue=v.boolean("requeue", values.get("requeue", False)),
+        max_requeues=v.integer("max_requeues", values.get("max_requeues", 3), minimum=0, maximum=100),
         command=tuple(v.line("command", c) for c in v.str_list("command", values.get("command"))),
         login=v.login(login) if login is not None else None,
     )

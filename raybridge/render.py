@@ -13,21 +13,44 @@ TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 UP_BODY = """
+# Slurm signals USR1 before the time limit (--signal): training jobs see raybridge.train.preempted().
+trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/preempt"' USR1
 # Keep the cluster until `raybridge down`, the time limit or scancel.
-wait "$agents"
+set +e
+while :; do  # `wait` returns early when a trap runs; keep waiting for the agents
+  wait "$agents"
+  rc=$?
+  kill -0 "$agents" 2>/dev/null || break
+done
+exit "$rc"
 """
 
 RUN_BODY = """
 # Wait until every node has joined, then run the driver on the head node (this node).
 eval "$({python} -m raybridge.agent wait-ready "$agents")"   # exports RAY_ADDRESS + auth settings
+
+# Slurm signals USR1 before the time limit or on preemption (--signal): the training saves at once
+# (raybridge.train.preempted()), then the job is requeued and the same run resumes.
+trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/preempt"' USR1
 set +e
-{command}
-rc=$?
+{command} &
+driver=$!
+while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
+  wait "$driver"
+  rc=$?
+  kill -0 "$driver" 2>/dev/null || break
+done
 set -e
 echo "raybridge: driver exited with code $rc"
 {python} -m raybridge.agent stop
 wait "$agents" || true
-exit "$rc"
+{requeue}exit "$rc"
+"""
+
+REQUEUE = """if [ -e "$RAYBRIDGE_JOB_DIR/preempt" ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
+  echo "raybridge: requeueing job $SLURM_JOB_ID (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of {max_requeues})"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
 """
 
 
@@ -51,7 +74,7 @@ def directives(spec: ClusterSpec) -> list[str]:
     """#SBATCH lines. Values were validated to a safe character set by the profile layer."""
     d = [
         f"--job-name={spec.job_name}",
-        f"--nodes={spec.nodes}",
+        f"--nodes={spec.total_nodes}",
         "--ntasks-per-node=1",
     ]
     if spec.cpus_per_node:
@@ -67,6 +90,12 @@ def directives(spec: ClusterSpec) -> list[str]:
             d.append(f"--{opt}={getattr(spec, opt)}")
     if spec.exclusive:
         d.append("--exclusive")
+    if spec.spare_nodes:
+        d.append("--no-kill")  # a failed node must not end the allocation: the spares take over
+    if spec.signal_seconds:
+        d.append(f"--signal=B:USR1@{spec.signal_seconds}")  # time to checkpoint before the end
+    if spec.requeue:
+        d += ["--requeue", "--open-mode=append"]  # one log across restarts
     d.append("--comment=raybridge")
     d.extend(spec.sbatch_args)
     return [f"#SBATCH {x}" for x in d]
@@ -76,7 +105,9 @@ def exports(spec: ClusterSpec) -> list[str]:
     q = shlex.quote
     pairs = [
         ("RAYBRIDGE_JOB_DIR", f'{q(spec.jobs_dir)}/"$SLURM_JOB_ID"'),
-        ("RAYBRIDGE_NODES", q(str(spec.nodes))),
+        ("RAYBRIDGE_SHARED_DIR", q(spec.shared_dir)),
+        ("RAYBRIDGE_NODES", q(str(spec.total_nodes))),
+        ("RAYBRIDGE_TRAIN_WORKERS", q(str(spec.nodes))),
         ("RAYBRIDGE_INTERFACE", q(",".join(spec.interface))),
         ("RAYBRIDGE_NODE_TMP", q(spec.node_tmp)),
         ("RAYBRIDGE_READY_TIMEOUT", q(str(spec.ready_timeout))),
@@ -84,6 +115,8 @@ def exports(spec: ClusterSpec) -> list[str]:
         ("RAYBRIDGE_OBJECT_STORE_FRACTION", q(str(spec.object_store_fraction))),
         ("RAYBRIDGE_RAY_ARGS", q(shlex.join(spec.ray_args))),
     ]
+    if spec.cpus_per_node:
+        pairs.append(("RAYBRIDGE_CPUS_PER_WORKER", q(str(spec.cpus_per_node))))
     if spec.gpus_per_node is not None:
         pairs.append(("RAYBRIDGE_GPUS_PER_NODE", q(str(spec.gpus_per_node))))
     if spec.nccl_ib_hca:
@@ -97,7 +130,12 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
     if version is None:
         from raybridge import __version__ as version
     python = shlex.quote(spec.python)
-    body = RUN_BODY.format(python=python, command=shlex.join(spec.command)) if spec.command else UP_BODY
+    requeue = REQUEUE.format(max_requeues=spec.max_requeues) if spec.requeue else ""
+    body = (
+        RUN_BODY.format(python=python, command=shlex.join(spec.command), requeue=requeue)
+        if spec.command
+        else UP_BODY
+    )
     return fill(
         _template(),
         {

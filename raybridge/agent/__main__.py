@@ -24,7 +24,7 @@ def prepare(cfg: AgentConfig) -> int:
     cfg.job_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(cfg.job_dir, 0o700)
     # A requeued job keeps its id and folder: drop the previous start's rendezvous state.
-    for stale in (ci.HEAD, ci.STOP, ci.TOKEN):
+    for stale in (ci.HEAD, ci.STOP, ci.TOKEN, ci.PREEMPT):
         (cfg.job_dir / stale).unlink(missing_ok=True)
     shutil.rmtree(cfg.job_dir / ci.NODES, ignore_errors=True)
     (cfg.job_dir / ci.NODES).mkdir()

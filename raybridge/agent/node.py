@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,6 +129,8 @@ class Agent:
             f"--num-cpus={res.cpus}",
             f"--num-gpus={len(res.gpu_ids)}",
             f"--object-store-memory={res.object_store_bytes}",
+            # Task/actor heap: what Slurm granted minus the object store (Ray would assume the whole node).
+            f"--memory={max(res.memory_bytes - res.object_store_bytes, 1 << 28)}",
             f"--node-manager-port={plan.node_manager}",
             f"--object-manager-port={plan.object_manager}",
             f"--metrics-export-port={plan.metrics}",
@@ -210,6 +213,8 @@ class Agent:
             self.teardown()
 
     def head(self) -> int:
+        # Import Ray's GCS client while `ray start` runs, not after: it takes about a second.
+        threading.Thread(target=GcsView.preload, daemon=True).start()
         iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
         head: dict[str, Any] = {"ip": iface.ip, "hostname": self.host, "interface": iface.name}
 
@@ -233,16 +238,17 @@ class Agent:
         gcs = GcsView(f"{iface.ip}:{plan.gcs}")
         deadline = time.monotonic() + self.cfg.ready_timeout
         while True:
+            # Ready = every raylet registered and alive in the GCS (what `ray.nodes()` reports).
             alive = gcs.alive_count()
-            joined = len(list((self.cfg.job_dir / ci.NODES).glob("*.json")))
-            if alive >= self.cfg.nodes and joined >= self.cfg.nodes:
+            if alive >= self.cfg.nodes:
                 break
             if self.stop_requested():
                 return 0
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
-                    f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)"
+                    f"{self.cfg.ready_timeout:.0f}s ({len(list((self.cfg.job_dir / ci.NODES).glob('*.json')))} "
+                    "agents reported)"
                 )
             time.sleep(0.2)
         self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
@@ -416,9 +422,13 @@ class GcsView:
     """Node table from the head's GCS (uses the auth token from the environment)."""
 
     def __init__(self, address: str):
+        self.client = self.preload()(address=address)
+
+    @staticmethod
+    def preload() -> Any:
         from ray._raylet import GcsClient  # the client `ray status` uses; imported only on the head
 
-        self.client = GcsClient(address=address)
+        return GcsClient
 
     def nodes(self) -> list[dict[str, Any]]:
         try:

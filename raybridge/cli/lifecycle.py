@@ -37,6 +37,17 @@ Login = Annotated[
 AcceptKey = Annotated[
     bool, typer.Option("--accept-new-host-key", help="Trust and record an unknown host key.")
 ]
+Spare = Annotated[
+    int | None, typer.Option("--spare-nodes", help="Extra nodes that take over when one fails.")
+]
+SignalBefore = Annotated[
+    int | None,
+    typer.Option("--signal-before", help="Seconds before the time limit to ask training to checkpoint."),
+]
+Requeue = Annotated[
+    bool | None,
+    typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the cluster (0 = no limit).")]
 
@@ -65,31 +76,27 @@ def connected(spec: ClusterSpec) -> Iterator[Runner]:
         runner.close()
 
 
-def slurm_overrides(
-    nodes: int | None,
-    partition: str | None,
-    time: str | None,
-    account: str | None,
-    qos: str | None,
-    gpus_per_node: int | None,
-    cpus_per_node: int | None,
-    mem: str | None,
-    job_name: str | None,
-    sbatch_arg: list[str] | None,
-) -> dict[str, Any]:
-    """CLI flags → profile keys (None = not given, the profile decides)."""
-    return {
-        "nodes": nodes,
-        "partition": partition,
-        "time": time,
-        "account": account,
-        "qos": qos,
-        "gpus_per_node": gpus_per_node,
-        "cpus_per_node": cpus_per_node,
-        "memory_per_node": mem,
-        "job_name": job_name,
-        "sbatch_args": sbatch_arg,
-    }
+# CLI flag → profile key, for the flags that override a profile.
+FLAG_KEYS = {
+    "nodes": "nodes",
+    "partition": "partition",
+    "time": "time",
+    "account": "account",
+    "qos": "qos",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_node": "cpus_per_node",
+    "mem": "memory_per_node",
+    "job_name": "job_name",
+    "sbatch_arg": "sbatch_args",
+    "spare_nodes": "spare_nodes",
+    "signal_before": "signal_seconds",
+    "requeue": "requeue",
+}
+
+
+def slurm_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """A command's parameters → profile overrides (None = not given, the profile decides)."""
+    return {key: params[flag] for flag, key in FLAG_KEYS.items() if flag in params}
 
 
 @contextlib.contextmanager
@@ -149,6 +156,9 @@ def register(app: typer.Typer) -> None:
         mem: Mem = None,
         job_name: JobName = None,
         sbatch_arg: SbatchArg = None,
+        spare_nodes: Spare = None,
+        signal_before: SignalBefore = None,
+        requeue: Requeue = None,
         output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
         command: Annotated[
             list[str] | None, typer.Argument(help="Driver command (batch mode), after --.")
@@ -158,9 +168,7 @@ def register(app: typer.Typer) -> None:
         spec = build_spec(
             profile,
             command or None,
-            **slurm_overrides(
-                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
-            ),
+            **slurm_overrides(locals()),
         )
         if spec.shared_dir.startswith("~"):
             spec = spec.with_home(str(Path.home()))
@@ -187,6 +195,9 @@ def register(app: typer.Typer) -> None:
         mem: Mem = None,
         job_name: JobName = None,
         sbatch_arg: SbatchArg = None,
+        spare_nodes: Spare = None,
+        signal_before: SignalBefore = None,
+        requeue: Requeue = None,
         login: Login = None,
         accept_new_host_key: AcceptKey = False,
         json_out: Json = False,
@@ -198,9 +209,7 @@ def register(app: typer.Typer) -> None:
             None,
             login,
             accept_new_host_key,
-            **slurm_overrides(
-                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
-            ),
+            **slurm_overrides(locals()),
         )
         with connected(spec) as runner, submitted(spec, runner) as c:
             info = c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
@@ -223,6 +232,9 @@ def register(app: typer.Typer) -> None:
         mem: Mem = None,
         job_name: JobName = None,
         sbatch_arg: SbatchArg = None,
+        spare_nodes: Spare = None,
+        signal_before: SignalBefore = None,
+        requeue: Requeue = None,
         login: Login = None,
         accept_new_host_key: AcceptKey = False,
         timeout: Timeout = 900,
@@ -234,9 +246,7 @@ def register(app: typer.Typer) -> None:
             command,
             login,
             accept_new_host_key,
-            **slurm_overrides(
-                nodes, partition, time, account, qos, gpus_per_node, cpus_per_node, mem, job_name, sbatch_arg
-            ),
+            **slurm_overrides(locals()),
         )
         with connected(spec) as runner, submitted(spec, runner) as c:
             c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))

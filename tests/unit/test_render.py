@@ -31,6 +31,16 @@ CASES = {
         "sbatch_args": ["--constraint=ib"],
         "ray_args": ["--log-style=record"],
     },
+    "fault-tolerant": {
+        "nodes": 4,
+        "spare_nodes": 1,
+        "time": "4:00:00",
+        "signal_seconds": 300,
+        "requeue": True,
+        "max_requeues": 5,
+        "shared_dir": "/shared/rb",
+        "command": ["python", "train.py"],
+    },
     "batch-hostile": {
         "nodes": 2,
         "shared_dir": "/shared/my dir/it's",
@@ -83,6 +93,17 @@ def test_directives_only_contain_validated_values():
     assert "#SBATCH --nodes=8" in lines and "#SBATCH --exclusive" in lines
     assert "#SBATCH --gpus-per-node=4" in lines and "#SBATCH --constraint=ib" in lines
     assert all("\n" not in x for x in lines)
+
+
+def test_spares_signal_and_requeue():
+    spec = build_spec(dict(CASES["fault-tolerant"]))
+    text = render(spec)
+    assert "#SBATCH --nodes=5" in text and "#SBATCH --no-kill" in text
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
+    assert "export RAYBRIDGE_TRAIN_WORKERS=4" in text and "export RAYBRIDGE_NODES=5" in text
+    assert "-lt 5 ]; then" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    plain = render(build_spec({"nodes": 2, "command": ["true"]}))
+    assert "#SBATCH --signal" not in plain and "scontrol requeue" not in plain and "--no-kill" not in plain
 
 
 def test_fill_refuses_missing_or_unused_values():

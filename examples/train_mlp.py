@@ -1,0 +1,138 @@
+"""A small but real distributed training job: an MLP learns a fixed random function (synthetic data),
+DDP over Ray Train workers (gloo on CPU, NCCL on GPU), checkpoint every `every` steps.
+
+    raybridge run --nodes 3 -- python examples/train_mlp.py --steps 300 --every 50
+
+It survives a lost node (Ray Train restarts the worker group from the newest checkpoint) and a time
+limit / preemption (saves at once, the job is requeued, the same run resumes). At the end it prints one
+JSON line starting with RESULT: final step, steps redone, restores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from raybridge import train as rbt
+
+
+def make_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, 1, generator=g)
+    return x, torch.sin(x @ w) + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def train_loop(config: dict) -> None:
+    torch.manual_seed(0)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = ray.train.torch.prepare_model(
+        nn.Sequential(
+            nn.Linear(config["dim"], 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1)
+        )
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    progress = Path(rbt.storage_path()) / rbt.run_name() / "progress.json"  # survives restarts
+    state = rbt.load()
+    start, history = 0, {"redone": 0, "restores": 0, "starts": []}
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        history["restores"] += 1
+        reached = json.loads(progress.read_text())["high_water"] if progress.exists() else start
+        history["redone"] += max(0, reached - start)  # steps done after the checkpoint, lost
+        if rank == 0:
+            print(f"resumed from step {start} ({max(0, reached - start)} steps redone)", flush=True)
+    history["starts"].append(start)
+    if rank == 0:
+        progress.parent.mkdir(parents=True, exist_ok=True)
+    # Where this attempt's workers run (tests check that a spare node took over).
+    hosts = progress.parent / "hosts"
+    hosts.mkdir(parents=True, exist_ok=True)
+    (hosts / f"attempt{history['restores']}-rank{rank}").write_text(socket.gethostname())
+    x, y = make_data(config["samples"], config["dim"], seed=1)
+    shard = slice(rank, None, world)  # each worker its own slice of the data
+    x, y = x[shard], y[shard]
+    batch = config["batch"]
+    loss_fn = nn.MSELoss()
+    t0, done = time.perf_counter(), 0
+    for step in range(start, config["steps"]):
+        i = (step * batch) % max(1, len(x) - batch)
+        opt.zero_grad()
+        loss = loss_fn(model(x[i : i + batch]), y[i : i + batch])
+        loss.backward()
+        opt.step()
+        done += 1
+        if rank == 0:
+            tmp = progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"high_water": step + 1}))
+            os.replace(tmp, progress)
+        if config.get("step_sleep"):
+            time.sleep(config["step_sleep"])  # lets tests act part-way on a fast machine
+        last = step + 1 == config["steps"]
+        if (step + 1) % config["every"] == 0 or last or rbt.preempted():
+            elapsed = time.perf_counter() - t0
+            rbt.save(
+                {
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "history": history,
+                },
+                {
+                    "loss": float(loss),
+                    "samples_per_s": done * batch * world / max(elapsed, 1e-9),
+                    "restores": history["restores"],
+                    "redone": history["redone"],
+                },
+            )
+            t0, done = time.perf_counter(), 0
+            if rbt.preempted() and not last:
+                return
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=50, help="checkpoint interval in steps")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--max-failures", type=int, default=3)
+    ap.add_argument("--step-sleep", type=float, default=0.0)
+    args = ap.parse_args()
+    config = {k: getattr(args, k) for k in ("steps", "every", "batch", "samples", "dim")}
+    config["step_sleep"] = args.step_sleep
+    t0 = time.time()
+    result = rbt.make_trainer(
+        train_loop, config, num_workers=args.workers, max_failures=args.max_failures
+    ).fit()
+    metrics = result.metrics or {}
+    summary = {
+        "run": rbt.run_name(),
+        "final_step": metrics.get("step"),
+        "restores": metrics.get("restores"),
+        "redone_steps": metrics.get("redone"),
+        "samples_per_s": metrics.get("samples_per_s"),
+        "wall_s": round(time.time() - t0, 1),
+        "preempted": rbt.preempted() and metrics.get("step") != args.steps,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "job": os.environ.get("SLURM_JOB_ID"),
+    }
+    print("RESULT: " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Ray Train helpers for raybridge clusters. Users keep writing normal Ray Train code; these remove the
+boilerplate that makes it survive node loss, time limits and requeues:
+
+    from raybridge import train as rbt
+
+    def loop(config):
+        state = rbt.load() or {"step": 0}          # newest complete checkpoint, or None
+        ...
+        for step in range(state["step"], total):
+            ...
+            if (step + 1) % every == 0 or rbt.preempted():
+                rbt.save({"step": step + 1, "model": model.state_dict(), ...}, {"loss": loss})
+                if rbt.preempted():
+                    return                          # the job is about to be requeued
+
+    rbt.make_trainer(loop, {"total": 600}).fit()
+
+Run names are stable across requeues of the same job (<job name>-<job id>), so a requeued job resumes
+the same run instead of starting over. Checkpoints live on shared storage: <shared_dir>/runs/<run>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MARKER = "raybridge-checkpoint.json"  # written last: a checkpoint without it is incomplete
+STATE = "state.pt"
+
+
+def run_name() -> str:
+    if os.environ.get("RAYBRIDGE_RUN_NAME"):
+        return os.environ["RAYBRIDGE_RUN_NAME"]
+    job = os.environ.get("SLURM_JOB_ID", "local")
+    return f"{os.environ.get('SLURM_JOB_NAME') or 'run'}-{job}"
+
+
+def storage_path() -> str:
+    if os.environ.get("RAYBRIDGE_STORAGE"):
+        return os.environ["RAYBRIDGE_STORAGE"]
+    shared = os.environ.get("RAYBRIDGE_SHARED_DIR")
+    if not shared:
+        raise RuntimeError(
+            "RAYBRIDGE_SHARED_DIR is not set: run inside a raybridge job or set RAYBRIDGE_STORAGE"
+        )
+    return str(Path(shared) / "runs")
+
+
+def default_workers() -> int:
+    return int(os.environ.get("RAYBRIDGE_TRAIN_WORKERS") or os.environ.get("RAYBRIDGE_NODES") or 1)
+
+
+def make_trainer(
+    train_loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any] | None = None,
+    *,
+    num_workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    use_gpu: bool | None = None,
+    max_failures: int = 3,
+    num_to_keep: int = 3,
+    name: str | None = None,
+    storage: str | None = None,
+) -> Any:
+    """A TorchTrainer on shared storage with a requeue-stable run name and failure handling.
+    One worker per training node by default; gloo on CPU, NCCL on GPU (follows the allocation)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if use_gpu is None:
+        use_gpu = int(os.environ.get("RAYBRIDGE_GPUS_PER_NODE") or 0) > 0
+    cpus = cpus_per_worker or float(os.environ.get("RAYBRIDGE_CPUS_PER_WORKER") or 1)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=dict(config or {}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers or default_workers(), use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name=name or run_name(),
+            storage_path=storage or storage_path(),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        ),
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint_dir(folder: Path, state: dict[str, Any]) -> None:
+    """state.pt, then the marker with its sha256: the marker exists only if the state is whole."""
+    import torch
+
+    torch.save(state, folder / STATE)
+    meta = {"sha256": _sha256(folder / STATE), "step": state.get("step"), "epoch": state.get("epoch")}
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, folder / MARKER)
+
+
+def is_complete(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / MARKER).read_text())
+        return _sha256(folder / STATE) == meta["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def read_checkpoint_dir(folder: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(folder / STATE, weights_only=False)
+
+
+def save(state: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    """Report metrics and a checkpoint of state (rank 0 writes it; every rank must call this)."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    metrics = dict(metrics or {})
+    metrics.setdefault("step", state.get("step"))
+    with tempfile.TemporaryDirectory(prefix="rb-ckpt-") as d:
+        checkpoint = None
+        if rank == 0:
+            write_checkpoint_dir(Path(d), state)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def load() -> dict[str, Any] | None:
+    """The newest complete checkpoint of this run: Ray Train's own (after a worker restart), else the
+    newest complete one on shared storage (after a requeue); incomplete ones are skipped."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if is_complete(Path(d)):
+                return read_checkpoint_dir(Path(d))
+    for folder in checkpoints_newest_first(Path(storage_path()) / run_name()):
+        if is_complete(folder):
+            return read_checkpoint_dir(folder)
+    return None
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        (p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")),
+        key=lambda p: p.name,
+        reverse=True,
+    )
+
+
+def preempted() -> bool:
+    """True once Slurm warned of the time limit or preemption: save now and return from the loop."""
+    job_dir = os.environ.get("RAYBRIDGE_JOB_DIR")
+    return bool(job_dir) and (Path(job_dir) / "preempt").exists()
