@@ -388,17 +388,26 @@ class Agent:
 
 
 def marked_processes(job_id: str) -> list[psutil.Process]:
-    """Processes of this user that carry this job's marker (Ray processes that escaped the tree)."""
-    me = os.getuid()
+    """Processes of this user on this node that carry this job's marker (Ray processes that escaped
+    the tree). "This node" = our network namespace: nodes that share one kernel (containers, the
+    test bed) must not sweep each other."""
+    me, here = os.getuid(), netns(os.getpid())
     out = []
     for p in psutil.process_iter(["uids"]):
         try:
             mine = p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid()
-            if mine and p.environ().get(MARKER) == job_id:
+            if mine and netns(p.pid) == here and p.environ().get(MARKER) == job_id:
                 out.append(p)
         except psutil.Error:
             continue
     return out
+
+
+def netns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
 
 
 def port_open(host: str, port: int) -> bool:

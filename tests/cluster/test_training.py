@@ -73,7 +73,7 @@ def wait_progress(testbed, run: Path, at_least: int, proc, timeout=300):
         time.sleep(0.1)
 
 
-def finish(proc, timeout=600):
+def finish(proc, timeout=300):
     out, err = proc.communicate(timeout=timeout)
     m = re.findall(r"RESULT: (\{.*\})", out)
     return proc.returncode, (json.loads(m[-1]) if m else None), out, err
