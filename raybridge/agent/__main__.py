@@ -47,6 +47,7 @@ def prepare(cfg: AgentConfig) -> int:
             "job_dir": str(cfg.job_dir),
             "submitted_at": float(submitted) if submitted else None,
             "started_at": ci.now(),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),  # requeues so far
         },
     )
     return 0
