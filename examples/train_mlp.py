@@ -32,17 +32,19 @@ def make_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x @ w) + 0.1 * torch.randn(n, 1, generator=g)
 
 
+def make_model(dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+
+
 def train_loop(config: dict) -> None:
     torch.manual_seed(0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = ray.train.torch.prepare_model(
-        nn.Sequential(
-            nn.Linear(config["dim"], 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1)
-        )
-    )
+    model = ray.train.torch.prepare_model(make_model(config["dim"]))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     progress = Path(rbt.storage_path()) / rbt.run_name() / "progress.json"  # survives restarts
+    events = progress.parent / "events.jsonl"  # timestamps for scripts/bench-recovery
+    note(events, rank, "loop_start")
     state = rbt.load()
     start, history = 0, {"redone": 0, "restores": 0, "starts": []}
     if state:
@@ -54,6 +56,7 @@ def train_loop(config: dict) -> None:
         history["redone"] += max(0, reached - start)  # steps done after the checkpoint, lost
         if rank == 0:
             print(f"resumed from step {start} ({max(0, reached - start)} steps redone)", flush=True)
+        note(events, rank, "restored", step=start)
     history["starts"].append(start)
     if rank == 0:
         progress.parent.mkdir(parents=True, exist_ok=True)
@@ -67,17 +70,24 @@ def train_loop(config: dict) -> None:
     batch = config["batch"]
     loss_fn = nn.MSELoss()
     t0, done = time.perf_counter(), 0
+    steady_t0, steady_steps = None, 0  # throughput after a 10-step warm-up (scripts/bench-train)
     for step in range(start, config["steps"]):
+        if step - start == 10:
+            steady_t0 = time.perf_counter()
         i = (step * batch) % max(1, len(x) - batch)
         opt.zero_grad()
         loss = loss_fn(model(x[i : i + batch]), y[i : i + batch])
         loss.backward()
         opt.step()
         done += 1
+        if steady_t0 is not None:
+            steady_steps += 1
         if rank == 0:
             tmp = progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"high_water": step + 1}))
+            tmp.write_text(json.dumps({"high_water": step + 1, "t": time.time()}))
             os.replace(tmp, progress)
+            if step == start:
+                note(events, rank, "first_step", step=step + 1)
         if config.get("step_sleep"):
             time.sleep(config["step_sleep"])  # lets tests act part-way on a fast machine
         last = step + 1 == config["steps"]
@@ -93,6 +103,9 @@ def train_loop(config: dict) -> None:
                 {
                     "loss": float(loss),
                     "samples_per_s": done * batch * world / max(elapsed, 1e-9),
+                    "steady_samples_per_s": steady_steps * batch * world / (time.perf_counter() - steady_t0)
+                    if steady_t0 and steady_steps
+                    else None,
                     "restores": history["restores"],
                     "redone": history["redone"],
                 },
@@ -100,6 +113,12 @@ def train_loop(config: dict) -> None:
             t0, done = time.perf_counter(), 0
             if rbt.preempted() and not last:
                 return
+
+
+def note(events: Path, rank: int, event: str, **fields: object) -> None:
+    if rank == 0:
+        with open(events, "a") as f:
+            f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
 
 
 def main() -> None:
@@ -126,6 +145,7 @@ def main() -> None:
         "restores": metrics.get("restores"),
         "redone_steps": metrics.get("redone"),
         "samples_per_s": metrics.get("samples_per_s"),
+        "steady_samples_per_s": metrics.get("steady_samples_per_s"),
         "wall_s": round(time.time() - t0, 1),
         "preempted": rbt.preempted() and metrics.get("step") != args.steps,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
