@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +235,10 @@ def connect(target: SSHTarget, timeout: float = 15) -> paramiko.SSHClient:
     if target.accept_new_host_key:
         Path(target.known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         client.save_host_keys(target.known_hosts)
+    sock = client.get_transport().sock
+    if isinstance(sock, socket.socket):
+        # Small request/response traffic (commands, forwarded HTTP) must not wait for delayed ACKs.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
 
 

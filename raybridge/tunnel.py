@@ -150,6 +150,7 @@ class Forwarder:
             threading.Thread(target=self._handle, args=(conn, peer, name), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer: tuple[str, int], name: str) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             if name == "dashboard" and self.token and self._maybe_login(conn):
                 return
