@@ -37,6 +37,8 @@ def make_model(dim: int) -> nn.Module:
 
 
 def train_loop(config: dict) -> None:
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -131,9 +133,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--max-failures", type=int, default=3)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = Ray's choice)")
     args = ap.parse_args()
     config = {k: getattr(args, k) for k in ("steps", "every", "batch", "samples", "dim")}
     config["step_sleep"] = args.step_sleep
+    config["threads"] = args.threads
     t0 = time.time()
     result = rbt.make_trainer(
         train_loop, config, num_workers=args.workers, max_failures=args.max_failures

@@ -24,7 +24,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--samples", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -23,10 +23,10 @@ TORCHRUN = """#!/bin/bash
 #SBATCH --output={out}
 {setup}
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-head_ip=$(getent hosts "$head-ib" | awk '{{print $1}}')
-export GLOO_SOCKET_IFNAME=ib0 OMP_NUM_THREADS=1
-srun torchrun --nnodes={n} --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint="$head_ip:29511" \\
-  --rdzv-id="$SLURM_JOB_ID" {repo}/examples/train_mlp_torchrun.py --steps {steps}
+# Rendezvous by host name (torchrun decides who hosts the store by it); the gradients go over ib0.
+export GLOO_SOCKET_IFNAME=ib0
+srun torchrun --nnodes={n} --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint="$head:29511" \\
+  --rdzv-id="$SLURM_JOB_ID" {repo}/examples/train_mlp_torchrun.py --steps {steps} --threads 1
 """
 
 
@@ -53,6 +53,8 @@ def run_raybridge(profile: str, n: int, steps: int) -> float:
             str(steps),
             "--every",
             str(steps),
+            "--threads",
+            "1",
             "--workers",
             str(n),
         ],
