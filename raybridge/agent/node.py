@@ -238,17 +238,18 @@ class Agent:
         gcs = GcsView(f"{iface.ip}:{plan.gcs}")
         deadline = time.monotonic() + self.cfg.ready_timeout
         while True:
-            # Ready = every raylet registered and alive in the GCS (what `ray.nodes()` reports).
+            # Ready = every raylet alive in the GCS (what `ray.nodes()` reports) and every agent has
+            # recorded its node (interface, resources), so status is complete from the first moment.
             alive = gcs.alive_count()
-            if alive >= self.cfg.nodes:
+            joined = len(list((self.cfg.job_dir / ci.NODES).glob("*.json")))
+            if alive >= self.cfg.nodes and joined >= self.cfg.nodes:
                 break
             if self.stop_requested():
                 return 0
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
-                    f"{self.cfg.ready_timeout:.0f}s ({len(list((self.cfg.job_dir / ci.NODES).glob('*.json')))} "
-                    "agents reported)"
+                    f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)"
                 )
             time.sleep(0.2)
         self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
