@@ -27,7 +27,7 @@ def probe_gcs(testbed, address, token_path):
 
 
 def http(testbed, url, token_path=None):
-    return int(testbed.http("login", url, token_path))
+    return int(testbed.http("login", url + "/api/version", token_path))
 
 
 def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testbed):
