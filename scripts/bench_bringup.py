@@ -149,6 +149,7 @@ def main() -> int:
     args = ap.parse_args()
     spec = load_spec(args.profile)
     setup = "\n".join(spec.setup)
+    Path(spec.shared_dir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=spec.shared_dir))
     probe = workdir / "alive_probe.py"
     probe.write_text(ALIVE_PROBE)
