@@ -17,7 +17,7 @@ from raybridge.profile import ClusterSpec
 from raybridge.runner import Runner, SSHRunner, connect, resolve_target
 from raybridge.tunnel import Forwarder, Target
 
-PORT_NAMES = {"dashboard": "dashboard", "client": "client", "gcs": "gcs"}
+PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
 DEFAULT_LOCAL = {"dashboard": 8265, "client": 10001, "gcs": 6379}
 
 
@@ -63,7 +63,7 @@ def fetch_token(cluster: Cluster, info: dict[str, Any]) -> Path | None:
 def targets_from(info: dict[str, Any]) -> dict[str, Target]:
     ip = info["head"]["ip"]
     ports = info.get("ports") or {}
-    return {name: Target(name, ip, int(ports[key])) for name, key in PORT_NAMES.items() if key in ports}
+    return {name: Target(name, ip, int(ports[name])) for name in PORT_NAMES if name in ports}
 
 
 def make_forwarder(

@@ -199,7 +199,12 @@ class Forwarder:
         return True
 
     def login_url(self) -> str:
-        return f"http://127.0.0.1:{self.local_ports['dashboard']}/raybridge/login/{self.nonce}"
+        return login_url(self.local_ports["dashboard"], self.nonce)
+
+
+def login_url(port: int, nonce: str) -> str:
+    """The one-time address that signs a browser in (see Forwarder._maybe_login)."""
+    return f"http://127.0.0.1:{port}/raybridge/login/{nonce}"
 
 
 def pump(sock: socket.socket, chan: paramiko.Channel) -> None:

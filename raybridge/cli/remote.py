@@ -20,7 +20,7 @@ from raybridge.cli.lifecycle import AcceptKey, Login, Profile, build_spec, conne
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
 from raybridge.runner import SSHRunner
-from raybridge.tunnel import Forwarder
+from raybridge.tunnel import login_url
 
 JobArg = Annotated[str | None, typer.Argument(help="Job id (default: your newest raybridge job).")]
 
@@ -52,14 +52,18 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
             fwd.stop()
 
 
-def print_connection(fwd: Forwarder, token: Path | None, job_id: str, head: dict[str, Any]) -> None:
-    dash = f"http://127.0.0.1:{fwd.local_ports['dashboard']}"
+def print_connection(
+    ports: dict[str, int], nonce: str, token: Path | None, job_id: str, head: dict[str, Any]
+) -> None:
+    dash = f"http://127.0.0.1:{ports['dashboard']}"
     print(f"tunnel to job {job_id} (head {head.get('hostname')} {head.get('ip')}) is up")
-    for name, port in fwd.local_ports.items():
+    for name, port in ports.items():
         scheme = "http://" if name == "dashboard" else ""
         print(f"  {name:10} {scheme}127.0.0.1:{port}")
     if token:
-        print(f"  browser    {fwd.login_url()}   (signs this browser in, then shows the dashboard)")
+        print(
+            f"  browser    {login_url(ports['dashboard'], nonce)}   (signs this browser in, then shows the dashboard)"
+        )
         print("For the Ray CLI and Jobs API (e.g. `ray job submit -- python x.py`):")
         print(f"  export RAY_ADDRESS={dash} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}")
     else:
@@ -129,7 +133,7 @@ def register(app: typer.Typer) -> None:
             spec, cluster.job_dir, local, token.read_text() if token else None, log=say
         )
         fwd.start()
-        print_connection(fwd, token, cluster.job_id, info["head"])
+        print_connection(fwd.local_ports, fwd.nonce, token, cluster.job_id, info["head"])
         say("press Ctrl-C to close the tunnel")
         try:
             fwd.wait()
@@ -280,9 +284,7 @@ def daemonize(
         say(
             f"tunnel running in the background (pid {rec['pid']}); stop it with: raybridge tunnel --stop {job_id}"
         )
-        fwd = Forwarder.__new__(Forwarder)  # only for printing
-        fwd.local_ports, fwd.nonce = rec["ports"], rec["nonce"]
-        print_connection(fwd, token, job_id, info["head"])
+        print_connection(rec["ports"], rec["nonce"], token, job_id, info["head"])
         return
     os.close(r)
     os.setsid()
