@@ -122,6 +122,7 @@ class ClusterSpec:
     signal_seconds: int | None = None
     requeue: bool = False
     max_requeues: int = 3
+    failure_detection_s: int = 3
     command: tuple[str, ...] = ()
     login: LoginSpec | None = None
     profile: str = "(none)"
@@ -268,6 +269,9 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         signal_seconds=v.optional_integer("signal_seconds", values.get("signal_seconds"), 10),
         requeue=v.boolean("requeue", values.get("requeue", False)),
         max_requeues=v.integer("max_requeues", values.get("max_requeues", 3), minimum=0, maximum=100),
+        failure_detection_s=v.integer(
+            "failure_detection_s", values.get("failure_detection_s", 3), minimum=1, maximum=300
+        ),
         command=tuple(v.line("command", c) for c in v.str_list("command", values.get("command"))),
         login=v.login(login) if login is not None else None,
     )

@@ -121,8 +121,14 @@ def exports(spec: ClusterSpec) -> list[str]:
         pairs.append(("RAYBRIDGE_GPUS_PER_NODE", q(str(spec.gpus_per_node))))
     if spec.nccl_ib_hca:
         pairs.append(("NCCL_IB_HCA", q(spec.nccl_ib_hca)))
-    pairs.extend((name, q(value)) for name, value in spec.env)
-    return [f"export {name}={value}" for name, value in pairs]
+    lines = [f"export {name}={value}" for name, value in pairs]
+    lines += [
+        f"# Node failure detection: dead after {spec.failure_detection_s} failed 1-s health checks "
+        "(Ray's default 5 x 3 s idles training 15 s).",
+        "export RAY_health_check_period_ms=1000",
+        f"export RAY_health_check_failure_threshold={spec.failure_detection_s}",
+    ]
+    return lines + [f"export {name}={q(value)}" for name, value in spec.env]
 
 
 def render(spec: ClusterSpec, version: str | None = None) -> str:

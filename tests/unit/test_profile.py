@@ -68,6 +68,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"login": {"host": "h", "colour": "red"}}, "unknown key 'colour'"),
         ({"login": "bad host"}, "is not a host name"),
         ({"object_store_fraction": 2}, "between 0.05 and 0.8"),
+        ({"failure_detection_s": 0}, "failure_detection_s must be between 1"),
+        ({"failure_detection_s": "fast"}, "failure_detection_s must be a whole number"),
     ],
 )
 def test_bad_values_give_one_clear_message(values, message):

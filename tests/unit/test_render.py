@@ -38,6 +38,7 @@ CASES = {
         "signal_seconds": 300,
         "requeue": True,
         "max_requeues": 5,
+        "failure_detection_s": 5,
         "shared_dir": "/shared/rb",
         "command": ["python", "train.py"],
     },
