@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def make_trainer(
     num_to_keep: int = 3,
     name: str | None = None,
     storage: str | None = None,
+    placement_strategy: str = "SPREAD",
 ) -> Any:
     """A TorchTrainer on shared storage with a requeue-stable run name and failure handling.
     One worker per training node by default; gloo on CPU, NCCL on GPU (follows the allocation)."""
@@ -80,7 +82,10 @@ def make_trainer(
         train_loop_config=dict(config or {}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=num_workers or default_workers(), use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=num_workers or default_workers(),
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus},
+            placement_strategy=placement_strategy,  # one worker per node where possible
         ),
         run_config=RunConfig(
             name=name or run_name(),
@@ -165,7 +170,18 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
     )
 
 
+_preempt = {"seen": False, "checked_at": -1e9}
+PREEMPT_CHECK_S = 0.5  # Slurm warns minutes ahead (--signal-before); a stat per step would cost more
+
+
 def preempted() -> bool:
-    """True once Slurm warned of the time limit or preemption: save now and return from the loop."""
-    job_dir = os.environ.get("RAYBRIDGE_JOB_DIR")
-    return bool(job_dir) and (Path(job_dir) / "preempt").exists()
+    """True once Slurm warned of the time limit or preemption: save now and return from the loop.
+    Cheap enough to call every step: it looks at shared storage at most every PREEMPT_CHECK_S."""
+    if _preempt["seen"]:
+        return True
+    now = time.monotonic()
+    if now - _preempt["checked_at"] >= PREEMPT_CHECK_S:
+        _preempt["checked_at"] = now
+        job_dir = os.environ.get("RAYBRIDGE_JOB_DIR")
+        _preempt["seen"] = bool(job_dir) and (Path(job_dir) / "preempt").exists()
+    return _preempt["seen"]

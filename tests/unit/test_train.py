@@ -51,12 +51,24 @@ def test_checkpoint_complete_only_with_matching_marker(tmp_path):
     assert newest_complete == good
 
 
-def test_preempted_flag(tmp_path, monkeypatch):
+def test_preempted_flag_is_checked_at_most_every_interval_and_sticks(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(rbt.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(rbt, "_preempt", {"seen": False, "checked_at": -1e9})
     monkeypatch.setenv("RAYBRIDGE_JOB_DIR", str(tmp_path))
     assert not rbt.preempted()
     (tmp_path / "preempt").touch()
+    assert not rbt.preempted()  # within the interval: no look at storage
+    clock[0] += rbt.PREEMPT_CHECK_S
     assert rbt.preempted()
-    monkeypatch.delenv("RAYBRIDGE_JOB_DIR")
+    (tmp_path / "preempt").unlink()
+    clock[0] += 10
+    assert rbt.preempted()  # a warning is never forgotten by the process that saw it
+
+
+def test_preempted_is_false_outside_a_job(monkeypatch):
+    monkeypatch.setattr(rbt, "_preempt", {"seen": False, "checked_at": -1e9})
+    monkeypatch.delenv("RAYBRIDGE_JOB_DIR", raising=False)
     assert not rbt.preempted()
 
 
@@ -67,3 +79,19 @@ def test_default_workers_excludes_spares(monkeypatch):
     monkeypatch.delenv("RAYBRIDGE_TRAIN_WORKERS")
     assert rbt.default_workers() == 5
     assert os.environ["RAYBRIDGE_NODES"] == "5"
+
+
+def test_make_trainer_follows_the_allocation(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYBRIDGE_SHARED_DIR", str(tmp_path))
+    monkeypatch.setenv("RAYBRIDGE_TRAIN_WORKERS", "3")
+    monkeypatch.setenv("RAYBRIDGE_CPUS_PER_WORKER", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "mlp")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("RAYBRIDGE_GPUS_PER_NODE", raising=False)
+    t = rbt.make_trainer(lambda config: None, {"lr": 0.1}, max_failures=2)
+    sc, rc = t.scaling_config, t.run_config
+    assert (sc.num_workers, sc.use_gpu, sc.placement_strategy) == (3, False, "SPREAD")
+    assert sc.resources_per_worker == {"CPU": 4.0}
+    assert (rc.name, rc.storage_path) == ("mlp-77", str(tmp_path / "runs"))
+    assert rc.failure_config.max_failures == 2
+    assert t.backend_config.backend == "gloo"
