@@ -85,6 +85,7 @@ class Agent:
         self.role = "head" if cfg.rank == 0 else "worker"
         self.stopping = False
         self.restarts = 0
+        self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
 
     # ------------------------------------------------------------ plumbing
 
@@ -353,7 +354,17 @@ class Agent:
     # ------------------------------------------------------------ teardown
 
     def has_process(self, name: str) -> bool:
-        return any(p.info["name"] == name for p in self.descendants(with_name=True))
+        # Listing descendants reads all of /proc; do it only when the remembered process is gone.
+        known = self.watched.get(name)
+        with contextlib.suppress(psutil.Error):
+            if known and known.is_running() and known.status() != psutil.STATUS_ZOMBIE:
+                return True
+        found = next((p for p in self.descendants(with_name=True) if p.info["name"] == name), None)
+        if found:
+            self.watched[name] = found
+        else:
+            self.watched.pop(name, None)
+        return found is not None
 
     def descendants(self, with_name: bool = False) -> list[psutil.Process]:
         procs = psutil.Process().children(recursive=True)
