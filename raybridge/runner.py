@@ -4,6 +4,8 @@ one persistent SSH connection (SSHRunner). Everything above this module uses the
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import shlex
 import socket
@@ -11,7 +13,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import paramiko
 
@@ -139,6 +141,7 @@ class SSHTarget:
     known_hosts: str
     proxy_jump: str | None
     accept_new_host_key: bool
+    ssh_config: str | None = None
 
     @property
     def label(self) -> str:
@@ -163,15 +166,71 @@ def resolve_target(login: LoginSpec) -> SSHTarget:
         port=login.port or int(entry.get("port", 22)),
         identity_files=tuple(str(Path(i).expanduser()) for i in ids),
         known_hosts=str(Path(known).expanduser()),
-        proxy_jump=login.proxy_jump or entry.get("proxyjump"),
+        proxy_jump=jump
+        if (jump := login.proxy_jump or entry.get("proxyjump")) not in (None, "none")
+        else None,
         accept_new_host_key=login.accept_new_host_key,
+        ssh_config=login.ssh_config,
     )
 
 
-def connect(target: SSHTarget, timeout: float = 15) -> paramiko.SSHClient:
+def parse_jump(hop: str) -> tuple[str, str | None, int | None]:
+    """One ProxyJump hop, `[user@]host[:port]` or `ssh://[user@]host[:port]` → (host, user, port)."""
+    hop = hop.strip().removeprefix("ssh://")
+    user, _, hostport = hop.rpartition("@")
+    host, port = hostport, None
+    if hostport.startswith("["):  # [v6addr]:port
+        host, _, rest = hostport[1:].partition("]")
+        port = rest.removeprefix(":") or None
+    elif hostport.count(":") == 1:
+        host, port = hostport.split(":")
+    if not host or (port is not None and not port.isdigit()):
+        raise SSHError(f"cannot parse ProxyJump hop {hop!r} (expected [user@]host[:port])")
+    return host, user or None, int(port) if port else None
+
+
+def jump_targets(target: SSHTarget) -> list[SSHTarget]:
+    """The hops of target's ProxyJump, in order; each resolved through the same SSH config (aliases,
+    users, keys). A hop without its own key uses the target's key files, then the agent/default keys."""
+    hops = []
+    for hop in (target.proxy_jump or "").split(","):
+        if not hop.strip():
+            continue
+        host, user, port = parse_jump(hop)
+        t = resolve_target(
+            LoginSpec(
+                host=host,
+                user=user,
+                port=port,
+                ssh_config=target.ssh_config,
+                known_hosts=target.known_hosts,
+                accept_new_host_key=target.accept_new_host_key,
+            )
+        )
+        # A hop's own ProxyJump is ignored: the chain is the target's list (as OpenSSH does with -J a,b).
+        hops.append(
+            dataclasses.replace(t, identity_files=t.identity_files or target.identity_files, proxy_jump=None)
+        )
+    return hops
+
+
+class Client(paramiko.SSHClient):
+    """An SSH client that also closes the jump-host connections it runs through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jump_clients: list[paramiko.SSHClient] = []
+
+    def close(self) -> None:
+        super().close()
+        for hop in reversed(self.jump_clients):
+            hop.close()
+
+
+def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramiko.SSHClient:
     """One SSH connection with host-key checking against known_hosts (unknown key = refused,
     unless accept_new_host_key, which records it like OpenSSH's StrictHostKeyChecking=accept-new)."""
-    client = paramiko.SSHClient()
+    client = Client()
     client.load_system_host_keys()
     if os.path.exists(target.known_hosts):
         client.load_host_keys(target.known_hosts)
@@ -180,22 +239,21 @@ def connect(target: SSHTarget, timeout: float = 15) -> paramiko.SSHClient:
     client.set_missing_host_key_policy(
         paramiko.AutoAddPolicy() if target.accept_new_host_key else paramiko.RejectPolicy()
     )
-    sock = None
-    if target.proxy_jump:
-        jump = resolve_target(
-            LoginSpec(
-                host=target.proxy_jump,
-                known_hosts=target.known_hosts,
-                accept_new_host_key=target.accept_new_host_key,
-            )
-        )
-        jump_client = connect(jump, timeout)
+    hops: list[paramiko.SSHClient] = []
+    for hop, nxt in itertools.pairwise([*jump_targets(target), target]):
+        hop_client = connect(hop, timeout, sock=sock)
+        hops.append(hop_client)
         try:
-            sock = jump_client.get_transport().open_channel(
-                "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=timeout
+            sock = hop_client.get_transport().open_channel(
+                "direct-tcpip", (nxt.hostname, nxt.port), ("127.0.0.1", 0), timeout=timeout
             )
         except (paramiko.SSHException, OSError) as e:
-            raise SSHError(f"jump host {jump.label} cannot reach {target.label}: {e}") from None
+            for c in hops:
+                c.close()
+            raise SSHError(
+                f"jump host {hop.label} cannot reach {nxt.label}: {e or type(e).__name__}"
+            ) from None
+    client.jump_clients = hops  # kept open as long as this connection, closed with it
     try:
         client.connect(
             target.hostname,

@@ -111,3 +111,55 @@ def test_ssh_config_alias_is_honoured(testbed):
     )
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert r.returncode == 0, r.stderr
+
+
+def test_proxy_jump_reaches_a_login_node_the_laptop_cannot(testbed):
+    # The login node's sshd also listens on its management address 10.211.0.3, which only the cluster
+    # can reach: from the laptop it takes a jump through the public address 10.213.0.3.
+    key_line = open(testbed.env["RAYBRIDGE_TESTBED_KNOWN_HOSTS"]).read().split()
+    kh = f"{testbed.shared}/jump-known-hosts"
+    open(kh, "w").write(f"10.211.0.3,10.213.0.3 {key_line[1]} {key_line[2]}\n")
+    base = open(testbed.remote_profile).read().split("login:")[0]
+    identity = re.search(r"(?m)^  identity_file: (.*)$", open(testbed.remote_profile).read()).group(1)
+
+    def profile(name, login):
+        path = f"{testbed.shared}/{name}.yaml"
+        open(path, "w").write(base + "login:\n" + "".join(f"  {k}: {v}\n" for k, v in login.items()))
+        return path
+
+    direct = {"host": "10.211.0.3", "user": "root", "identity_file": identity, "known_hosts": kh}
+    r = testbed.raybridge("laptop", "status", "--json", "--profile", profile("jump-direct", direct))
+    assert "cannot reach login host root@10.211.0.3" in one_line_error(r)
+
+    sshd_log = f"{testbed.env['RAYBRIDGE_TESTBED_ROOT']}/state/log/sshd.log"
+    seen = len(open(sshd_log).read().splitlines())
+    jumped = dict(direct, proxy_jump="root@10.213.0.3")
+    r = testbed.raybridge("laptop", "status", "--json", "--profile", profile("jump-option", jumped))
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout), list)
+    new = open(sshd_log).read().splitlines()[seen:]
+    # First hop from the laptop, then the real session arriving over the jump host's forwarded channel.
+    assert any("Accepted publickey for root from 10.213.0.100" in line for line in new), new
+    assert any("Accepted publickey for root from 10.211.0.3" in line for line in new), new
+
+    # The same through ~/.ssh/config: an alias whose ProxyJump names another alias.
+    cfg = f"{testbed.shared}/jump-ssh-config"
+    open(cfg, "w").write(
+        f"Host hpc\n  HostName 10.211.0.3\n  User root\n  IdentityFile {identity}\n  ProxyJump bastion\n"
+        "Host bastion\n  HostName 10.213.0.3\n  User root\n"
+    )
+    r = testbed.raybridge(
+        "laptop",
+        "status",
+        "--json",
+        "--profile",
+        profile("jump-config", {"host": "hpc", "ssh_config": cfg, "known_hosts": kh}),
+    )
+    assert r.returncode == 0, r.stderr
+
+    # A jump host that cannot reach the destination: one clear line.
+    bad = dict(direct, host="10.211.0.99")
+    r = testbed.raybridge(
+        "laptop", "status", "--profile", profile("jump-bad", dict(bad, proxy_jump="root@10.213.0.3"))
+    )
+    assert "jump host root@10.213.0.3 cannot reach root@10.211.0.99" in one_line_error(r)
