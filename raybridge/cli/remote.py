@@ -161,6 +161,11 @@ def register(app: typer.Typer) -> None:
         """Submit a Ray job through the tunnel with Ray's Jobs API."""
         import shlex
 
+        if command and command[0].isdigit():  # `submit 12 python x.py`: a job id is not a program
+            raise RaybridgeError(
+                f"the entrypoint starts with {command[0]!r}; to pick a cluster use "
+                f"`raybridge submit --job {command[0]} -- {shlex.join(command[1:]) or 'COMMAND'}`"
+            )
         if working_dir is not None and not working_dir.is_dir():
             raise RaybridgeError(f"--working-dir {working_dir} is not a folder")
         spec = build_spec(profile, None, login, accept_new_host_key)

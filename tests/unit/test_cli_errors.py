@@ -25,6 +25,7 @@ def raybridge(*args, env=None):
         (["render", "--profile", "/no/such/file.yaml"], "profile file not found"),
         (["render", "--bogus"], "No such option"),
         (["down"], "name a job id, or pass --all"),
+        (["submit", "12", "python", "x.py"], "use `raybridge submit --job 12 -- python x.py`"),
     ],
 )
 def test_one_line_errors(args, message):
