@@ -91,7 +91,8 @@ def train_loop(config: dict) -> None:
         if config.get("step_sleep"):
             time.sleep(config["step_sleep"])  # lets tests act part-way on a fast machine
         last = step + 1 == config["steps"]
-        if (step + 1) % config["every"] == 0 or last or rbt.preempted():
+        stop = rbt.preempted(step)  # the same answer on every rank at this step
+        if (step + 1) % config["every"] == 0 or last or stop:
             elapsed = time.perf_counter() - t0
             rbt.save(
                 {
@@ -111,7 +112,7 @@ def train_loop(config: dict) -> None:
                 },
             )
             t0, done = time.perf_counter(), 0
-            if rbt.preempted() and not last:
+            if stop and not last:
                 return
 
 

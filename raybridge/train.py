@@ -8,9 +8,10 @@ boilerplate that makes it survive node loss, time limits and requeues:
         ...
         for step in range(state["step"], total):
             ...
-            if (step + 1) % every == 0 or rbt.preempted():
+            stop = rbt.preempted(step)              # same answer on every rank at this step
+            if (step + 1) % every == 0 or stop:
                 rbt.save({"step": step + 1, "model": model.state_dict(), ...}, {"loss": loss})
-                if rbt.preempted():
+                if stop:
                     return                          # the job is about to be requeued
 
     rbt.make_trainer(loop, {"total": 600}).fit()
@@ -27,6 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +172,54 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
     )
 
 
-_preempt = {"seen": False, "checked_at": -1e9}
-PREEMPT_CHECK_S = 0.5  # Slurm warns minutes ahead (--signal-before); a stat per step would cost more
+PREEMPT_CHECK_S = 0.5  # how often to look; Slurm warns minutes ahead (--signal-before)
 
 
-def preempted() -> bool:
-    """True once Slurm warned of the time limit or preemption: save now and return from the loop.
-    Cheap enough to call every step: it looks at shared storage at most every PREEMPT_CHECK_S."""
-    if _preempt["seen"]:
-        return True
+@dataclass
+class _Preempt:
+    seen: bool = False  # this process saw the flag file
+    checked_at: float = -1e9
+    agreed: bool = False  # every rank knows, from the same step on
+    next_step: int | None = None  # the step of the next agreement
+    last: tuple[float, int] | None = None  # (time, step) of the last agreement
+
+
+_preempt = _Preempt()
+
+
+def _flag_seen() -> bool:
+    """This process's view: the job folder's flag, looked at most every PREEMPT_CHECK_S."""
     now = time.monotonic()
-    if now - _preempt["checked_at"] >= PREEMPT_CHECK_S:
-        _preempt["checked_at"] = now
+    if not _preempt.seen and now - _preempt.checked_at >= PREEMPT_CHECK_S:
+        _preempt.checked_at = now
         job_dir = os.environ.get("RAYBRIDGE_JOB_DIR")
-        _preempt["seen"] = bool(job_dir) and (Path(job_dir) / "preempt").exists()
-    return _preempt["seen"]
+        _preempt.seen = bool(job_dir) and (Path(job_dir) / "preempt").exists()
+    return _preempt.seen
+
+
+def preempted(step: int | None = None) -> bool:
+    """True once Slurm warned of the time limit or preemption: save now and return from the loop.
+
+    In a training loop pass the step, and call it at the same point of every step on every rank: the
+    ranks then agree (one small all-reduce about every PREEMPT_CHECK_S) and turn true at the same step,
+    so they all reach the checkpoint's collective together. Without step: this process's own view."""
+    import torch.distributed as dist
+
+    if step is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _preempt.agreed or _flag_seen()
+    p = _preempt
+    if p.agreed or (p.next_step is not None and step < p.next_step):
+        return p.agreed
+    import torch
+
+    now = time.monotonic()
+    per_step = (now - p.last[0]) / max(step - p.last[1], 1) if p.last else 0.0
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(_flag_seen()), per_step], dtype=torch.float64, device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    p.agreed = bool(votes[0].item())
+    # Every rank derives the next check from the same agreed numbers, so they stay in step.
+    slowest = float(votes[1].item())
+    p.next_step = step + (min(max(int(PREEMPT_CHECK_S / slowest), 1), 10_000) if slowest > 0 else 1)
+    p.last = (now, step)
+    return p.agreed

@@ -1,6 +1,7 @@
 """Checkpoint integrity and naming helpers (pure file logic; torch on CPU)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_checkpoint_complete_only_with_matching_marker(tmp_path):
 def test_preempted_flag_is_checked_at_most_every_interval_and_sticks(tmp_path, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(rbt.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(rbt, "_preempt", {"seen": False, "checked_at": -1e9})
+    monkeypatch.setattr(rbt, "_preempt", rbt._Preempt())
     monkeypatch.setenv("RAYBRIDGE_JOB_DIR", str(tmp_path))
     assert not rbt.preempted()
     (tmp_path / "preempt").touch()
@@ -67,18 +68,53 @@ def test_preempted_flag_is_checked_at_most_every_interval_and_sticks(tmp_path, m
 
 
 def test_preempted_is_false_outside_a_job(monkeypatch):
-    monkeypatch.setattr(rbt, "_preempt", {"seen": False, "checked_at": -1e9})
+    monkeypatch.setattr(rbt, "_preempt", rbt._Preempt())
     monkeypatch.delenv("RAYBRIDGE_JOB_DIR", raising=False)
-    assert not rbt.preempted()
+    assert not rbt.preempted(0)
 
 
-def test_default_workers_excludes_spares(monkeypatch):
-    monkeypatch.setenv("RAYBRIDGE_NODES", "5")
-    monkeypatch.setenv("RAYBRIDGE_TRAIN_WORKERS", "4")
-    assert rbt.default_workers() == 4
-    monkeypatch.delenv("RAYBRIDGE_TRAIN_WORKERS")
-    assert rbt.default_workers() == 5
-    assert os.environ["RAYBRIDGE_NODES"] == "5"
+def _rank_loop(rank: int, world: int, port: int, base: str, out) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    rbt.PREEMPT_CHECK_S = 0.02
+    job_dir = Path(base) / f"rank{rank}"
+    job_dir.mkdir()
+    os.environ["RAYBRIDGE_JOB_DIR"] = str(job_dir)  # only rank 0's folder ever gets the flag
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    stopped_at = None
+    for step in range(2000):
+        if rank == 0 and step == 37:
+            (job_dir / "preempt").touch()
+        time.sleep(0.001 * (1 + rank))  # ranks run at different speeds, as real ones do
+        if rbt.preempted(step):
+            stopped_at = step
+            break
+    dist.barrier()
+    out.put((rank, stopped_at))
+    dist.destroy_process_group()
+
+
+def test_preempted_turns_true_on_every_rank_at_the_same_step(tmp_path):
+    """Ranks that saw the warning at different times still stop together; otherwise one would enter the
+    checkpoint's collective while the other waits in the next step's all-reduce, and both would hang."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_loop, args=(r, 3, port, str(tmp_path), out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert len(set(results.values())) == 1, results
+    assert results[0] is not None and results[0] >= 37
 
 
 def test_make_trainer_follows_the_allocation(tmp_path, monkeypatch):
