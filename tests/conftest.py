@@ -57,6 +57,13 @@ class Testbed:
     def raybridge(self, host: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self.exec(host, RAYBRIDGE, *args, timeout=timeout)
 
+    def start_raybridge(self, host: str, *args: str, output: bool = True) -> subprocess.Popen[str]:
+        """raybridge on host in the background (text pipes, or output discarded)."""
+        pipe = subprocess.PIPE if output else subprocess.DEVNULL
+        return subprocess.Popen(
+            [TESTBED, "exec", host, "--", RAYBRIDGE, *args], stdout=pipe, stderr=pipe, text=True
+        )
+
     def http(self, host: str, url: str, token_path: str | None = None) -> str:
         """GET url from host (optionally with the bearer token in token_path): status code or ERR reason."""
         args = [url] + ([token_path] if token_path else [])

@@ -6,14 +6,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import RAYBRIDGE, TESTBED
+from tests.conftest import RAYBRIDGE
 
 pytestmark = pytest.mark.cluster
 CHROMIUM = shutil.which("chromium")
@@ -180,12 +179,8 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
     ls = testbed.raybridge("laptop", "checkpoints", "ls", "pull-test", "--profile", testbed.remote_profile)
     assert "checkpoint_000001" in ls.stdout and "4 files" in ls.stdout
     # Interrupt a pull part-way: nothing may look complete.
-    cmd = [
-        TESTBED,
-        "exec",
+    p = testbed.start_raybridge(
         "laptop",
-        "--",
-        RAYBRIDGE,
         "checkpoints",
         "pull",
         "pull-test",
@@ -193,8 +188,8 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
         "--latest",
         "--profile",
         testbed.remote_profile,
-    ]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        output=False,
+    )
     partial = dest / ".partial-checkpoint_000001"
     deadline = time.monotonic() + 60
     while (

@@ -2,11 +2,10 @@
 
 import json
 import re
-import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, RAYBRIDGE, TESTBED
+from tests.conftest import PYTHON
 
 pytestmark = pytest.mark.cluster
 
@@ -31,12 +30,7 @@ def http(testbed, url, token_path=None):
 
 
 def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testbed):
-    cmd = [
-        TESTBED,
-        "exec",
-        "login",
-        "--",
-        RAYBRIDGE,
+    args = (
         "up",
         "--nodes",
         "2",
@@ -46,10 +40,8 @@ def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testb
         testbed.local_profile,
         "--json",
         "--sbatch-arg=--nodelist=n1,n2",
-    ]
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
+    )
+    procs = [testbed.start_raybridge("login", *args) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     jobs = [re.search(r"submitted job (\d+)", err).group(1) for _, err in results]
     try:

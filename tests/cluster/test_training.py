@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import RAYBRIDGE, REPO, TESTBED, job_processes
+from tests.conftest import REPO, job_processes
 
 pytestmark = pytest.mark.cluster
 EXAMPLE = str(REPO / "examples" / "train_mlp.py")
@@ -18,12 +18,8 @@ STEPS, EVERY = 200, 40
 
 
 def start_training(testbed, *args, nodes=2, extra=(), profile=None, steps=STEPS, sleep=0.06):
-    cmd = [
-        TESTBED,
-        "exec",
+    p = testbed.start_raybridge(
         "login",
-        "--",
-        RAYBRIDGE,
         "run",
         "--nodes",
         str(nodes),
@@ -42,8 +38,7 @@ def start_training(testbed, *args, nodes=2, extra=(), profile=None, steps=STEPS,
         "--step-sleep",
         str(sleep),
         *args,
-    ]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    )
     job = None
     deadline = time.monotonic() + 120
     while job is None:
