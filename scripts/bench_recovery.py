@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+from bench_common import REPO, result, train_run_argv
 
-REPO = Path(__file__).resolve().parent.parent
 TESTBED = str(REPO / "scripts/testbed")
 
 
@@ -50,29 +50,8 @@ def node_dead_at(job: str) -> float:
 
 
 def one_run(profile: str, shared: str, steps: int, every: int) -> dict:
-    cmd = [
-        TESTBED,
-        "exec",
-        "login",
-        "--",
-        str(REPO / ".venv/bin/raybridge"),
-        "run",
-        "--nodes",
-        "3",
-        "--profile",
-        profile,
-        "--",
-        "python",
-        str(REPO / "examples/train_mlp.py"),
-        "--steps",
-        str(steps),
-        "--every",
-        str(every),
-        "--workers",
-        "2",
-        "--step-sleep",
-        "0.05",
-    ]
+    example = ("--steps", str(steps), "--every", str(every), "--workers", "2", "--step-sleep", "0.05")
+    cmd = [TESTBED, "exec", "login", "--", *train_run_argv(profile, 3, *example)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = None
     while job is None:
@@ -93,10 +72,14 @@ def one_run(profile: str, shared: str, steps: int, every: int) -> dict:
     for r in raylet:
         r.kill()
     while not any(e["event"] == "loop_start" and e["t"] > t_kill for e in events(run)):
+        if p.poll() is not None:
+            raise RuntimeError(
+                f"job {job} ended without restarting the training:\n" + p.stderr.read()[-3000:]
+            )
         time.sleep(0.1)
     dead_at = node_dead_at(job)
     out, err = p.communicate(timeout=600)
-    res = json.loads(re.findall(r"RESULT: (\{.*\})", out)[-1])
+    res = result(out)
     ev = [e for e in events(run) if e["t"] > t_kill]
     start = next(e["t"] for e in ev if e["event"] == "loop_start")
     restored = next(e for e in ev if e["event"] == "restored")

@@ -7,15 +7,14 @@ over the steps after a 10-step warm-up (no checkpoints inside the measured windo
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_common import REPO, result, train_run_argv
+
 TORCHRUN = """#!/bin/bash
 #SBATCH --nodes={n}
 #SBATCH --ntasks-per-node=1
@@ -30,34 +29,13 @@ srun torchrun --nnodes={n} --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoin
 """
 
 
-def result(text: str) -> dict:
-    found = re.findall(r"RESULT: (\{.*\})", text)
-    if not found:
-        raise RuntimeError("no RESULT line:\n" + text[-3000:])
-    return json.loads(found[-1])
-
-
 def run_raybridge(profile: str, n: int, steps: int) -> float:
     r = subprocess.run(
-        [
-            str(REPO / ".venv/bin/raybridge"),
-            "run",
-            "--nodes",
-            str(n),
-            "--profile",
+        train_run_argv(
             profile,
-            "--",
-            "python",
-            str(REPO / "examples/train_mlp.py"),
-            "--steps",
-            str(steps),
-            "--every",
-            str(steps),
-            "--threads",
-            "1",
-            "--workers",
-            str(n),
-        ],
+            n,
+            *["--steps", str(steps), "--every", str(steps), "--threads", "1", "--workers", str(n)],
+        ),
         capture_output=True,
         text=True,
         timeout=600,
