@@ -6,8 +6,11 @@ Baselines, on the same cluster and the same nodes, in the same rounds:
   symmetric-run  `ray symmetric-run --address HEAD:6379 --min-nodes N` on every node (ships with Ray)
   ray-docs       the protocol of Ray's documented slurm-basic.sh: head via srun, sleep 10 s, then one
                  srun per worker with a 5 s sleep after each, then the driver
-Every contender's clock starts just before `sbatch` and stops when a driver on the head sees all N nodes
-alive (raybridge: the head's ready_at timestamp, taken at that moment). All on one machine clock.
+Every contender's clock starts just before `sbatch` and stops when one and the same observer sees all N
+nodes alive in the GCS: a process on the login node, started (Ray imported) before the clock, that polls the
+GCS node table every 50 ms as soon as the contender's head address is known. All on one machine clock.
+For raybridge the table also shows when the cluster was ready as `raybridge up` reports it: all nodes alive
+and the head's dashboard (Jobs API) and Ray Client server answering.
 """
 
 from __future__ import annotations
@@ -23,18 +26,71 @@ import tempfile
 import time
 from pathlib import Path
 
+from raybridge import clusterinfo as ci
 from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
 
-ALIVE_PROBE = """
-import json, sys, time, ray
-n = int(sys.argv[1]); out = sys.argv[2]
-ray.init(address=sys.argv[3] if len(sys.argv) > 3 else None, logging_level="ERROR")
-while sum(1 for x in ray.nodes() if x["Alive"]) < n:
+# argv: N; stdin: one line, the ADDRESS_FILE (a JSON head record or a plain host:port).
+OBSERVER = """
+import json, sys, time
+from ray._raylet import GcsClient
+n = int(sys.argv[1])
+print("armed", flush=True)
+words = sys.stdin.readline().split()
+address = None
+while address is None:
+    try:
+        text = open(words[0]).read().strip()
+    except OSError:
+        text = ""
+    if text and words[0].endswith(".json"):
+        head = json.loads(text)
+        address = f"{head['ip']}:{head['ports']['gcs']}"
+    elif text:
+        address = text
+    time.sleep(0.02)
+client = None
+while True:
+    try:
+        client = client or GcsClient(address=address)
+        if sum(1 for v in client.get_all_node_info(timeout=1).values() if v.state == 0) >= n:
+            break
+    except Exception:
+        pass
     time.sleep(0.05)
-json.dump({"ready_at": time.time()}, open(out, "w"))
+print(time.time(), flush=True)
 """
+
+
+class Observer:
+    """The stopwatch every contender shares; start it before the clock (it imports Ray first)."""
+
+    def __init__(self, n: int, token: Path | None = None):
+        # Ray reads the token settings when it is imported: point them at a link made after submission.
+        env = dict(os.environ)
+        if token:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", OBSERVER, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout.readline().strip() == "armed"
+
+    def watch(self, address_file: Path) -> None:
+        self.proc.stdin.write(f"{address_file}\n")
+        self.proc.stdin.flush()
+
+    def alive_at(self, timeout: float = 300) -> float:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        finally:
+            self.proc.kill()
+        return float(out.strip())
+
 
 SYMMETRIC = """#!/bin/bash
 #SBATCH --nodes={n}
@@ -42,8 +98,9 @@ SYMMETRIC = """#!/bin/bash
 #SBATCH --output={out}.log
 {setup}
 head_ip=$(getent hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" | awk '{{print $1}}')
+echo "$head_ip:6379" > {out}.addr
 srun --nodes={n} --ntasks-per-node=1 ray symmetric-run --address "$head_ip:6379" --min-nodes {n} \\
-  --num-cpus=2 --object-store-memory=300000000 -- python {probe} {n} {out}
+  --num-cpus=2 --object-store-memory=300000000 -- sleep 600
 """
 
 RAY_DOCS = """#!/bin/bash
@@ -54,6 +111,7 @@ RAY_DOCS = """#!/bin/bash
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head=${{nodes[0]}}
 head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$head" hostname --ip-address)
+echo "$head_ip:6379" > {out}.addr
 srun --overlap --nodes=1 --ntasks=1 -w "$head" ray start --head --node-ip-address="$head_ip" --port=6379 \\
   --num-cpus=2 --object-store-memory=300000000 --block &
 sleep 10
@@ -62,17 +120,8 @@ for ((i = 1; i < {n}; i++)); do
     --num-cpus=2 --object-store-memory=300000000 --block &
   sleep 5
 done
-python {probe} {n} {out} "$head_ip:6379"
+wait
 """
-
-
-def wait_file(path: Path, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_size:
-            return json.loads(path.read_text())
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear")
 
 
 def wait_gone(job_id: str, timeout: float = 120) -> None:
@@ -111,32 +160,41 @@ def sweep() -> int:
     return len(stray)
 
 
-def run_baseline(template: str, n: int, workdir: Path, setup: str, probe: Path, tag: str) -> float:
-    out = workdir / f"{tag}-{n}-{time.time_ns()}.json"
+def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> float:
+    out = workdir / f"{tag}-{n}-{time.time_ns()}"
     script = workdir / f"{tag}.sbatch"
-    script.write_text(template.format(n=n, out=out, setup=setup, probe=probe))
+    script.write_text(template.format(n=n, out=out, setup=setup))
+    observer = Observer(n)
+    observer.watch(Path(f"{out}.addr"))
     t0 = time.time()
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
     job_id = job.stdout.strip().split(";")[0]
     try:
-        ready = wait_file(out)["ready_at"]
+        alive = observer.alive_at()
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
         wait_gone(job_id)
-    return ready - t0
+    return alive - t0
 
 
-def run_raybridge(n: int, profile: str) -> float:
+def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float]:
+    """(all nodes alive, ready as `raybridge up` reports it), seconds after sbatch."""
     spec = load_spec(profile, nodes=n, job_name="bench-raybridge")
     runner = LocalRunner()
+    token_link = workdir / f"token-{time.time_ns()}"
+    observer = Observer(n, token=token_link)
     t0 = time.time()
     cluster = submit(spec, runner)
+    job_dir = Path(cluster.job_dir)
+    token_link.symlink_to(job_dir / ci.TOKEN)
+    observer.watch(job_dir / ci.HEAD)
     try:
+        alive = observer.alive_at()
         info = cluster.wait_ready(timeout=300)
     finally:
         cluster.stop()
         wait_gone(cluster.job_id)
-    return info["ready_at"] - t0
+    return alive - t0, info["ready_at"] - t0
 
 
 def main() -> int:
@@ -151,27 +209,28 @@ def main() -> int:
     setup = "\n".join(spec.setup)
     Path(spec.shared_dir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=spec.shared_dir))
-    probe = workdir / "alive_probe.py"
-    probe.write_text(ALIVE_PROBE)
     counts = [int(x) for x in args.nodes.split(",")]
     names = ["raybridge", "symmetric-run"] + ([] if args.skip_ray_docs else ["ray-docs"])
-    results: dict[str, dict[int, list[float]]] = {name: {n: [] for n in counts} for name in names}
+    results: dict[str, dict[int, list[float]]] = {
+        name: {n: [] for n in counts} for name in ["raybridge-ready", *names]
+    }
     leftovers = dict.fromkeys(names, 0)
     sweep()
     for r in range(args.runs):
         for n in counts:
             for name in names:  # interleaved, so drift in machine load hits all contenders alike
                 if name == "raybridge":
-                    t = run_raybridge(n, args.profile)
+                    t, ready = run_raybridge(n, args.profile, workdir)
+                    results["raybridge-ready"][n].append(ready)
                 elif name == "symmetric-run":
-                    t = run_baseline(SYMMETRIC, n, workdir, setup, probe, "symmetric")
+                    t = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
                 else:
-                    t = run_baseline(RAY_DOCS, n, workdir, setup, probe, "raydocs")
+                    t = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
                 results[name][n].append(t)
                 leftovers[name] += sweep()
                 print(f"round {r + 1}/{args.runs}  N={n}  {name:14} {t:6.2f} s", file=sys.stderr, flush=True)
     med = {name: {n: statistics.median(v) for n, v in per.items()} for name, per in results.items()}
-    header = f"{'N':>2} | {'raybridge':>10} | {'symmetric-run':>13} | {'ratio':>6}"
+    header = f"{'N':>2} | {'raybridge':>10} | {'(ready)':>8} | {'symmetric-run':>13} | {'ratio':>6}"
     if "ray-docs" in med:
         header += f" | {'ray-docs':>9} | {'ratio':>6}"
     print(
@@ -181,7 +240,8 @@ def main() -> int:
     print("-" * len(header))
     for n in counts:
         rb, sym = med["raybridge"][n], med["symmetric-run"][n]
-        row = f"{n:>2} | {rb:10.2f} | {sym:13.2f} | {rb / sym:6.2f}"
+        ready = med["raybridge-ready"][n]
+        row = f"{n:>2} | {rb:10.2f} | {ready:8.2f} | {sym:13.2f} | {rb / sym:6.2f}"
         if "ray-docs" in med:
             row += f" | {med['ray-docs'][n]:9.2f} | {rb / med['ray-docs'][n]:6.2f}"
         print(row)
@@ -191,6 +251,7 @@ def main() -> int:
         + ", ".join(f"{k} {v}" for k, v in leftovers.items())
     )
     print(f"raybridge scaling: {counts[-1]} nodes / {counts[0]} node = {last / first:.2f}x")
+    print("(ready) = all nodes alive and the head's dashboard and Ray Client server answering")
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "median": med}, indent=2))
     return 0

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from raybridge import clusterinfo as ci
-from raybridge.agent import netinfo, ports, resources
+from raybridge.agent import launch, netinfo, ports, resources
 
 PR_SET_CHILD_SUBREAPER = 36
 MARKER = "RAYBRIDGE_JOB_ID"  # set in every Ray process this agent starts
@@ -86,6 +86,8 @@ class Agent:
         self.stopping = False
         self.restarts = 0
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
+        self.started: launch.Started | None = None  # Ray started in-process (launch.py)
+        self.cmd: list[str] = []
 
     # ------------------------------------------------------------ plumbing
 
@@ -154,16 +156,21 @@ class Agent:
         else:
             cmd.append(f"--address={head['ip']}:{head['ports']['gcs']}")
         self.resources = res
-        return cmd + self.cfg.ray_args
+        self.cmd = cmd + self.cfg.ray_args
+        return self.cmd
 
     def start_ray(
         self,
         iface: netinfo.Iface,
         head: dict[str, Any] | None,
+        in_process: bool = True,
         on_gcs_up: Callable[[ports.PortPlan], None] | None = None,
     ) -> ports.PortPlan:
-        """Run `ray start`. on_gcs_up fires as soon as the GCS accepts connections (head only):
-        workers can then join while the head is still starting its dashboard and agents."""
+        """Start Ray on this node and return once its raylet registered with the GCS.
+
+        In-process (launch.py) unless Ray's internals are not as expected, or for a restart:
+        then the `ray start` command, which takes longer but needs nothing from Ray's internals.
+        on_gcs_up(plan) runs on the head once the GCS serves: from then on nodes can join."""
         plan = ports.choose_plan(self.cfg.job_id, iface.ip)
         cmd = self.ray_command(iface, plan, head)
         env = self.ray_env(iface)
@@ -176,20 +183,27 @@ class Agent:
             f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
             f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
         )
+        if in_process:
+            # Ray's processes inherit this process's environment; the agent has no other use for it.
+            os.environ.clear()
+            os.environ.update(env)
+            try:
+                with open(logfile, "a") as out:
+                    gcs_up = (lambda: on_gcs_up(plan)) if on_gcs_up else None
+                    self.started = launch.start(cmd[2:], out, on_gcs_up=gcs_up)
+                return plan
+            except launch.LaunchUnavailable as e:
+                self.log(f"{e}; using the `ray start` command")
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}; log {logfile}: {log_tail(logfile)}") from None
         with open(logfile, "a") as out:
-            proc = subprocess.Popen(
+            rc = subprocess.run(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-            while (rc := proc.poll()) is None:
-                if on_gcs_up and port_open(iface.ip, plan.gcs):
-                    on_gcs_up(plan)
-                    on_gcs_up = None
-                time.sleep(0.05)
-        if rc == 0 and on_gcs_up:
-            on_gcs_up(plan)
+            ).returncode
         if rc != 0:
-            tail = logfile.read_text().strip().splitlines()[-5:]
-            raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: " + " | ".join(tail))
+            raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: {log_tail(logfile)}")
+        if on_gcs_up:
+            on_gcs_up(plan)
         return plan
 
     # ------------------------------------------------------------ lifecycle
@@ -214,18 +228,20 @@ class Agent:
             self.teardown()
 
     def head(self) -> int:
-        # Import Ray's GCS client while `ray start` runs, not after: it takes about a second.
-        threading.Thread(target=GcsView.preload, daemon=True).start()
+        # Import Ray while Slurm starts the step and the interfaces are read, not after.
+        threading.Thread(target=preload, daemon=True).start()
         iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
         head: dict[str, Any] = {"ip": iface.ip, "hostname": self.host, "interface": iface.name}
 
-        def publish(plan: ports.PortPlan) -> None:  # the rendezvous: workers start joining now
+        def publish(plan: ports.PortPlan) -> None:  # the rendezvous: nodes start joining now
             head.update(ports=plan.as_dict(), gcs_up_at=ci.now())
             ci.write_json(self.cfg.job_dir / ci.HEAD, head)
 
         plan = self.start_ray(iface, None, on_gcs_up=publish)
         head_up = ci.now()
         head["up_at"] = head_up
+        if self.started:
+            self.started.start_deferred()
         self.write_node(iface, plan)
         self.log(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.cfg.nodes} nodes")
         self.update_cluster(
@@ -238,12 +254,18 @@ class Agent:
         )
         gcs = GcsView(f"{iface.ip}:{plan.gcs}")
         deadline = time.monotonic() + self.cfg.ready_timeout
+        alive_at: float | None = None
         while True:
-            # Ready = every raylet alive in the GCS (what `ray.nodes()` reports) and every agent has
-            # recorded its node (interface, resources), so status is complete from the first moment.
+            # Ready = every raylet alive in the GCS (what `ray.nodes()` reports), every agent has
+            # recorded its node (interface, resources), so status is complete from the first moment,
+            # and the head's services answer (dashboard/Jobs API, Ray Client): what `up` prints works.
             alive = gcs.alive_count()
             joined = len(list((self.cfg.job_dir / ci.NODES).glob("*.json")))
-            if alive >= self.cfg.nodes and joined >= self.cfg.nodes:
+            if alive_at is None and alive >= self.cfg.nodes and joined >= self.cfg.nodes:
+                alive_at = ci.now()
+                self.update_cluster(nodes_alive_at=alive_at)
+            waiting = self.services_pending(iface, plan)
+            if alive_at is not None and not waiting:
                 break
             if self.stop_requested():
                 return 0
@@ -251,13 +273,27 @@ class Agent:
                 raise RuntimeError(
                     f"only {alive} of {self.cfg.nodes} Ray nodes alive after "
                     f"{self.cfg.ready_timeout:.0f}s ({joined} agents reported)"
+                    + (f"; still waiting for {waiting}" if waiting else "")
                 )
-            time.sleep(0.2)
+            time.sleep(0.1)
         self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
         self.log(f"all {self.cfg.nodes} nodes alive; cluster ready")
         return self.watch(gcs)
 
+    def services_pending(self, iface: netinfo.Iface, plan: ports.PortPlan) -> str:
+        """The head's services not answering yet ('' = all up); raises if one failed to start."""
+        if self.started is None:  # `ray start` returned: it waited for them itself
+            return ""
+        if self.started.errors:
+            raise RuntimeError("; ".join(self.started.errors))
+        if self.started.dashboard_url() is None:
+            return "the dashboard"
+        if "--ray-client-server-port" in " ".join(self.cmd) and not port_open(iface.ip, plan.client):
+            return "the Ray Client server"
+        return ""
+
     def worker(self) -> int:
+        threading.Thread(target=preload, daemon=True).start()  # while the head starts
         head = self.wait_for_head()
         if head is None:
             return 0
@@ -306,7 +342,7 @@ class Agent:
         self.restarts += 1
         self.log(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
         self.kill_ray()
-        plan = self.start_ray(iface, head)
+        plan = self.start_ray(iface, head, in_process=False)  # a fresh `ray start`: no state kept
         self.write_node(iface, plan)
 
     def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
@@ -426,6 +462,19 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text().strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def preload() -> None:
+    """Import Ray's launcher and GCS client ahead of use (about a second of CPU)."""
+    launch.preload()
+    GcsView.preload()
 
 
 def reap() -> None:
