@@ -1,8 +1,11 @@
 """Start Ray on this node from inside the agent process, in the order that gets nodes alive first.
 
-`ray start` is Ray's CLI for this; here its own command runs in-process (Ray is imported while the
-agent waits for Slurm and the head, not in a fresh interpreter), with one change to Ray's node
-launcher: the order of the processes it starts.
+`ray start` is Ray's CLI for this: it turns its options into Ray's node parameters and builds Ray's
+node launcher (`ray._private.node.Node`). Here the same happens in the agent's process, where Ray is
+imported while the agent waits for Slurm and the head, not in a fresh interpreter. The options
+raybridge passes itself are mapped directly (importing the CLI module costs ~0.4 s of CPU per node);
+with any other option (the profile's `ray_args`) Ray's own `start` command parses them, in-process.
+One change to the launcher: the order of the processes it starts.
 
 Ray's order on the head: GCS, autoscaler monitor, Ray Client server, dashboard (and wait for it),
 log monitor, raylet. The raylet registers the node only after its own dashboard agent is up, so the
@@ -11,8 +14,10 @@ for the CPU. Here: GCS, raylet (its agents start at once), then the dashboard in
 the log monitor; the monitor and the Ray Client server start once the node is alive. Every process
 and every option is still Ray's; only the start order changed.
 
-Two waits change too: Ray polls the GCS for "is my raylet registered?" once a second and, on a
-joining node, for "is the head registered?" every 2 s. Both become 50-ms polls of the same query.
+Two waits change too. Ray polls the GCS for "is my raylet registered?" once a second: here every
+50 ms. A joining node asks the GCS for the head node's record (polling every 2 s until the head's
+raylet registered) only to learn the head's temp and session folders; the head publishes those with
+its address as soon as the GCS serves, so workers start their raylets while the head's is starting.
 
 Anything unexpected in Ray's internals (another Ray version) raises LaunchUnavailable before a
 process starts, and the agent falls back to the `ray start` command.
@@ -35,16 +40,53 @@ class LaunchUnavailable(RuntimeError):
 
 
 def preload() -> None:
-    """Import what start() needs (about a second of CPU); call early, from a thread."""
+    """Import what start() needs (about half a second of CPU); call early, from a thread."""
     with contextlib.suppress(Exception):
         _ray_internals()
+        import ray._private.authentication.authentication_token_setup  # noqa: F401
+        import ray._private.parameter  # noqa: F401
 
 
-def _ray_internals() -> tuple[Any, Any, Any]:
+# `ray start` option -> (RayParams field, type): the options the agent itself passes.
+PARAMS: dict[str, tuple[str, type]] = {
+    "node-ip-address": ("node_ip_address", str),
+    "temp-dir": ("temp_dir", str),
+    "num-cpus": ("num_cpus", int),
+    "num-gpus": ("num_gpus", int),
+    "object-store-memory": ("object_store_memory", int),
+    "memory": ("memory", int),
+    "node-manager-port": ("node_manager_port", int),
+    "object-manager-port": ("object_manager_port", int),
+    "metrics-export-port": ("metrics_export_port", int),
+    "dashboard-agent-listen-port": ("dashboard_agent_listen_port", int),
+    "dashboard-agent-grpc-port": ("metrics_agent_port", int),
+    "runtime-env-agent-port": ("runtime_env_agent_port", int),
+    "min-worker-port": ("min_worker_port", int),
+    "max-worker-port": ("max_worker_port", int),
+    "ray-client-server-port": ("ray_client_server_port", int),
+    "include-dashboard": ("include_dashboard", lambda v: v.lower() == "true"),
+    "dashboard-host": ("dashboard_host", str),
+    "dashboard-port": ("dashboard_port", int),
+}
+SPECIAL = {"head", "disable-usage-stats", "port", "address"}
+
+
+def parse_args(args: Sequence[str]) -> dict[str, str] | None:
+    """`--name=value` / `--flag` options -> {name: value}; None if any is not one the direct path
+    knows (then Ray's own CLI parses them)."""
+    out = {}
+    for a in args:
+        name, eq, value = a.removeprefix("--").partition("=")
+        if not a.startswith("--") or (name not in PARAMS and name not in SPECIAL):
+            return None
+        out[name] = value if eq else "true"
+    return out
+
+
+def _ray_internals() -> tuple[Any, Any]:
     try:
         import ray._private.node as node_module
         import ray._private.services as services
-        from ray.scripts.scripts import start as start_command
     except ImportError as e:
         raise LaunchUnavailable(f"Ray's node launcher is not importable: {e}") from e
     for module, name in ((services, "get_node"), (node_module, "get_all_node_info_until_retrieved")):
@@ -64,7 +106,42 @@ def _ray_internals() -> tuple[Any, Any, Any]:
     )
     if node_class is None or any(not hasattr(node_class, n) for n in needed):
         raise LaunchUnavailable("Ray's Node class does not have the expected methods")
-    return node_module, services, start_command
+    return node_module, services
+
+
+def _start_direct(options: dict[str, str], node_module: Any, services: Any) -> None:
+    """What `ray start` does with these options (scripts.py `start`), minus the console output."""
+    import ray._private.utils as ray_utils
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._private.parameter import RayParams
+
+    kwargs = {field: conv(options[name]) for name, (field, conv) in PARAMS.items() if name in options}
+    if kwargs.get("ray_client_server_port") is None and ray_utils.get_ray_client_dependency_error() is None:
+        kwargs["ray_client_server_port"] = 10001  # the CLI's default, also on nodes that do not serve it
+    params = RayParams(
+        node_name=options.get("node-ip-address"), huge_pages=False, resources={}, labels={}, **kwargs
+    )
+    head = "head" in options
+    if head:
+        params.gcs_server_port = int(options["port"])
+        params.update_if_absent(redis_shard_ports=None, num_redis_shards=None, redis_max_clients=None)
+    else:
+        params.gcs_address = services.canonicalize_bootstrap_address(
+            options["address"], temp_dir=params.temp_dir
+        )
+    ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    node = node_module.Node(params, head=head, shutdown_at_exit=False, spawn_reaper=False)
+    ray_utils.write_ray_address(node.gcs_address, params.temp_dir)
+
+
+def _start_cli(args: Sequence[str]) -> None:
+    from ray.scripts.scripts import start as start_command
+
+    try:
+        start_command.main(args=list(args), prog_name="ray start", standalone_mode=False)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"`ray start` exited with {e.code}") from None
 
 
 @contextlib.contextmanager
@@ -138,23 +215,49 @@ class Started:
         self.background.append(t)
         t.start()
 
-    def start_deferred(self) -> None:
-        """The head's services nothing waits for: the autoscaler monitor and the Ray Client server."""
-        params = self.node._ray_params
-        if not params.no_monitor:
-            self.run_later("monitor", self.node.start_monitor)
-        if params.ray_client_server_port:
-            self.run_later("ray-client-server", self.node.start_ray_client_server)
+    def start_rest(self) -> None:
+        """Ray's other processes on this node, once it is alive: the log monitor, and on the head
+        the dashboard, the autoscaler monitor and the Ray Client server."""
+        node, params = self.node, self.node._ray_params
+        if node.head:
+            dash = params.include_dashboard
+            self.run_later(
+                "dashboard", node.start_api_server, include_dashboard=dash, raise_on_failure=bool(dash)
+            )
+        if params.include_log_monitor:
+            self.run_later("log monitor", node.start_log_monitor)
+        if node.head and not params.no_monitor:
+            self.run_later("monitor", node.start_monitor)
+        if node.head and params.ray_client_server_port:
+            self.run_later("ray-client-server", node.start_ray_client_server)
 
     def dashboard_url(self) -> str | None:
         return getattr(self.node, "_webui_url", None) or None
 
 
-def start(args: Sequence[str], log: IO[str], on_gcs_up: Callable[[], None] | None = None) -> Started:
+def _head_record(dirs: dict[str, str]) -> Callable[..., Any]:
+    """In place of utils.get_all_node_info_until_retrieved on a joining node: the head's record as
+    far as Ray's join uses it (its folders), from what the head published."""
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    def head_info(*_args: Any, **_kwargs: Any) -> list[Any]:
+        return [GcsNodeInfo(state=GcsNodeInfo.GcsNodeState.ALIVE, **dirs)]
+
+    return head_info
+
+
+def start(
+    args: Sequence[str],
+    log: IO[str],
+    on_gcs_up: Callable[[dict[str, str]], None] | None = None,
+    head_dirs: dict[str, str] | None = None,
+) -> Started:
     """Run `ray start ARGS` in this process with the reordered launcher; return once the raylet
-    registered with the GCS. on_gcs_up runs on the head as soon as the GCS serves (nodes can join
-    from then on). Output goes to `log`. Raises RuntimeError with Ray's message."""
-    node_module, services, start_command = _ray_internals()
+    registered with the GCS. On the head, on_gcs_up(dirs) runs as soon as the GCS serves: nodes can
+    join from then on, given `dirs` (the head's temp_dir and session_dir) as head_dirs. Output goes
+    to `log`. Raises RuntimeError with Ray's message."""
+    node_module, services = _ray_internals()
+    options = parse_args(args)
     original = node_module.Node
     box: dict[str, Started] = {}
 
@@ -163,35 +266,34 @@ def start(args: Sequence[str], log: IO[str], on_gcs_up: Callable[[], None] | Non
             self.start_gcs_server()
             self._write_cluster_info_to_kv()
             if on_gcs_up:
-                on_gcs_up()
+                on_gcs_up({"temp_dir": self.temp_dir, "session_dir": self._session_dir})
 
         def start_ray_processes(self) -> None:
+            box["started"] = Started(self)
             include_log_monitor = self._ray_params.include_log_monitor
             self._ray_params.include_log_monitor = False
             try:
                 super().start_ray_processes()  # the raylet (and its agents)
             finally:
                 self._ray_params.include_log_monitor = include_log_monitor
-            started = box["started"] = Started(self)
-            if self.head:
-                dash = self._ray_params.include_dashboard
-                started.run_later(
-                    "dashboard", self.start_api_server, include_dashboard=dash, raise_on_failure=bool(dash)
-                )
-            if include_log_monitor:
-                self.start_log_monitor()
 
     patches = (
-        _patched(node_module, Node=FastNode, get_all_node_info_until_retrieved=_quick_node_info),
+        _patched(
+            node_module,
+            Node=FastNode,
+            get_all_node_info_until_retrieved=_head_record(head_dirs) if head_dirs else _quick_node_info,
+        ),
         _patched(services, get_node=_quick_get_node(services.get_node)),
     )
     # Module attributes: patched for this call only, one call at a time.
     with _lock, patches[0], patches[1], contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            start_command.main(args=list(args), prog_name="ray start", standalone_mode=False)
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise RuntimeError(f"`ray start` exited with {e.code}") from None
+            if options is not None:
+                _start_direct(options, node_module, services)
+            else:
+                _start_cli(args)
+        except RuntimeError:
+            raise
         except Exception as e:
             raise RuntimeError(f"`ray start` failed: {e}") from e
     if "started" not in box:

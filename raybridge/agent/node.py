@@ -92,7 +92,8 @@ class Agent:
     # ------------------------------------------------------------ plumbing
 
     def log(self, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
+        now = time.time()
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
         print(f"raybridge[{self.host}/{self.role}] {stamp} {message}", flush=True)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -164,13 +165,13 @@ class Agent:
         iface: netinfo.Iface,
         head: dict[str, Any] | None,
         in_process: bool = True,
-        on_gcs_up: Callable[[ports.PortPlan], None] | None = None,
+        on_gcs_up: Callable[[ports.PortPlan, dict[str, str] | None], None] | None = None,
     ) -> ports.PortPlan:
         """Start Ray on this node and return once its raylet registered with the GCS.
 
         In-process (launch.py) unless Ray's internals are not as expected, or for a restart:
         then the `ray start` command, which takes longer but needs nothing from Ray's internals.
-        on_gcs_up(plan) runs on the head once the GCS serves: from then on nodes can join."""
+        on_gcs_up(plan, ray_dirs) runs on the head once the GCS serves: from then on nodes can join."""
         plan = ports.choose_plan(self.cfg.job_id, iface.ip)
         cmd = self.ray_command(iface, plan, head)
         env = self.ray_env(iface)
@@ -189,8 +190,10 @@ class Agent:
             os.environ.update(env)
             try:
                 with open(logfile, "a") as out:
-                    gcs_up = (lambda: on_gcs_up(plan)) if on_gcs_up else None
-                    self.started = launch.start(cmd[2:], out, on_gcs_up=gcs_up)
+                    gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
+                    dirs = head.get("ray_dirs") if head else None
+                    self.started = launch.start(cmd[2:], out, on_gcs_up=gcs_up, head_dirs=dirs)
+                self.started.start_rest()
                 return plan
             except launch.LaunchUnavailable as e:
                 self.log(f"{e}; using the `ray start` command")
@@ -203,7 +206,7 @@ class Agent:
         if rc != 0:
             raise RuntimeError(f"`ray start` failed (exit {rc}); log {logfile}: {log_tail(logfile)}")
         if on_gcs_up:
-            on_gcs_up(plan)
+            on_gcs_up(plan, None)
         return plan
 
     # ------------------------------------------------------------ lifecycle
@@ -233,15 +236,14 @@ class Agent:
         iface = netinfo.choose(self.cfg.interface, netinfo.ipv4_interfaces())
         head: dict[str, Any] = {"ip": iface.ip, "hostname": self.host, "interface": iface.name}
 
-        def publish(plan: ports.PortPlan) -> None:  # the rendezvous: nodes start joining now
-            head.update(ports=plan.as_dict(), gcs_up_at=ci.now())
+        def publish(plan: ports.PortPlan, ray_dirs: dict[str, str] | None) -> None:
+            # The rendezvous: nodes start joining now.
+            head.update(ports=plan.as_dict(), gcs_up_at=ci.now(), ray_dirs=ray_dirs)
             ci.write_json(self.cfg.job_dir / ci.HEAD, head)
 
         plan = self.start_ray(iface, None, on_gcs_up=publish)
         head_up = ci.now()
         head["up_at"] = head_up
-        if self.started:
-            self.started.start_deferred()
         self.write_node(iface, plan)
         self.log(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.cfg.nodes} nodes")
         self.update_cluster(
