@@ -160,7 +160,23 @@ def sweep() -> int:
     return len(stray)
 
 
-def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> float:
+def job_cpu(job_id: str) -> float:
+    """CPU seconds used so far by the job's live processes (those with its SLURM_JOB_ID; the test bed
+    shares one PID namespace). Processes that already exited are not counted (e.g. a baseline's
+    `ray start` command), so this undercounts the baselines, never raybridge's own agents."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("SLURM_JOB_ID") == job_id:
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> tuple[float, float]:
+    """(all nodes alive, CPU seconds the job had used by then)."""
     out = workdir / f"{tag}-{n}-{time.time_ns()}"
     script = workdir / f"{tag}.sbatch"
     script.write_text(template.format(n=n, out=out, setup=setup))
@@ -171,14 +187,16 @@ def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> 
     job_id = job.stdout.strip().split(";")[0]
     try:
         alive = observer.alive_at()
+        cpu = job_cpu(job_id)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
         wait_gone(job_id)
-    return alive - t0
+    return alive - t0, cpu
 
 
-def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float]:
-    """(all nodes alive, ready as `raybridge up` reports it), seconds after sbatch."""
+def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, float]:
+    """(all nodes alive, ready as `raybridge up` reports it) in seconds after sbatch, and the CPU
+    seconds the job had used when all nodes were alive."""
     spec = load_spec(profile, nodes=n, job_name="bench-raybridge")
     runner = LocalRunner()
     token_link = workdir / f"token-{time.time_ns()}"
@@ -190,11 +208,12 @@ def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float]:
     observer.watch(job_dir / ci.HEAD)
     try:
         alive = observer.alive_at()
+        cpu = job_cpu(cluster.job_id)
         info = cluster.wait_ready(timeout=300)
     finally:
         cluster.stop()
         wait_gone(cluster.job_id)
-    return alive - t0, info["ready_at"] - t0
+    return alive - t0, info["ready_at"] - t0, cpu
 
 
 def main() -> int:
@@ -212,7 +231,7 @@ def main() -> int:
     counts = [int(x) for x in args.nodes.split(",")]
     names = ["raybridge", "symmetric-run"] + ([] if args.skip_ray_docs else ["ray-docs"])
     results: dict[str, dict[int, list[float]]] = {
-        name: {n: [] for n in counts} for name in ["raybridge-ready", *names]
+        name: {n: [] for n in counts} for name in ["raybridge-ready", *names, *(f"cpu:{x}" for x in names)]
     }
     leftovers = dict.fromkeys(names, 0)
     sweep()
@@ -220,13 +239,14 @@ def main() -> int:
         for n in counts:
             for name in names:  # interleaved, so drift in machine load hits all contenders alike
                 if name == "raybridge":
-                    t, ready = run_raybridge(n, args.profile, workdir)
+                    t, ready, cpu = run_raybridge(n, args.profile, workdir)
                     results["raybridge-ready"][n].append(ready)
                 elif name == "symmetric-run":
-                    t = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
+                    t, cpu = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
                 else:
-                    t = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
+                    t, cpu = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
                 results[name][n].append(t)
+                results[f"cpu:{name}"][n].append(cpu)
                 leftovers[name] += sweep()
                 print(f"round {r + 1}/{args.runs}  N={n}  {name:14} {t:6.2f} s", file=sys.stderr, flush=True)
     med = {name: {n: statistics.median(v) for n, v in per.items()} for name, per in results.items()}
@@ -245,6 +265,10 @@ def main() -> int:
         if "ray-docs" in med:
             row += f" | {med['ray-docs'][n]:9.2f} | {rb / med['ray-docs'][n]:6.2f}"
         print(row)
+    print("\nCPU seconds the job's processes had used when all N nodes were alive (median; 2 shared cores)")
+    print(" N | " + " | ".join(f"{x:>13}" for x in names))
+    for n in counts:
+        print(f"{n:>2} | " + " | ".join(f"{med[f'cpu:{x}'][n]:13.2f}" for x in names))
     first, last = med["raybridge"][counts[0]], med["raybridge"][counts[-1]]
     print(
         "Ray processes left running after the job ended (killed by the benchmark): "

@@ -10,9 +10,10 @@ One change to the launcher: the order of the processes it starts.
 Ray's order on the head: GCS, autoscaler monitor, Ray Client server, dashboard (and wait for it),
 log monitor, raylet. The raylet registers the node only after its own dashboard agent is up, so the
 node is alive only after two Python servers started one after the other, while three more compete
-for the CPU. Here: GCS, raylet (its agents start at once), then the dashboard in the background and
-the log monitor; the monitor and the Ray Client server start once the node is alive. Every process
-and every option is still Ray's; only the start order changed.
+for the CPU. Here: GCS, then the raylet (with its agents). Once every node is alive the head starts
+the dashboard and the Ray Client server (what clients use); once those answer, the log monitors and
+the autoscaler monitor (what nothing waits for). Every process and every option is still Ray's;
+only the start order changed.
 
 Two waits change too. Ray polls the GCS for "is my raylet registered?" once a second: here every
 50 ms. A joining node asks the GCS for the head node's record (polling every 2 s until the head's
@@ -215,21 +216,29 @@ class Started:
         self.background.append(t)
         t.start()
 
-    def start_rest(self) -> None:
-        """Ray's other processes on this node, once it is alive: the log monitor, and on the head
-        the dashboard, the autoscaler monitor and the Ray Client server."""
+    def start_services(self) -> None:
+        """The head's services that clients use: the dashboard (with the Jobs API) and the Ray
+        Client server. Started once every node is alive, so that they do not compete with the
+        nodes' own start for the CPU."""
         node, params = self.node, self.node._ray_params
-        if node.head:
-            dash = params.include_dashboard
-            self.run_later(
-                "dashboard", node.start_api_server, include_dashboard=dash, raise_on_failure=bool(dash)
-            )
+        if not node.head:
+            return
+        dash = params.include_dashboard
+        self.run_later(
+            "dashboard", node.start_api_server, include_dashboard=dash, raise_on_failure=bool(dash)
+        )
+        if params.ray_client_server_port:
+            self.run_later("ray-client-server", node.start_ray_client_server)
+
+    def start_background(self) -> None:
+        """What nothing waits for, started once the cluster is ready: the log monitor (it streams
+        workers' output to drivers, from the start of each log file) and the head's autoscaler
+        monitor (`ray status`)."""
+        node, params = self.node, self.node._ray_params
         if params.include_log_monitor:
             self.run_later("log monitor", node.start_log_monitor)
         if node.head and not params.no_monitor:
             self.run_later("monitor", node.start_monitor)
-        if node.head and params.ray_client_server_port:
-            self.run_later("ray-client-server", node.start_ray_client_server)
 
     def dashboard_url(self) -> str | None:
         return getattr(self.node, "_webui_url", None) or None

@@ -193,7 +193,6 @@ class Agent:
                     gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
                     dirs = head.get("ray_dirs") if head else None
                     self.started = launch.start(cmd[2:], out, on_gcs_up=gcs_up, head_dirs=dirs)
-                self.started.start_rest()
                 return plan
             except launch.LaunchUnavailable as e:
                 self.log(f"{e}; using the `ray start` command")
@@ -266,6 +265,8 @@ class Agent:
             if alive_at is None and alive >= self.cfg.nodes and joined >= self.cfg.nodes:
                 alive_at = ci.now()
                 self.update_cluster(nodes_alive_at=alive_at)
+                if self.started:
+                    self.started.start_services()
             waiting = self.services_pending(iface, plan)
             if alive_at is not None and not waiting:
                 break
@@ -279,6 +280,8 @@ class Agent:
                 )
             time.sleep(0.1)
         self.update_cluster(state="ready", ready_at=ci.now(), nodes=self.node_records(gcs))
+        if self.started:
+            self.started.start_background()
         self.log(f"all {self.cfg.nodes} nodes alive; cluster ready")
         return self.watch(gcs)
 
@@ -322,9 +325,14 @@ class Agent:
         """Until stop: reap orphans, keep cluster.json current (head), restart a dead raylet (worker)."""
         last_refresh = 0.0
         missing_since: float | None = None
+        background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
         while not self.stop_requested():
             reap()
             now = time.monotonic()
+            if gcs is None and self.started and not self.started.background:
+                state = (ci.read_json(self.cfg.job_dir / ci.CLUSTER) or {}).get("state")
+                if state == "ready" or now > background_due:
+                    self.started.start_background()
             if gcs is not None and now - last_refresh > 2:
                 last_refresh = now
                 if not self.has_process("gcs_server"):
@@ -344,6 +352,7 @@ class Agent:
         self.restarts += 1
         self.log(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
         self.kill_ray()
+        self.started = None
         plan = self.start_ray(iface, head, in_process=False)  # a fresh `ray start`: no state kept
         self.write_node(iface, plan)
 
