@@ -33,7 +33,7 @@ POLL = 0.5
 @dataclass(frozen=True)
 class Progress:
     job_id: str
-    phase: str  # queued | starting | joining | ready
+    phase: str  # queued | starting | joining | services | ready
     slurm_state: str
     reason: str
     joined: int
@@ -48,6 +48,10 @@ class Progress:
             return f"[{t}] job {self.job_id}: all {self.expected} nodes joined, cluster ready"
         if self.phase == "starting":
             return f"[{t}] job {self.job_id}: running, starting Ray head"
+        if self.phase == "services":
+            return (
+                f"[{t}] job {self.job_id}: all {self.expected} nodes alive, starting dashboard and Ray Client"
+            )
         return f"[{t}] job {self.job_id}: nodes joined {self.joined}/{self.expected}"
 
 
@@ -124,6 +128,10 @@ class Cluster:
                 p = Progress(self.job_id, "queued", job.slurm_state, job.reason, 0, expected, elapsed)
             elif not info.get("head"):
                 p = Progress(self.job_id, "starting", job.slurm_state, job.reason, 0, expected, elapsed)
+            elif info.get("nodes_alive_at"):
+                p = Progress(
+                    self.job_id, "services", job.slurm_state, job.reason, expected, expected, elapsed
+                )
             else:
                 p = Progress(
                     self.job_id, "joining", job.slurm_state, job.reason, self.joined(), expected, elapsed

@@ -161,17 +161,23 @@ def sweep() -> int:
 
 
 def job_cpu(job_id: str) -> float:
-    """CPU seconds used so far by the job's live processes (those with its SLURM_JOB_ID; the test bed
-    shares one PID namespace). Processes that already exited are not counted (e.g. a baseline's
-    `ray start` command), so this undercounts the baselines, never raybridge's own agents."""
+    """CPU seconds used so far by the job's live processes: those with its SLURM_JOB_ID (the test bed
+    shares one PID namespace) and all their descendants (Ray's agents retitle themselves, which hides
+    their environment). Processes that already exited are not counted (e.g. a baseline's `ray start`
+    before --block), so this can only undercount the baselines."""
     import psutil
 
-    total = 0.0
+    procs: dict[int, psutil.Process] = {}
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if p.environ().get("SLURM_JOB_ID") == job_id:
-                t = p.cpu_times()
-                total += t.user + t.system
+                procs[p.pid] = p
+                procs.update((c.pid, c) for c in p.children(recursive=True))
+    total = 0.0
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
     return total
 
 
