@@ -80,3 +80,10 @@ def test_head_record_for_joining_nodes_carries_the_head_folders():
     info = launch._head_record({"temp_dir": "/tmp/rb-1", "session_dir": "/tmp/rb-1/session_x"})()
     assert info[0].temp_dir == "/tmp/rb-1" and info[0].session_dir == "/tmp/rb-1/session_x"
     assert info[0].state == 0  # ALIVE, what Ray's join looks for
+
+
+def test_unexpected_ray_internals_mean_the_ray_start_command(monkeypatch):
+    node_module, _ = launch._ray_internals()
+    monkeypatch.delattr(node_module.Node, "start_api_server")
+    with pytest.raises(launch.LaunchUnavailable, match="expected methods"):
+        launch.start(["--head"], log=None)
