@@ -4,13 +4,31 @@ import ipaddress
 import json
 import re
 import stat
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import job_processes, ray_processes_in
 
 pytestmark = pytest.mark.cluster
 FABRIC = ipaddress.ip_network("10.212.0.0/24")
+
+
+def late_processes(job_id: str) -> dict[str, int]:
+    """Log monitors and autoscaler monitors of this job, by script name."""
+    counts: dict[str, int] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.environ().get("RAYBRIDGE_JOB_ID") != job_id:
+                continue
+        except psutil.Error:
+            continue
+        script = next((Path(a).name for a in p.info["cmdline"] or [] if a.endswith("monitor.py")), None)
+        if script:
+            counts[script] = counts.get(script, 0) + 1
+    return counts
 
 
 def job_id_from(stderr: str) -> str:
@@ -45,10 +63,19 @@ def test_up_status_down_three_nodes(testbed):
         assert stat.S_IMODE((testbed.job_dir(job) / "cluster.json").stat().st_mode) == 0o600
         assert stat.S_IMODE(testbed.job_dir(job).stat().st_mode) == 0o700
         assert info["token_path"] == str(token)
-        for phase in ("submitted_at", "started_at", "head_up_at", "ready_at"):
+        for phase in ("submitted_at", "started_at", "head_up_at", "nodes_alive_at", "ready_at"):
             assert info[phase] > 0
         assert info["submitted_at"] <= info["started_at"] <= info["head_up_at"] <= info["ready_at"]
+        assert info["head_up_at"] <= info["nodes_alive_at"] <= info["ready_at"]
         assert job_processes(job), "Ray processes of the job should carry the job marker"
+        # Ray was started by the agent's launcher, not the slower `ray start` fallback, and the
+        # processes it starts late are there: a log monitor per node, the head's monitor.
+        (output,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
+        assert "using the `ray start` command" not in output.read_text()
+        deadline = time.monotonic() + 15
+        while (late := late_processes(job)) != {"log_monitor.py": 3, "monitor.py": 1}:
+            assert time.monotonic() < deadline, late
+            time.sleep(0.5)
         listing = testbed.raybridge("login", "status", "--profile", testbed.local_profile)
         assert f"job {job} (raybridge): Slurm RUNNING, Ray ready, 3/3 nodes alive" in listing.stdout
     finally:
