@@ -5,7 +5,7 @@ Run through scripts/bench-bringup (it starts the test bed and runs this on the l
 Baselines, on the same cluster and the same nodes, in the same rounds:
   symmetric-run  `ray symmetric-run --address HEAD:6379 --min-nodes N` on every node (ships with Ray)
   ray-docs       the protocol of Ray's documented slurm-basic.sh: head via srun, sleep 10 s, then one
-                 srun per worker with a 5 s sleep after each, then the driver
+                 srun per worker with a 5 s sleep after each
 Every contender's clock starts just before `sbatch` and stops when one and the same observer sees all N
 nodes alive in the GCS: a process on the login node, started (Ray imported) before the clock, that polls the
 GCS node table every 50 ms as soon as the contender's head address is known. All on one machine clock.
@@ -37,14 +37,14 @@ import json, sys, time
 from ray._raylet import GcsClient
 n = int(sys.argv[1])
 print("armed", flush=True)
-words = sys.stdin.readline().split()
+path = sys.stdin.readline().strip()
 address = None
 while address is None:
     try:
-        text = open(words[0]).read().strip()
+        text = open(path).read().strip()
     except OSError:
         text = ""
-    if text and words[0].endswith(".json"):
+    if text and path.endswith(".json"):
         head = json.loads(text)
         address = f"{head['ip']}:{head['ports']['gcs']}"
     elif text:

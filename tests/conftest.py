@@ -85,13 +85,24 @@ class Testbed:
             time.sleep(0.5)
 
 
-def job_processes(job_id: str) -> list[str]:
+def job_procs(job_id: str) -> list[psutil.Process]:
     """Processes anywhere on the machine that belong to this raybridge job's Ray cluster."""
     found = []
-    for p in psutil.process_iter(["name"]):
+    for p in psutil.process_iter():
         try:
             if p.environ().get("RAYBRIDGE_JOB_ID") == job_id:
-                found.append(f"{p.pid}:{p.info['name']}")
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def job_processes(job_id: str) -> list[str]:
+    """The same, as pid:name."""
+    found = []
+    for p in job_procs(job_id):
+        try:
+            found.append(f"{p.pid}:{p.name()}")
         except psutil.Error:
             continue
     return found

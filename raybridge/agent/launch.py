@@ -5,7 +5,7 @@ node launcher (`ray._private.node.Node`). Here the same happens in the agent's p
 imported while the agent waits for Slurm and the head, not in a fresh interpreter. The options
 raybridge passes itself are mapped directly (importing the CLI module costs ~0.4 s of CPU per node);
 with any other option (the profile's `ray_args`) Ray's own `start` command parses them, in-process.
-One change to the launcher: the order of the processes it starts.
+What changes is the order of the processes Ray's launcher starts, and two of its waits.
 
 Ray's order on the head: GCS, autoscaler monitor, Ray Client server, dashboard (and wait for it),
 log monitor, raylet. The raylet registers the node only after its own dashboard agent is up, so the
@@ -15,7 +15,7 @@ the dashboard and the Ray Client server (what clients use); once those answer, t
 the autoscaler monitor (what nothing waits for). Every process and every option is still Ray's;
 only the start order changed.
 
-Two waits change too. Ray polls the GCS for "is my raylet registered?" once a second: here every
+The waits: Ray polls the GCS for "is my raylet registered?" once a second: here every
 50 ms. A joining node asks the GCS for the head node's record (polling every 2 s until the head's
 raylet registered) only to learn the head's temp and session folders; the head publishes those with
 its address as soon as the GCS serves, so workers start their raylets while the head's is starting.
@@ -27,6 +27,7 @@ process starts, and the agent falls back to the `ray start` command.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -176,33 +177,12 @@ def _quick_get_node(original: Callable[..., Any]) -> Callable[..., Any]:
     return get_node
 
 
-def _quick_node_info(
-    gcs_client: Any,
-    node_selectors: Any = None,
-    state_filter: Any = None,
-    num_retries: int = 20,
-    timeout_per_retry: Any = None,
-) -> Any:
-    """utils.get_all_node_info_until_retrieved with 50-ms polls (Ray's sleeps 2 s), same budget."""
-    deadline = time.monotonic() + 2 * num_retries
-    while True:
-        with contextlib.suppress(Exception):
-            infos = gcs_client.get_all_node_info(
-                timeout=timeout_per_retry, node_selectors=node_selectors, state_filter=state_filter
-            ).values()
-            if infos:
-                return infos
-        if time.monotonic() > deadline:
-            raise RuntimeError("no node info found for the head node in the GCS")
-        time.sleep(POLL_S)
-
-
 class Started:
     """A node started by start(): the Ray Node object and what still runs in the background."""
 
     def __init__(self, node: Any):
         self.node = node
-        self.background: list[threading.Thread] = []
+        self.background_started = False
         self.errors: list[str] = []
 
     def run_later(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -212,9 +192,7 @@ class Started:
             except Exception as e:  # reported by the agent, never a silent thread death
                 self.errors.append(f"{name}: {e}")
 
-        t = threading.Thread(target=target, name=name, daemon=True)
-        self.background.append(t)
-        t.start()
+        threading.Thread(target=target, name=name, daemon=True).start()
 
     def start_services(self) -> None:
         """The head's services that clients use: the dashboard (with the Jobs API) and the Ray
@@ -235,13 +213,31 @@ class Started:
         workers' output to drivers, from the start of each log file) and the head's autoscaler
         monitor (`ray status`)."""
         node, params = self.node, self.node._ray_params
+        self.background_started = True
         if params.include_log_monitor:
             self.run_later("log monitor", node.start_log_monitor)
         if node.head and not params.no_monitor:
             self.run_later("monitor", node.start_monitor)
 
-    def dashboard_url(self) -> str | None:
-        return getattr(self.node, "_webui_url", None) or None
+    def services_pending(self) -> str:
+        """What start_services() started that does not answer yet ('' = all up); raises if one
+        failed to start."""
+        if self.errors:
+            raise RuntimeError("; ".join(self.errors))
+        if not getattr(self.node, "_webui_url", None):
+            return "the dashboard"
+        params = self.node._ray_params
+        if params.ray_client_server_port and not _port_open(
+            params.node_ip_address, params.ray_client_server_port
+        ):
+            return "the Ray Client server"
+        return ""
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
 
 
 def _head_record(dirs: dict[str, str]) -> Callable[..., Any]:
@@ -286,12 +282,11 @@ def start(
             finally:
                 self._ray_params.include_log_monitor = include_log_monitor
 
+    node_patches = {"Node": FastNode}
+    if head_dirs:
+        node_patches["get_all_node_info_until_retrieved"] = _head_record(head_dirs)
     patches = (
-        _patched(
-            node_module,
-            Node=FastNode,
-            get_all_node_info_until_retrieved=_head_record(head_dirs) if head_dirs else _quick_node_info,
-        ),
+        _patched(node_module, **node_patches),
         _patched(services, get_node=_quick_get_node(services.get_node)),
     )
     # Module attributes: patched for this call only, one call at a time.

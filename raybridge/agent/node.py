@@ -87,7 +87,6 @@ class Agent:
         self.restarts = 0
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.started: launch.Started | None = None  # Ray started in-process (launch.py)
-        self.cmd: list[str] = []
 
     # ------------------------------------------------------------ plumbing
 
@@ -157,8 +156,7 @@ class Agent:
         else:
             cmd.append(f"--address={head['ip']}:{head['ports']['gcs']}")
         self.resources = res
-        self.cmd = cmd + self.cfg.ray_args
-        return self.cmd
+        return cmd + self.cfg.ray_args
 
     def start_ray(
         self,
@@ -267,7 +265,8 @@ class Agent:
                 self.update_cluster(nodes_alive_at=alive_at)
                 if self.started:
                     self.started.start_services()
-            waiting = self.services_pending(iface, plan)
+            # `ray start` (started is None) returned only once its services were up.
+            waiting = self.started.services_pending() if alive_at and self.started else ""
             if alive_at is not None and not waiting:
                 break
             if self.stop_requested():
@@ -284,18 +283,6 @@ class Agent:
             self.started.start_background()
         self.log(f"all {self.cfg.nodes} nodes alive; cluster ready")
         return self.watch(gcs)
-
-    def services_pending(self, iface: netinfo.Iface, plan: ports.PortPlan) -> str:
-        """The head's services not answering yet ('' = all up); raises if one failed to start."""
-        if self.started is None:  # `ray start` returned: it waited for them itself
-            return ""
-        if self.started.errors:
-            raise RuntimeError("; ".join(self.started.errors))
-        if self.started.dashboard_url() is None:
-            return "the dashboard"
-        if "--ray-client-server-port" in " ".join(self.cmd) and not port_open(iface.ip, plan.client):
-            return "the Ray Client server"
-        return ""
 
     def worker(self) -> int:
         threading.Thread(target=preload, daemon=True).start()  # while the head starts
@@ -329,7 +316,7 @@ class Agent:
         while not self.stop_requested():
             reap()
             now = time.monotonic()
-            if gcs is None and self.started and not self.started.background:
+            if gcs is None and self.started and not self.started.background_started:
                 state = (ci.read_json(self.cfg.job_dir / ci.CLUSTER) or {}).get("state")
                 if state == "ready" or now > background_due:
                     self.started.start_background()
@@ -467,12 +454,6 @@ def netns(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return ""
-
-
-def port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
 
 
 def log_tail(path: Path, lines: int = 5) -> str:

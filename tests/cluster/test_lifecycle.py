@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import job_processes, ray_processes_in
+from tests.conftest import job_processes, job_procs, ray_processes_in
 
 pytestmark = pytest.mark.cluster
 FABRIC = ipaddress.ip_network("10.212.0.0/24")
@@ -19,13 +19,12 @@ FABRIC = ipaddress.ip_network("10.212.0.0/24")
 def late_processes(job_id: str) -> dict[str, int]:
     """Log monitors and autoscaler monitors of this job, by script name."""
     counts: dict[str, int] = {}
-    for p in psutil.process_iter(["cmdline"]):
+    for p in job_procs(job_id):
         try:
-            if p.environ().get("RAYBRIDGE_JOB_ID") != job_id:
-                continue
+            cmdline = p.cmdline()
         except psutil.Error:
             continue
-        script = next((Path(a).name for a in p.info["cmdline"] or [] if a.endswith("monitor.py")), None)
+        script = next((Path(a).name for a in cmdline if a.endswith("monitor.py")), None)
         if script:
             counts[script] = counts.get(script, 0) + 1
     return counts
