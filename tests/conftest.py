@@ -98,11 +98,11 @@ def job_procs(job_id: str) -> list[psutil.Process]:
 
 
 def job_processes(job_id: str) -> list[str]:
-    """The same, as pid:name."""
+    """The same, as "pid:name command line" (what a failure needs to say)."""
     found = []
     for p in job_procs(job_id):
         try:
-            found.append(f"{p.pid}:{p.name()}")
+            found.append(f"{p.pid}:{p.name()} {' '.join(p.cmdline())[:200]}")
         except psutil.Error:
             continue
     return found

@@ -8,7 +8,6 @@ this job's Ray processes, never another job's (unlike `ray stop`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shlex
 import shutil
@@ -26,10 +25,9 @@ from typing import Any
 import psutil
 
 from raybridge import clusterinfo as ci
-from raybridge.agent import launch, netinfo, ports, resources
+from raybridge.agent import launch, netinfo, ports, procs, resources
+from raybridge.agent.procs import MARKER
 
-PR_SET_CHILD_SUBREAPER = 36
-MARKER = "RAYBRIDGE_JOB_ID"  # set in every Ray process this agent starts
 MAX_RAY_RESTARTS = 3
 
 
@@ -211,8 +209,7 @@ class Agent:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        procs.become_subreaper()
         if self.cfg.auth:  # this agent talks to the GCS too
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.cfg.token_path))
         self.cfg.temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -314,7 +311,7 @@ class Agent:
         missing_since: float | None = None
         background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
         while not self.stop_requested():
-            reap()
+            procs.reap()
             now = time.monotonic()
             if gcs is None and self.started and not self.started.background_started:
                 state = (ci.read_json(self.cfg.job_dir / ci.CLUSTER) or {}).get("state")
@@ -393,35 +390,17 @@ class Agent:
         with contextlib.suppress(psutil.Error):
             if known and known.is_running() and known.status() != psutil.STATUS_ZOMBIE:
                 return True
-        found = next((p for p in self.descendants(with_name=True) if p.info["name"] == name), None)
+        found = next((p for p in procs.descendants() if procs.name(p) == name), None)
         if found:
             self.watched[name] = found
         else:
             self.watched.pop(name, None)
         return found is not None
 
-    def descendants(self, with_name: bool = False) -> list[psutil.Process]:
-        procs = psutil.Process().children(recursive=True)
-        if with_name:
-            for p in procs:
-                try:
-                    p.info = {"name": p.name()}
-                except psutil.Error:
-                    p.info = {"name": ""}
-        return procs
-
     def kill_ray(self) -> None:
-        procs = {p.pid: p for p in self.descendants()}
-        procs.update({p.pid: p for p in marked_processes(self.cfg.job_id)})
-        for p in procs.values():
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=2)
-        reap()
+        left = procs.stop(lambda: procs.descendants() + procs.marked(self.cfg.job_id))
+        if left:
+            self.log(f"could not stop {', '.join(left)}")
 
     def teardown(self) -> None:
         self.kill_ray()
@@ -431,29 +410,6 @@ class Agent:
             if data.get("state") != "failed":
                 self.update_cluster(state="stopped", stopped_at=ci.now())
         self.log("stopped this job's Ray processes")
-
-
-def marked_processes(job_id: str) -> list[psutil.Process]:
-    """Processes of this user on this node that carry this job's marker (Ray processes that escaped
-    the tree). "This node" = our network namespace: nodes that share one kernel (containers, the
-    test bed) must not sweep each other."""
-    me, here = os.getuid(), netns(os.getpid())
-    out = []
-    for p in psutil.process_iter(["uids"]):
-        try:
-            mine = p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid()
-            if mine and netns(p.pid) == here and p.environ().get(MARKER) == job_id:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def netns(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net")
-    except OSError:
-        return ""
 
 
 def log_tail(path: Path, lines: int = 5) -> str:
@@ -467,17 +423,6 @@ def preload() -> None:
     """Import Ray's launcher and GCS client ahead of use (about a second of CPU)."""
     launch.preload()
     GcsView.preload()
-
-
-def reap() -> None:
-    """Collect exited orphans that were re-parented to us (we are their subreaper)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 class GcsView:
