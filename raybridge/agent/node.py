@@ -398,7 +398,12 @@ class Agent:
         return found is not None
 
     def kill_ray(self) -> None:
-        left = procs.stop(lambda: procs.descendants() + procs.marked(self.cfg.job_id))
+        # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
+        # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
+        left = procs.stop(
+            lambda: procs.descendants() + procs.marked(self.cfg.job_id),
+            order=({"raylet"}, {"gcs_server"}),
+        )
         if left:
             self.log(f"could not stop {', '.join(left)}")
 

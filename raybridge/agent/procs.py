@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import psutil
 
@@ -46,24 +46,40 @@ def netns(pid: int) -> str:
         return ""
 
 
-def stop(find: Callable[[], Iterable[psutil.Process]], grace: float = 3, rounds: int = 5) -> list[str]:
-    """SIGTERM everything `find` returns and SIGKILL what is left after `grace` seconds; then look
-    again and SIGKILL whatever appeared meanwhile, until nothing is found. One pass is not enough:
-    a parent that handles SIGTERM may start a child while it shuts down (Ray's dashboard restarts
-    its module processes), and that child would outlive the job. Returns what could not be stopped,
-    as "pid:name"."""
-    procs: list[psutil.Process] = []
+def stop(
+    find: Callable[[], Iterable[psutil.Process]],
+    grace: float = 3,
+    rounds: int = 5,
+    order: Sequence[Collection[str]] = (),
+) -> list[str]:
+    """Stop everything `find` returns: SIGTERM, then SIGKILL what is left after `grace` seconds.
+    Processes named in order[0] go first, then those in order[1], ..., and the unnamed ones before
+    the last group. Then look again and SIGKILL whatever appeared meanwhile, until nothing is
+    found: a process that handles SIGTERM may start a child while it shuts down, and that child
+    would outlive the job. Returns what could not be stopped, as "pid:name"."""
     for attempt in range(rounds):
         procs = live(find())
         if not procs:
             return []
         if attempt == 0:
-            signal_all(procs, psutil.Process.terminate)
-            _, procs = psutil.wait_procs(procs, timeout=grace)
-        signal_all(procs, psutil.Process.kill)
-        psutil.wait_procs(procs, timeout=2)
+            for group in in_order(procs, order):
+                signal_all(group, psutil.Process.terminate)
+                _, alive = psutil.wait_procs(group, timeout=grace)
+                signal_all(alive, psutil.Process.kill)
+                psutil.wait_procs(alive, timeout=2)
+        else:
+            signal_all(procs, psutil.Process.kill)
+            psutil.wait_procs(procs, timeout=2)
         reap()
     return [f"{p.pid}:{name(p)}" for p in live(find())]
+
+
+def in_order(procs: list[psutil.Process], order: Sequence[Collection[str]]) -> list[list[psutil.Process]]:
+    """`procs` in groups by name as `order` says; the rest form a group before the last one."""
+    named = [[p for p in procs if name(p) in names] for names in order]
+    rest = [p for p in procs if not any(p in g for g in named)]
+    groups = named[:-1] + [rest] + named[-1:] if named else [rest]
+    return [g for g in groups if g]
 
 
 def live(procs: Iterable[psutil.Process]) -> list[psutil.Process]:

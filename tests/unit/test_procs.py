@@ -36,12 +36,12 @@ def start(job: str, code: str) -> subprocess.Popen[str]:
     return p
 
 
-def finder(job: str, mine: list[subprocess.Popen[str]]):
-    def find() -> list[psutil.Process]:
-        tree = [psutil.Process(p.pid) for p in mine if p.poll() is None]
-        return tree + procs.marked(job)
+def running(children: list[subprocess.Popen[str]]) -> list[psutil.Process]:
+    return [psutil.Process(p.pid) for p in children if p.poll() is None]
 
-    return find
+
+def finder(job: str, children: list[subprocess.Popen[str]]):
+    return lambda: running(children) + procs.marked(job)
 
 
 @pytest.mark.parametrize("rounds", [1, 5])
@@ -61,3 +61,32 @@ def test_stop_also_stops_what_appears_during_shutdown(rounds):
     finally:
         for p in procs.marked(job):
             p.kill()
+
+
+# Takes a process name, logs it on SIGTERM and exits; the stopping order shows in the log.
+NAMED = """
+import signal, sys, time
+name, log = sys.argv[1], sys.argv[2]
+open("/proc/self/comm", "w").write(name)
+def on_term(*_):
+    open(log, "a").write(name + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_follows_the_order_by_name(tmp_path):
+    log = tmp_path / "stopped"
+    names = ["gcs_server", "dashboard", "raylet", "monitor"]
+    children = []
+    for n in names:
+        p = subprocess.Popen([sys.executable, "-c", NAMED, n, str(log)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout and p.stdout.readline().strip() == "ready"
+        children.append(p)
+    left = procs.stop(lambda: running(children), grace=5, order=({"raylet"}, {"gcs_server"}))
+    assert left == []
+    stopped = log.read_text().split()
+    assert stopped[0] == "raylet" and stopped[-1] == "gcs_server"
+    assert sorted(stopped[1:3]) == ["dashboard", "monitor"]
