@@ -285,10 +285,13 @@ def start(
     node_patches = {"Node": FastNode}
     if head_dirs:
         node_patches["get_all_node_info_until_retrieved"] = _head_record(head_dirs)
-    patches = (
-        _patched(node_module, **node_patches),
-        _patched(services, get_node=_quick_get_node(services.get_node)),
-    )
+    service_patches = {"get_node": _quick_get_node(services.get_node)}
+    ip = next((a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address=")), None)
+    if ip:
+        # Ray asks this only to name the node in a version check; unanswered, it probes 8.8.8.8
+        # and warns on stderr (no route there is normal on a cluster).
+        service_patches["get_node_ip_address"] = lambda address=None: ip
+    patches = (_patched(node_module, **node_patches), _patched(services, **service_patches))
     # Module attributes: patched for this call only, one call at a time.
     with _lock, patches[0], patches[1], contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:

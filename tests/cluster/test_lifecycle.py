@@ -70,7 +70,9 @@ def test_up_status_down_three_nodes(testbed):
         # Ray was started by the agent's launcher, not the slower `ray start` fallback, and the
         # processes it starts late are there: a log monitor per node, the head's monitor.
         (output,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
-        assert "using the `ray start` command" not in output.read_text()
+        text = output.read_text()
+        assert "using the `ray start` command" not in text
+        assert "8.8.8.8" not in text  # Ray's "no route to the internet" warning stays out of the job log
         deadline = time.monotonic() + 15
         while (late := late_processes(job)) != {"log_monitor.py": 3, "monitor.py": 1}:
             assert time.monotonic() < deadline, late
@@ -105,6 +107,18 @@ def test_run_propagates_the_driver_exit_code(testbed, code):
     job = job_id_from(r.stderr)
     testbed.wait_job_gone(job)
     assert job_processes(job) == []
+
+
+def test_profile_ray_args_reach_every_node(testbed):
+    # An option raybridge does not set itself goes through Ray's own `ray start` parser (in the agent).
+    path = f"{testbed.shared}/ray-args.yaml"
+    text = open(testbed.local_profile).read() + "ray_args:\n  - --resources\n  - '{\"rb_slot\": 2}'\n"
+    open(path, "w").write(text)
+    driver = "import ray; ray.init(); print('rb_slot total', ray.cluster_resources().get('rb_slot'))"
+    r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", path, "--", "python", "-c", driver)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "rb_slot total 4.0" in r.stdout
+    assert "using the `ray start` command" not in r.stdout + r.stderr  # in the agent, no fallback
 
 
 def test_rendered_script_runs_with_plain_sbatch(testbed):
