@@ -181,8 +181,8 @@ def job_cpu(job_id: str) -> float:
     return total
 
 
-def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> tuple[float, float]:
-    """(all nodes alive, CPU seconds the job had used by then)."""
+def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> tuple[float, float, float]:
+    """(all nodes alive, CPU seconds the job had used by then, scancel → job gone)."""
     out = workdir / f"{tag}-{n}-{time.time_ns()}"
     script = workdir / f"{tag}.sbatch"
     script.write_text(template.format(n=n, out=out, setup=setup))
@@ -195,14 +195,15 @@ def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> 
         alive = observer.alive_at()
         cpu = job_cpu(job_id)
     finally:
+        t_stop = time.time()
         subprocess.run(["scancel", job_id], capture_output=True)
         wait_gone(job_id)
-    return alive - t0, cpu
+    return alive - t0, cpu, time.time() - t_stop
 
 
-def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, float]:
-    """(all nodes alive, ready as `raybridge up` reports it) in seconds after sbatch, and the CPU
-    seconds the job had used when all nodes were alive."""
+def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, float, float]:
+    """(all nodes alive, ready as `raybridge up` reports it) in seconds after sbatch, the CPU
+    seconds the job had used when all nodes were alive, and `raybridge down` → job gone."""
     spec = load_spec(profile, nodes=n, job_name="bench-raybridge")
     runner = LocalRunner()
     token_link = workdir / f"token-{time.time_ns()}"
@@ -217,9 +218,10 @@ def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, fl
         cpu = job_cpu(cluster.job_id)
         info = cluster.wait_ready(timeout=300)
     finally:
+        t_stop = time.time()
         cluster.stop()
         wait_gone(cluster.job_id)
-    return alive - t0, info["ready_at"] - t0, cpu
+    return alive - t0, info["ready_at"] - t0, cpu, time.time() - t_stop
 
 
 def main() -> int:
@@ -237,7 +239,8 @@ def main() -> int:
     counts = [int(x) for x in args.nodes.split(",")]
     names = ["raybridge", "symmetric-run"] + ([] if args.skip_ray_docs else ["ray-docs"])
     results: dict[str, dict[int, list[float]]] = {
-        name: {n: [] for n in counts} for name in ["raybridge-ready", *names, *(f"cpu:{x}" for x in names)]
+        name: {n: [] for n in counts}
+        for name in ["raybridge-ready", *names, *(f"{m}:{x}" for m in ("cpu", "stop") for x in names)]
     }
     leftovers = dict.fromkeys(names, 0)
     sweep()
@@ -245,14 +248,15 @@ def main() -> int:
         for n in counts:
             for name in names:  # interleaved, so drift in machine load hits all contenders alike
                 if name == "raybridge":
-                    t, ready, cpu = run_raybridge(n, args.profile, workdir)
+                    t, ready, cpu, stop = run_raybridge(n, args.profile, workdir)
                     results["raybridge-ready"][n].append(ready)
                 elif name == "symmetric-run":
-                    t, cpu = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
+                    t, cpu, stop = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
                 else:
-                    t, cpu = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
+                    t, cpu, stop = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
                 results[name][n].append(t)
                 results[f"cpu:{name}"][n].append(cpu)
+                results[f"stop:{name}"][n].append(stop)
                 leftovers[name] += sweep()
                 print(f"round {r + 1}/{args.runs}  N={n}  {name:14} {t:6.2f} s", file=sys.stderr, flush=True)
     med = {name: {n: statistics.median(v) for n, v in per.items()} for name, per in results.items()}
@@ -275,6 +279,12 @@ def main() -> int:
     print(" N | " + " | ".join(f"{x:>13}" for x in names))
     for n in counts:
         print(f"{n:>2} | " + " | ".join(f"{med[f'cpu:{x}'][n]:13.2f}" for x in names))
+    print(
+        "\nStop → job gone from the queue (median seconds; raybridge: `raybridge down`, baselines: scancel)"
+    )
+    print(" N | " + " | ".join(f"{x:>13}" for x in names))
+    for n in counts:
+        print(f"{n:>2} | " + " | ".join(f"{med[f'stop:{x}'][n]:13.2f}" for x in names))
     first, last = med["raybridge"][counts[0]], med["raybridge"][counts[-1]]
     print(
         "Ray processes left running after the job ended (killed by the benchmark): "
