@@ -400,12 +400,12 @@ class Agent:
     def kill_ray(self) -> None:
         # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
         # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
-        left = procs.stop(
-            lambda: procs.descendants() + procs.marked(self.cfg.job_id),
-            order=({"raylet"}, {"gcs_server"}),
-        )
+        left = procs.stop(self.own_processes, first={"raylet"}, last={"gcs_server"})
         if left:
             self.log(f"could not stop {', '.join(left)}")
+
+    def own_processes(self) -> list[psutil.Process]:
+        return procs.descendants() + procs.marked(self.cfg.job_id)
 
     def teardown(self) -> None:
         self.kill_ray()

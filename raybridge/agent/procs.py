@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Callable, Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable
 
 import psutil
 
@@ -49,22 +50,28 @@ def netns(pid: int) -> str:
 def stop(
     find: Callable[[], Iterable[psutil.Process]],
     grace: float = 3,
+    first: Collection[str] = (),
+    last: Collection[str] = (),
     rounds: int = 5,
-    order: Sequence[Collection[str]] = (),
 ) -> list[str]:
-    """Stop everything `find` returns: SIGTERM, then SIGKILL what is left after `grace` seconds.
-    Processes named in order[0] go first, then those in order[1], ..., and the unnamed ones before
-    the last group. Then look again and SIGKILL whatever appeared meanwhile, until nothing is
-    found: a process that handles SIGTERM may start a child while it shuts down, and that child
-    would outlive the job. Returns what could not be stopped, as "pid:name"."""
+    """Stop everything `find` returns: SIGTERM, and SIGKILL what is still there when the `grace`
+    seconds are over; processes named in `first` before the others, those in `last` after them.
+    Then look again and SIGKILL whatever appeared meanwhile, until nothing is found: a process that
+    handles SIGTERM may start a child while it shuts down, and that child would outlive the job.
+    Returns what could not be stopped, as "pid:name"."""
     for attempt in range(rounds):
         procs = live(find())
         if not procs:
             return []
         if attempt == 0:
-            for group in in_order(procs, order):
+            deadline = time.monotonic() + grace
+            for group in (
+                [p for p in procs if name(p) in first],
+                [p for p in procs if name(p) not in first and name(p) not in last],
+                [p for p in procs if name(p) in last],
+            ):
                 signal_all(group, psutil.Process.terminate)
-                _, alive = psutil.wait_procs(group, timeout=grace)
+                _, alive = psutil.wait_procs(group, timeout=max(deadline - time.monotonic(), 0.1))
                 signal_all(alive, psutil.Process.kill)
                 psutil.wait_procs(alive, timeout=2)
         else:
@@ -72,14 +79,6 @@ def stop(
             psutil.wait_procs(procs, timeout=2)
         reap()
     return [f"{p.pid}:{name(p)}" for p in live(find())]
-
-
-def in_order(procs: list[psutil.Process], order: Sequence[Collection[str]]) -> list[list[psutil.Process]]:
-    """`procs` in groups by name as `order` says; the rest form a group before the last one."""
-    named = [[p for p in procs if name(p) in names] for names in order]
-    rest = [p for p in procs if not any(p in g for g in named)]
-    groups = named[:-1] + [rest] + named[-1:] if named else [rest]
-    return [g for g in groups if g]
 
 
 def live(procs: Iterable[psutil.Process]) -> list[psutil.Process]:

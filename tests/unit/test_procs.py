@@ -85,7 +85,7 @@ def test_stop_follows_the_order_by_name(tmp_path):
         p = subprocess.Popen([sys.executable, "-c", NAMED, n, str(log)], stdout=subprocess.PIPE, text=True)
         assert p.stdout and p.stdout.readline().strip() == "ready"
         children.append(p)
-    left = procs.stop(lambda: running(children), grace=5, order=({"raylet"}, {"gcs_server"}))
+    left = procs.stop(lambda: running(children), grace=5, first={"raylet"}, last={"gcs_server"})
     assert left == []
     stopped = log.read_text().split()
     assert stopped[0] == "raylet" and stopped[-1] == "gcs_server"
