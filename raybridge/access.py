@@ -15,7 +15,7 @@ from raybridge.cluster import Cluster
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
 from raybridge.runner import Runner, SSHRunner, connect, resolve_target
-from raybridge.tunnel import Forwarder, Target
+from raybridge.tunnel import Forwarder, Route, Target
 
 PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
 DEFAULT_LOCAL = {"dashboard": 8265, "client": 10001, "gcs": 6379}
@@ -54,9 +54,7 @@ def fetch_token(cluster: Cluster, info: dict[str, Any]) -> Path | None:
     if not text:
         raise ClusterError(f"cannot read the cluster token {info['token_path']}")
     dest = cache_dir(cluster.runner, cluster.job_id) / "token"
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text.strip())
+    write_private(dest, text.strip())
     return dest
 
 
@@ -67,27 +65,50 @@ def targets_from(info: dict[str, Any]) -> dict[str, Target]:
 
 
 def make_forwarder(
-    spec: ClusterSpec, job_dir: str, local_ports: dict[str, int], token: str | None, log: Any = lambda m: None
+    spec: ClusterSpec,
+    job_dir: str,
+    local_ports: dict[str, int],
+    token_file: Path | None = None,
+    log: Any = lambda m: None,
 ) -> Forwarder:
-    """A forwarder with its own SSH connection; it re-reads cluster.json after each reconnect."""
+    """A forwarder with its own SSH connection that follows the cluster record (cluster.json): the
+    head's ports and, when the job restarted (requeue), its new token, also copied to token_file."""
     if spec.login is None:
         raise RaybridgeError("a tunnel needs a login host (the profile's login, or --login)")
     target = resolve_target(spec.login)
+    known: dict[str, Any] = {}  # the cluster start whose token we have, and that token
 
     def connect_once() -> paramiko.SSHClient:
         return connect(target)
 
-    def resolve(client: paramiko.SSHClient) -> dict[str, Target]:
+    def resolve(client: paramiko.SSHClient) -> Route:
         try:
-            with client.open_sftp() as sftp, sftp.open(posixpath.join(job_dir, ci.CLUSTER)) as f:
-                info = json.loads(f.read())
+            with client.open_sftp() as sftp:
+                with sftp.open(posixpath.join(job_dir, ci.CLUSTER)) as f:
+                    info = json.loads(f.read())
+                if info.get("state") != "ready":
+                    raise ClusterError(f"cluster not ready (state {info.get('state')})")
+                start = (info.get("started_at"), info.get("token_path"))
+                if info.get("auth") == "token" and known.get("start") != start:
+                    with sftp.open(info["token_path"]) as f:
+                        known.update(start=start, token=f.read().decode().strip())
+                    if token_file:
+                        write_private(token_file, known["token"])
         except (OSError, paramiko.SSHException, ValueError) as e:
             raise ClusterError(f"cannot read the cluster record in {job_dir}: {e}") from None
-        if info.get("state") != "ready":
-            raise ClusterError(f"cluster not ready (state {info.get('state')})")
-        return targets_from(info)
+        return Route(targets_from(info), known.get("token") if info.get("auth") == "token" else None)
 
-    return Forwarder(connect_once, resolve, local_ports, token=token, log=log)
+    return Forwarder(connect_once, resolve, local_ports, log=log)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace path's content atomically; the file is mode 0600 from its creation."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def auth_env(token_path: Path | None) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Local ports forwarded through the login node to the Ray head (paramiko direct-tcpip).
 
 One SSH connection carries every forwarded connection. If it drops, the forwarder reconnects with
-backoff and re-reads the cluster record, so it follows the head when a requeued job lands elsewhere.
+backoff. It re-reads the cluster record every few seconds, after a reconnect and when the head refuses
+a connection, so it follows a requeued job: a new auth token, and a new head if the job landed elsewhere.
 The dashboard port can also sign a browser in: GET /raybridge/login/<nonce> answers with Ray's auth
 cookie and a redirect, so nobody copies tokens by hand.
 """
@@ -13,6 +14,7 @@ import secrets
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,14 +33,29 @@ class Target:
     port: int
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where the forwarded ports lead now, and the token that cluster accepts (None: no auth)."""
+
+    targets: dict[str, Target]
+    token: str | None = None
+
+
+REFRESH_S = 5.0
+
+
 class PortInUse(RaybridgeError):
     pass
 
 
 def check_free(port: int, host: str = "127.0.0.1") -> None:
     with socket.socket() as s:
+        # As the real listener does: connections of an earlier tunnel in TIME_WAIT do not make the
+        # port busy, a listening socket does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError:
             raise PortInUse(f"local port {port} is in use (choose another with --local-port)") from None
 
@@ -46,31 +63,39 @@ def check_free(port: int, host: str = "127.0.0.1") -> None:
 class Forwarder:
     """Forward local ports to targets over SSH; reconnect and re-resolve targets when the link drops.
 
-    connect() returns a fresh SSHClient; resolve(client) returns {name: Target} for the current head.
+    connect() returns a fresh SSHClient; resolve(client) returns the Route to the current head (it
+    raises RaybridgeError while there is none, e.g. a requeued job not running yet).
     """
 
     def __init__(
         self,
         connect: Callable[[], paramiko.SSHClient],
-        resolve: Callable[[paramiko.SSHClient], dict[str, Target]],
+        resolve: Callable[[paramiko.SSHClient], Route],
         local_ports: dict[str, int],
-        token: str | None = None,
         log: Callable[[str], None] = lambda m: None,
         bind: str = "127.0.0.1",
     ):
         self._connect = connect
         self._resolve = resolve
         self.local_ports = dict(local_ports)
-        self.token = token
         self.nonce = secrets.token_urlsafe(16)
         self.log = log
         self.bind = bind
         self._lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
-        self.targets: dict[str, Target] = {}
+        self.route = Route({})
         self._servers: list[socket.socket] = []
         self._stop = threading.Event()
+        self._last_error: str | None = None
         self.reconnects = 0
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        return self.route.targets
+
+    @property
+    def token(self) -> str | None:
+        return self.route.token
 
     # ------------------------------------------------------------ connection
 
@@ -87,7 +112,7 @@ class Forwarder:
                             self._client.close()
                         self.log("SSH connection lost; reconnecting")
                     client = self._connect()
-                    targets = self._resolve(client)
+                    route = self._resolve(client)
                 except RaybridgeError as e:
                     if self._client is None:
                         raise  # first connection: report, don't retry
@@ -97,13 +122,40 @@ class Forwarder:
                     continue
                 if self._client is not None:
                     self.reconnects += 1
-                    moved = [n for n, t in targets.items() if self.targets.get(n) != t]
-                    self.log("reconnected" + (f"; head moved to {targets[moved[0]].host}" if moved else ""))
-                self._client, self.targets = client, targets
+                    self.log("reconnected")
+                self._client = client
+                self._set_route(route)
                 transport = client.get_transport()
                 transport.set_keepalive(5)
                 return transport
             raise RaybridgeError("tunnel stopped")
+
+    def _set_route(self, route: Route) -> None:
+        old, self.route = self.route, route
+        if old.targets and route.targets != old.targets:
+            head = next(iter(route.targets.values()))
+            self.log(f"the head moved to {head.host}; forwarding there")
+        if old.token and route.token != old.token:
+            self.log("the cluster restarted with a new auth token; using it")
+
+    def refresh(self) -> None:
+        """Re-read the route over the current connection (a requeued job has a new token and
+        maybe a new head). Keeps the last route while there is no cluster to lead to."""
+        with self._lock:
+            client = self._client
+            if client is None:
+                return
+            try:
+                route = self._resolve(client)
+            except RaybridgeError as e:
+                if str(e) != self._last_error:
+                    self.log(f"{e}; waiting for the cluster")
+                self._last_error = str(e)
+                return
+            if self._last_error:
+                self.log("the cluster is ready again")
+            self._last_error = None
+            self._set_route(route)
 
     # ------------------------------------------------------------ serving
 
@@ -124,10 +176,15 @@ class Forwarder:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
-        """Notice a dead link even while idle, so the next request does not wait for it."""
+        """Notice a dead link even while idle, so the next request does not wait for it; re-read
+        the route every REFRESH_S."""
+        last = time.monotonic()
         while not self._stop.wait(1.0):
             with contextlib.suppress(RaybridgeError):
                 self._transport()
+            if time.monotonic() - last >= REFRESH_S:
+                last = time.monotonic()
+                self.refresh()
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,18 +212,22 @@ class Forwarder:
             if name == "dashboard" and self.token and self._maybe_login(conn):
                 return
             chan = None
-            for attempt in range(2):  # a second try after a reconnect
+            for attempt in range(2):  # a second try after a reconnect or a moved head
+                target = self.targets.get(name)
+                if target is None:
+                    return
                 try:
-                    target = self.targets[name]
                     chan = self._transport().open_channel(
                         "direct-tcpip", (target.host, target.port), peer, timeout=10
                     )
                     break
                 except paramiko.ChannelException as e:
-                    self.log(
-                        f"{name} at {self.targets[name].host}:{self.targets[name].port} refused: {e.text}"
-                    )
-                    return
+                    self.log(f"{name} at {target.host}:{target.port} refused: {e.text}")
+                    if attempt:
+                        return
+                    self.refresh()  # a requeued job may have its head elsewhere now
+                    if self.targets.get(name) == target:
+                        return
                 except (paramiko.SSHException, OSError, EOFError):
                     if attempt:
                         return

@@ -20,7 +20,7 @@ from raybridge.access import make_forwarder
 from raybridge.cluster import attach
 from raybridge.profile import load_spec
 from raybridge.runner import connect, open_runner, resolve_target
-from raybridge.tunnel import Forwarder, Target
+from raybridge.tunnel import Forwarder, Route, Target
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -63,12 +63,14 @@ def main() -> int:
     head_ip, dash = info["head"]["ip"], info["ports"]["dashboard"]
     runner.close()
 
-    fwd = make_forwarder(spec, cluster.job_dir, {"dashboard": 0}, token)
+    fwd = make_forwarder(spec, cluster.job_dir, {"dashboard": 0})
     fwd.start()
     # The same forwarder class, pointed at the head's file server instead of the dashboard.
     target = resolve_target(spec.login)
     fwd_file = Forwarder(
-        lambda: connect(target), lambda _c: {"file": Target("file", head_ip, args.file_port)}, {"file": 0}
+        lambda: connect(target),
+        lambda _c: Route({"file": Target("file", head_ip, args.file_port)}),
+        {"file": 0},
     )
     fwd_file.start()
     ours = {"latency": fwd.local_ports["dashboard"], "file": fwd_file.local_ports["file"]}

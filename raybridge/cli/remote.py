@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 import typer
 
 from raybridge import access
@@ -42,9 +43,7 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
             yield info["dashboard_url"], token, cluster
             return
         # Quiet: a failure shows up as the Jobs API client's error, in one line.
-        fwd = access.make_forwarder(
-            spec, cluster.job_dir, {"dashboard": 0}, token.read_text() if token else None
-        )
+        fwd = access.make_forwarder(spec, cluster.job_dir, {"dashboard": 0}, token)
         fwd.start()
         try:
             yield f"http://127.0.0.1:{fwd.local_ports['dashboard']}", token, cluster
@@ -78,10 +77,32 @@ def stop_tunnels(job: str | None) -> None:
         return
     for f in files:
         rec = json.loads(f.read_text())
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec["pid"], signal.SIGTERM)
+        proc = tunnel_process(rec)
+        if proc:
+            proc.terminate()
+            # Wait, so that its local ports are free when this returns (a new tunnel may want them).
+            if psutil.wait_procs([proc], timeout=5)[1]:
+                proc.kill()
         f.unlink(missing_ok=True)
-        say(f"stopped the tunnel for job {f.stem} (pid {rec['pid']})")
+        say(
+            f"stopped the tunnel for job {f.stem} (pid {rec['pid']})"
+            if proc
+            else f"the tunnel for job {f.stem} had already ended"
+        )
+
+
+def tunnel_process(rec: dict[str, Any]) -> psutil.Process | None:
+    """The background tunnel of this record, if it still runs (not another process with its pid)."""
+    try:
+        proc = psutil.Process(rec["pid"])
+        if (
+            abs(proc.create_time() - rec.get("started", proc.create_time())) > 1
+            or "tunnel" not in proc.cmdline()
+        ):
+            return None
+    except psutil.Error:
+        return None
+    return proc
 
 
 def register(app: typer.Typer) -> None:
@@ -129,9 +150,7 @@ def register(app: typer.Typer) -> None:
         if background:
             daemonize(spec, cluster.job_dir, cluster.job_id, local, token, info)
             return
-        fwd = access.make_forwarder(
-            spec, cluster.job_dir, local, token.read_text() if token else None, log=say
-        )
+        fwd = access.make_forwarder(spec, cluster.job_dir, local, token, log=say)
         fwd.start()
         print_connection(fwd.local_ports, fwd.nonce, token, cluster.job_id, info["head"])
         say("press Ctrl-C to close the tunnel")
@@ -303,11 +322,12 @@ def daemonize(
             spec,
             job_dir,
             local,
-            token.read_text() if token else None,
+            token,
             log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True),
         )
         fwd.start()
-        os.write(w, json.dumps({"pid": os.getpid(), "ports": fwd.local_ports, "nonce": fwd.nonce}).encode())
+        me = {"pid": os.getpid(), "started": psutil.Process().create_time()}
+        os.write(w, json.dumps(me | {"ports": fwd.local_ports, "nonce": fwd.nonce}).encode())
         os.close(w)
         signal.signal(signal.SIGTERM, lambda *_: fwd.stop())
         fwd.wait()
