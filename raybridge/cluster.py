@@ -92,9 +92,14 @@ class Cluster:
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
     def wait_ready(
-        self, timeout: float | None = 900, on_progress: Callable[[Progress], None] | None = None
+        self,
+        timeout: float | None = 900,
+        on_progress: Callable[[Progress], None] | None = None,
+        ended_ok: bool = False,
     ) -> dict[str, Any]:
-        """Block until every node joined; on failure or timeout cancel the job and raise ClusterError."""
+        """Block until every node joined; on failure or timeout cancel the job and raise ClusterError.
+        ended_ok (batch runs): a cluster that was ready and has ended since counts as ready: a quick
+        driver may be done before this looks; the job's output and exit code tell the rest."""
         start = time.monotonic()
         last: Progress | None = None
         while True:
@@ -104,7 +109,7 @@ class Cluster:
                 raise ClusterError(f"job {self.job_id} disappeared from Slurm before the cluster was ready")
             info = self.info() or {}
             expected = int(info.get("expected_nodes") or self.expected or 0)
-            if info.get("state") == "ready":
+            if info.get("state") == "ready" or (ended_ok and job.finished and info.get("ready_at")):
                 self._report(
                     on_progress,
                     last,

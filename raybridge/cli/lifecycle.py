@@ -249,7 +249,7 @@ def register(app: typer.Typer) -> None:
             **slurm_overrides(locals()),
         )
         with connected(spec) as runner, submitted(spec, runner) as c:
-            c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
+            c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True)
             say(f"cluster ready; running: {' '.join(command)}")
             job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
             code = job.exit_code if job and job.exit_code is not None else 1

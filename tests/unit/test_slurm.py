@@ -71,3 +71,30 @@ def test_submit_rejection_shows_sbatch_stderr():
 def test_unknown_job_is_none():
     r = FakeRunner([(1, "", "slurm_load_jobs error: Invalid job id specified\n")])
     assert SlurmClient(r).job("99") is None
+
+
+def test_a_batch_run_whose_driver_ended_before_it_looked_counts_as_ready(tmp_path, monkeypatch):
+    import json
+
+    from raybridge.cluster import Cluster
+    from raybridge.errors import ClusterError
+    from raybridge.runner import LocalRunner
+    from raybridge.slurm import JobInfo
+
+    # The cluster was ready, the driver exited 3 and the job is over before the first poll.
+    (tmp_path / "cluster.json").write_text(
+        json.dumps({"state": "stopped", "ready_at": 1.0, "expected_nodes": 2})
+    )
+    (tmp_path / "out").write_text("driver output\n")
+    done = JobInfo(
+        "42", "raybridge", "FAILED", "NonZeroExitCode", "n[1-2]", str(tmp_path / "out"), 3, "raybridge"
+    )
+    cluster = Cluster(LocalRunner(), "42", str(tmp_path))
+    monkeypatch.setattr(cluster.slurm, "job", lambda _id: done)
+    assert cluster.wait_ready(ended_ok=True)["ready_at"] == 1.0  # `run`: go on to the output and exit code
+    with pytest.raises(ClusterError, match="cluster 42 failed: job ended"):
+        cluster.wait_ready()  # `up`: a cluster that is gone is not ready
+    # Never ready: a failure either way.
+    (tmp_path / "cluster.json").write_text(json.dumps({"state": "failed", "error": "boom"}))
+    with pytest.raises(ClusterError, match="cluster 42 failed: boom"):
+        cluster.wait_ready(ended_ok=True)
