@@ -83,7 +83,7 @@ def make_forwarder(
 
     def resolve(client: paramiko.SSHClient) -> Route:
         try:
-            with client.open_sftp() as sftp:
+            with open_sftp(client) as sftp:
                 with sftp.open(posixpath.join(job_dir, ci.CLUSTER)) as f:
                     info = json.loads(f.read())
                 if info.get("state") != "ready":
@@ -99,6 +99,18 @@ def make_forwarder(
         return Route(targets_from(info), known.get("token") if info.get("auth") == "token" else None)
 
     return Forwarder(connect_once, resolve, local_ports, log=log)
+
+
+def open_sftp(client: paramiko.SSHClient, timeout: float = 10) -> paramiko.SFTPClient:
+    """SFTP over the client's connection, every step bounded by timeout (paramiko's own
+    open_sftp may wait an hour on a link that died without closing)."""
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise paramiko.SSHException("the SSH connection is closed")
+    chan = transport.open_session(timeout=timeout)
+    chan.settimeout(timeout)
+    chan.invoke_subsystem("sftp")
+    return paramiko.SFTPClient(chan)
 
 
 def write_private(path: Path, text: str) -> None:

@@ -143,15 +143,16 @@ class Forwarder:
         maybe a new head). Keeps the last route while there is no cluster to lead to."""
         with self._lock:
             client = self._client
-            if client is None:
-                return
-            try:
-                route = self._resolve(client)
-            except RaybridgeError as e:
-                if str(e) != self._last_error:
-                    self.log(f"{e}; waiting for the cluster")
-                self._last_error = str(e)
-                return
+        if client is None:
+            return
+        try:  # not under the lock: forwarding goes on meanwhile
+            route = self._resolve(client)
+        except RaybridgeError as e:
+            if str(e) != self._last_error:
+                self.log(f"{e}; waiting for the cluster")
+            self._last_error = str(e)
+            return
+        with self._lock:
             if self._last_error:
                 self.log("the cluster is ready again")
             self._last_error = None
