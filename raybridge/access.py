@@ -14,7 +14,7 @@ from raybridge import clusterinfo as ci
 from raybridge.cluster import Cluster
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
-from raybridge.runner import Runner, SSHRunner, connect, resolve_target
+from raybridge.runner import Runner, SSHRunner, connect, open_sftp, resolve_target
 from raybridge.tunnel import Forwarder, Route, Target
 
 PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
@@ -99,18 +99,6 @@ def make_forwarder(
         return Route(targets_from(info), known.get("token") if info.get("auth") == "token" else None)
 
     return Forwarder(connect_once, resolve, local_ports, log=log)
-
-
-def open_sftp(client: paramiko.SSHClient, timeout: float = 10) -> paramiko.SFTPClient:
-    """SFTP over the client's connection, every step bounded by timeout (paramiko's own
-    open_sftp may wait an hour on a link that died without closing)."""
-    transport = client.get_transport()
-    if transport is None or not transport.is_active():
-        raise paramiko.SSHException("the SSH connection is closed")
-    chan = transport.open_session(timeout=timeout)
-    chan.settimeout(timeout)
-    chan.invoke_subsystem("sftp")
-    return paramiko.SFTPClient(chan)
 
 
 def write_private(path: Path, text: str) -> None:

@@ -300,6 +300,18 @@ def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramik
     return client
 
 
+def open_sftp(client: paramiko.SSHClient, timeout: float = 10) -> paramiko.SFTPClient:
+    """SFTP over the client's connection, every step bounded by timeout (paramiko's own
+    open_sftp may wait an hour on a link that died without closing)."""
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise paramiko.SSHException("the SSH connection is closed")
+    chan = transport.open_session(timeout=timeout)
+    chan.settimeout(timeout)
+    chan.invoke_subsystem("sftp")
+    return paramiko.SFTPClient(chan)
+
+
 class SSHRunner:
     """Runs commands on the login node over one persistent connection; files go over SFTP."""
 
@@ -313,7 +325,7 @@ class SSHRunner:
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             try:
-                self._sftp = self.client.open_sftp()
+                self._sftp = open_sftp(self.client, timeout=60)
             except (paramiko.SSHException, OSError) as e:
                 raise SSHError(f"SFTP to {self.host} failed (is the sftp subsystem enabled?): {e}") from None
         return self._sftp
