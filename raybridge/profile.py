@@ -115,6 +115,7 @@ class ClusterSpec:
     env: tuple[tuple[str, str], ...] = ()
     sbatch_args: tuple[str, ...] = ()
     ray_args: tuple[str, ...] = ()
+    ray_start: str = "agent"  # agent: Ray's launcher inside the agent (fast); command: `ray start`
     object_store_fraction: float = 0.3
     ready_timeout: int = 300
     auth: bool = True
@@ -262,6 +263,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         env=v.env(values.get("env")),
         sbatch_args=v.sbatch_args(values.get("sbatch_args")),
         ray_args=tuple(v.line("ray_args", a) for a in v.str_list("ray_args", values.get("ray_args"))),
+        ray_start=v.choice("ray_start", values.get("ray_start", "agent"), ("agent", "command")),
         object_store_fraction=v.fraction("object_store_fraction", values.get("object_store_fraction", 0.3)),
         ready_timeout=v.integer("ready_timeout", values.get("ready_timeout", 300), minimum=10, maximum=86400),
         auth=v.boolean("auth", values.get("auth", True)),
@@ -311,6 +313,11 @@ class _Validator:
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
             raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
     def fraction(self, key: str, value: Any) -> float:

@@ -114,6 +114,7 @@ def exports(spec: ClusterSpec) -> list[str]:
         ("RAYBRIDGE_AUTH", q("token" if spec.auth else "none")),
         ("RAYBRIDGE_OBJECT_STORE_FRACTION", q(str(spec.object_store_fraction))),
         ("RAYBRIDGE_RAY_ARGS", q(shlex.join(spec.ray_args))),
+        ("RAYBRIDGE_RAY_START", q(spec.ray_start)),
     ]
     if spec.cpus_per_node:
         pairs.append(("RAYBRIDGE_CPUS_PER_WORKER", q(str(spec.cpus_per_node))))

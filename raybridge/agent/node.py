@@ -43,6 +43,7 @@ class AgentConfig:
     auth: bool
     object_store_fraction: float
     ray_args: list[str]
+    ray_start: str = "agent"  # or "command": always the `ray start` command
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AgentConfig:
@@ -59,6 +60,7 @@ class AgentConfig:
             auth=env.get("RAYBRIDGE_AUTH", "token") == "token",
             object_store_fraction=float(env.get("RAYBRIDGE_OBJECT_STORE_FRACTION") or 0.3),
             ray_args=shlex.split(env.get("RAYBRIDGE_RAY_ARGS") or ""),
+            ray_start=env.get("RAYBRIDGE_RAY_START") or "agent",
         )
 
     @property
@@ -180,7 +182,9 @@ class Agent:
             f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
             f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
         )
-        if in_process:
+        if in_process and self.cfg.ray_start == "command":
+            self.log("using the `ray start` command (profile: ray_start: command)")
+        elif in_process:
             # Ray's processes inherit this process's environment; the agent has no other use for it.
             os.environ.clear()
             os.environ.update(env)

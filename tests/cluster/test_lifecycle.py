@@ -121,6 +121,20 @@ def test_profile_ray_args_reach_every_node(testbed):
     assert "using the `ray start` command" not in r.stdout + r.stderr  # in the agent, no fallback
 
 
+def test_profile_ray_start_command_uses_rays_own_start(testbed):
+    # The escape hatch when Ray's launcher inside the agent does not suit a site or a Ray version.
+    path = f"{testbed.shared}/ray-start-command.yaml"
+    open(path, "w").write(open(testbed.local_profile).read() + "ray_start: command\n")
+    driver = "import ray; ray.init(); print('alive', len([n for n in ray.nodes() if n['Alive']]))"
+    r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", path, "--", "python", "-c", driver)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "alive 2" in r.stdout
+    assert r.stdout.count("using the `ray start` command (profile: ray_start: command)") == 2  # both nodes
+    job = job_id_from(r.stderr)
+    testbed.wait_job_gone(job)
+    assert job_processes(job) == []
+
+
 def test_rendered_script_runs_with_plain_sbatch(testbed):
     script = f"{testbed.shared}/plain.sbatch"
     r = testbed.raybridge(

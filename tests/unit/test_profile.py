@@ -70,6 +70,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"object_store_fraction": 2}, "between 0.05 and 0.8"),
         ({"failure_detection_s": 0}, "failure_detection_s must be between 1"),
         ({"failure_detection_s": "fast"}, "failure_detection_s must be a whole number"),
+        ({"ray_start": "ray start; rm -rf ~"}, "ray_start must be one of agent, command, got"),
     ],
 )
 def test_bad_values_give_one_clear_message(values, message):
