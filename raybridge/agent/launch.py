@@ -106,6 +106,8 @@ def _ray_internals() -> tuple[Any, Any]:
         "start_log_monitor",
         "start_raylet",
     )
+    if not callable(getattr(services, "start_ray_process", None)):
+        raise LaunchUnavailable("Ray's services.start_ray_process is missing")
     if node_class is None or any(not hasattr(node_class, n) for n in needed):
         raise LaunchUnavailable("Ray's Node class does not have the expected methods")
     return node_module, services
@@ -184,15 +186,37 @@ class Started:
         self.node = node
         self.background_started = False
         self.errors: list[str] = []
+        self.stopping = False
+        self.spawn_lock = threading.Lock()
 
     def run_later(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         def target() -> None:
             try:
                 fn(*args, **kwargs)
             except Exception as e:  # reported by the agent, never a silent thread death
-                self.errors.append(f"{name}: {e}")
+                if not self.stopping:
+                    self.errors.append(f"{name}: {e}")
 
         threading.Thread(target=target, name=name, daemon=True).start()
+
+    def stop_starting(self) -> None:
+        """From now on Ray's launcher starts no process in this agent (teardown began); returns
+        once a start under way has spawned its process, so a sweep after this finds everything."""
+        with self.spawn_lock:
+            self.stopping = True
+
+    def guard(self, start_process: Callable[..., Any]) -> Callable[..., Any]:
+        """Ray's services.start_ray_process (every process Ray's launcher starts), refusing once
+        stop_starting() was called."""
+
+        def start_ray_process(*args: Any, **kwargs: Any) -> Any:
+            with self.spawn_lock:
+                if self.stopping:
+                    raise RuntimeError("the agent is stopping")
+                return start_process(*args, **kwargs)
+
+        start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
+        return start_ray_process
 
     def start_services(self) -> None:
         """The head's services that clients use: the dashboard (with the Jobs API) and the Ray
@@ -305,4 +329,8 @@ def start(
             raise RuntimeError(f"`ray start` failed: {e}") from e
     if "started" not in box:
         raise RuntimeError("`ray start` returned without starting a raylet")
-    return box["started"]
+    started = box["started"]
+    # The services started later (dashboard, monitors) spawn through this, in background threads.
+    spawn = services.start_ray_process
+    services.start_ray_process = started.guard(getattr(spawn, "unguarded", spawn))
+    return started

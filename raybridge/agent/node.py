@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -29,6 +29,11 @@ from raybridge.agent import launch, netinfo, ports, procs, resources
 from raybridge.agent.procs import MARKER
 
 MAX_RAY_RESTARTS = 3
+T = TypeVar("T")
+
+
+class StopRequested(Exception):
+    """The job is being stopped while Ray is still starting."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ class Agent:
     def log(self, message: str) -> None:
         now = time.time()
         stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-        print(f"raybridge[{self.host}/{self.role}] {stamp} {message}", flush=True)
+        # The process's own stdout: Ray's start may be redirecting sys.stdout to its log meanwhile.
+        out = sys.__stdout__ or sys.stdout
+        print(f"raybridge[{self.host}/{self.role}] {stamp} {message}", file=out, flush=True)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.stopping:
@@ -192,7 +199,9 @@ class Agent:
                 with open(logfile, "a") as out:
                     gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
                     dirs = head.get("ray_dirs") if head else None
-                    self.started = launch.start(cmd[2:], out, on_gcs_up=gcs_up, head_dirs=dirs)
+                    self.started = self.until_stopped(
+                        lambda: launch.start(cmd[2:], out, on_gcs_up=gcs_up, head_dirs=dirs)
+                    )
                 return plan
             except launch.LaunchUnavailable as e:
                 self.log(f"{e}; using the `ray start` command")
@@ -208,6 +217,27 @@ class Agent:
             on_gcs_up(plan, None)
         return plan
 
+    def until_stopped(self, fn: Callable[[], T]) -> T:
+        """fn() in a thread, unless a stop is requested first (StopRequested): Ray's start can
+        wait a long time for a head that is being torn down, and teardown must not wait for it."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = fn()
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+
+        thread = threading.Thread(target=target, name="ray-start", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if thread.is_alive() and self.stop_requested():
+                raise StopRequested()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
     # ------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
@@ -220,6 +250,8 @@ class Agent:
         (self.cfg.job_dir / "logs").mkdir(exist_ok=True)
         try:
             return self.head() if self.cfg.rank == 0 else self.worker()
+        except StopRequested:
+            return 0
         except Exception as e:  # report, then tear down: never leave Ray running
             self.log(f"error: {e}")
             if self.cfg.rank == 0:
@@ -404,6 +436,8 @@ class Agent:
     def kill_ray(self) -> None:
         # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
         # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
+        if self.started:  # the dashboard or a monitor may be starting in the background
+            self.started.stop_starting()
         left = procs.stop(self.own_processes, first={"raylet"}, last={"gcs_server"})
         if left:
             self.log(f"could not stop {', '.join(left)}")

@@ -92,6 +92,27 @@ def test_up_status_down_three_nodes(testbed):
     assert again.returncode == 0 and "already" in again.stderr  # idempotent
 
 
+def test_down_while_the_cluster_is_starting_needs_no_scancel(testbed):
+    up = testbed.start_raybridge("login", "up", "--nodes", "3", "--profile", testbed.local_profile)
+    try:
+        job = job_id_from(up.stderr.readline())
+        deadline = time.monotonic() + 120
+        while not (testbed.job_dir(job) / "head.json").exists():  # nodes are joining now
+            assert time.monotonic() < deadline, "the head never came up"
+            time.sleep(0.1)
+        d = testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+        assert d.returncode == 0, d.stderr
+        testbed.wait_job_gone(job)
+    finally:
+        up.kill()
+        up.wait()
+    # The agents stopped on the stop request, even one still waiting for Ray to start: the job ended
+    # on its own (COMPLETED) instead of being cancelled after the grace period.
+    show = testbed.exec("login", "scontrol", "show", "job", job, check=True).stdout
+    assert "JobState=COMPLETED" in show, show
+    assert job_processes(job) == []
+
+
 @pytest.mark.parametrize("code", [0, 3])
 def test_run_propagates_the_driver_exit_code(testbed, code):
     driver = (
