@@ -179,44 +179,50 @@ def _quick_get_node(original: Callable[..., Any]) -> Callable[..., Any]:
     return get_node
 
 
+class SpawnGuard:
+    """Lets Ray's launcher start processes until stop(), none after it: teardown sweeps this job's
+    processes once, and a start still under way in a thread must not add one behind it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Returns once a process being started is there (findable); none starts after this."""
+        with self.lock:
+            self.stopped = True
+
+    def wrap(self, start_process: Callable[..., Any]) -> Callable[..., Any]:
+        """Ray's services.start_ray_process, through which its launcher starts every process."""
+
+        def start_ray_process(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                if self.stopped:
+                    raise RuntimeError("the agent is stopping")
+                return start_process(*args, **kwargs)
+
+        start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
+        return start_ray_process
+
+
 class Started:
     """A node started by start(): the Ray Node object and what still runs in the background."""
 
-    def __init__(self, node: Any):
+    def __init__(self, node: Any, guard: SpawnGuard):
         self.node = node
+        self.guard = guard
         self.background_started = False
         self.errors: list[str] = []
-        self.stopping = False
-        self.spawn_lock = threading.Lock()
 
     def run_later(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         def target() -> None:
             try:
                 fn(*args, **kwargs)
             except Exception as e:  # reported by the agent, never a silent thread death
-                if not self.stopping:
+                if not self.guard.stopped:
                     self.errors.append(f"{name}: {e}")
 
         threading.Thread(target=target, name=name, daemon=True).start()
-
-    def stop_starting(self) -> None:
-        """From now on Ray's launcher starts no process in this agent (teardown began); returns
-        once a start under way has spawned its process, so a sweep after this finds everything."""
-        with self.spawn_lock:
-            self.stopping = True
-
-    def guard(self, start_process: Callable[..., Any]) -> Callable[..., Any]:
-        """Ray's services.start_ray_process (every process Ray's launcher starts), refusing once
-        stop_starting() was called."""
-
-        def start_ray_process(*args: Any, **kwargs: Any) -> Any:
-            with self.spawn_lock:
-                if self.stopping:
-                    raise RuntimeError("the agent is stopping")
-                return start_process(*args, **kwargs)
-
-        start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
-        return start_ray_process
 
     def start_services(self) -> None:
         """The head's services that clients use: the dashboard (with the Jobs API) and the Ray
@@ -280,6 +286,7 @@ def start(
     log: IO[str],
     on_gcs_up: Callable[[dict[str, str]], None] | None = None,
     head_dirs: dict[str, str] | None = None,
+    guard: SpawnGuard | None = None,
 ) -> Started:
     """Run `ray start ARGS` in this process with the reordered launcher; return once the raylet
     registered with the GCS. On the head, on_gcs_up(dirs) runs as soon as the GCS serves: nodes can
@@ -287,6 +294,10 @@ def start(
     to `log`. Raises RuntimeError with Ray's message."""
     node_module, services = _ray_internals()
     options = parse_args(args)
+    guard = guard or SpawnGuard()
+    # For good, not for this call: the dashboard and monitors start later, in threads.
+    spawn = services.start_ray_process
+    services.start_ray_process = guard.wrap(getattr(spawn, "unguarded", spawn))
     original = node_module.Node
     box: dict[str, Started] = {}
 
@@ -298,7 +309,7 @@ def start(
                 on_gcs_up({"temp_dir": self.temp_dir, "session_dir": self._session_dir})
 
         def start_ray_processes(self) -> None:
-            box["started"] = Started(self)
+            box["started"] = Started(self, guard)
             include_log_monitor = self._ray_params.include_log_monitor
             self._ray_params.include_log_monitor = False
             try:
@@ -329,8 +340,4 @@ def start(
             raise RuntimeError(f"`ray start` failed: {e}") from e
     if "started" not in box:
         raise RuntimeError("`ray start` returned without starting a raylet")
-    started = box["started"]
-    # The services started later (dashboard, monitors) spawn through this, in background threads.
-    spawn = services.start_ray_process
-    services.start_ray_process = started.guard(getattr(spawn, "unguarded", spawn))
-    return started
+    return box["started"]

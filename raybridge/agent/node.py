@@ -92,6 +92,7 @@ class Agent:
         self.restarts = 0
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.started: launch.Started | None = None  # Ray started in-process (launch.py)
+        self.spawns = launch.SpawnGuard()
 
     # ------------------------------------------------------------ plumbing
 
@@ -200,7 +201,7 @@ class Agent:
                     gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
                     dirs = head.get("ray_dirs") if head else None
                     self.started = self.until_stopped(
-                        lambda: launch.start(cmd[2:], out, on_gcs_up=gcs_up, head_dirs=dirs)
+                        lambda: launch.start(cmd[2:], out, gcs_up, dirs, self.spawns)
                     )
                 return plan
             except launch.LaunchUnavailable as e:
@@ -436,8 +437,7 @@ class Agent:
     def kill_ray(self) -> None:
         # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
         # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
-        if self.started:  # the dashboard or a monitor may be starting in the background
-            self.started.stop_starting()
+        self.spawns.stop()  # Ray may be starting something in a thread (a node, the dashboard)
         left = procs.stop(self.own_processes, first={"raylet"}, last={"gcs_server"})
         if left:
             self.log(f"could not stop {', '.join(left)}")

@@ -87,3 +87,30 @@ def test_unexpected_ray_internals_mean_the_ray_start_command(monkeypatch):
     monkeypatch.delattr(node_module.Node, "start_api_server")
     with pytest.raises(launch.LaunchUnavailable, match="expected methods"):
         launch.start(["--head"], log=None)
+
+
+def test_spawn_guard_lets_nothing_start_after_stop():
+    import threading
+    import time
+
+    guard = launch.SpawnGuard()
+    started = []
+    in_spawn = threading.Event()
+
+    def slow_spawn(name):
+        in_spawn.set()
+        time.sleep(0.3)
+        started.append(name)
+        return name
+
+    spawn = guard.wrap(slow_spawn)
+    assert guard.wrap(spawn.unguarded).unguarded is slow_spawn  # wrapping again does not nest
+    t = threading.Thread(target=spawn, args=("raylet",))
+    t.start()
+    in_spawn.wait()
+    guard.stop()  # returns only once the spawn under way is done: a sweep now finds its process
+    assert started == ["raylet"]
+    with pytest.raises(RuntimeError, match="stopping"):
+        spawn("dashboard")
+    assert started == ["raylet"]
+    t.join()
