@@ -21,7 +21,8 @@ raylet registered) only to learn the head's temp and session folders; the head p
 its address as soon as the GCS serves, so workers start their raylets while the head's is starting.
 
 Anything unexpected in Ray's internals (another Ray version) raises LaunchUnavailable before a
-process starts, and the agent falls back to the `ray start` command.
+process starts, and the agent falls back to the `ray start` command. Every process Ray's launcher
+starts here goes through a SpawnGuard, so that none starts once the agent's teardown began.
 """
 
 from __future__ import annotations

@@ -196,17 +196,23 @@ class Agent:
             # Ray's processes inherit this process's environment; the agent has no other use for it.
             os.environ.clear()
             os.environ.update(env)
+            gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
+            dirs = head.get("ray_dirs") if head else None
+            # Not closed on a stop request: the interrupted start may still write to it.
+            out = open(logfile, "a")  # noqa: SIM115
             try:
-                with open(logfile, "a") as out:
-                    gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
-                    dirs = head.get("ray_dirs") if head else None
-                    self.started = self.until_stopped(
-                        lambda: launch.start(cmd[2:], out, gcs_up, dirs, self.spawns)
-                    )
+                self.started = self.until_stopped(
+                    lambda: launch.start(cmd[2:], out, gcs_up, dirs, self.spawns)
+                )
+                out.close()
                 return plan
+            except StopRequested:
+                raise
             except launch.LaunchUnavailable as e:
+                out.close()
                 self.log(f"{e}; using the `ray start` command")
             except RuntimeError as e:
+                out.close()
                 raise RuntimeError(f"{e}; log {logfile}: {log_tail(logfile)}") from None
         with open(logfile, "a") as out:
             rc = subprocess.run(
@@ -435,9 +441,9 @@ class Agent:
         return found is not None
 
     def kill_ray(self) -> None:
+        self.spawns.stop()  # Ray may be starting something in a thread (a node, the dashboard)
         # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
         # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
-        self.spawns.stop()  # Ray may be starting something in a thread (a node, the dashboard)
         left = procs.stop(self.own_processes, first={"raylet"}, last={"gcs_server"})
         if left:
             self.log(f"could not stop {', '.join(left)}")
