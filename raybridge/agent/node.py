@@ -242,7 +242,8 @@ class Agent:
             if thread.is_alive() and self.stop_requested():
                 raise StopRequested()
         if "error" in result:
-            raise result["error"]
+            # A start that failed because the job is being stopped (its head went away) is no error.
+            raise StopRequested() if self.stop_requested() else result["error"]
         return result["value"]
 
     # ------------------------------------------------------------ lifecycle
