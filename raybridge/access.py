@@ -14,7 +14,7 @@ from raybridge import clusterinfo as ci
 from raybridge.cluster import Cluster
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
-from raybridge.runner import Runner, SSHRunner, connect, open_sftp, resolve_target
+from raybridge.runner import LocalRunner, Runner, SSHRunner, connect, open_sftp, resolve_target
 from raybridge.tunnel import Forwarder, Route, Target
 
 PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
@@ -54,7 +54,7 @@ def fetch_token(cluster: Cluster, info: dict[str, Any]) -> Path | None:
     if not text:
         raise ClusterError(f"cannot read the cluster token {info['token_path']}")
     dest = cache_dir(cluster.runner, cluster.job_id) / "token"
-    write_private(dest, text.strip())
+    LocalRunner().write_text(str(dest), text.strip())  # atomic, 0600 from the start
     return dest
 
 
@@ -93,22 +93,12 @@ def make_forwarder(
                     with sftp.open(info["token_path"]) as f:
                         known.update(start=start, token=f.read().decode().strip())
                     if token_file:
-                        write_private(token_file, known["token"])
+                        LocalRunner().write_text(str(token_file), known["token"])
         except (OSError, paramiko.SSHException, ValueError) as e:
             raise ClusterError(f"cannot read the cluster record in {job_dir}: {e}") from None
         return Route(targets_from(info), known.get("token") if info.get("auth") == "token" else None)
 
     return Forwarder(connect_once, resolve, local_ports, log=log)
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace path's content atomically; the file is mode 0600 from its creation."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def auth_env(token_path: Path | None) -> dict[str, str]:

@@ -275,16 +275,19 @@ def main() -> int:
         if "ray-docs" in med:
             row += f" | {med['ray-docs'][n]:9.2f} | {rb / med['ray-docs'][n]:6.2f}"
         print(row)
-    print("\nCPU seconds the job's processes had used when all N nodes were alive (median; 2 shared cores)")
-    print(" N | " + " | ".join(f"{x:>13}" for x in names))
-    for n in counts:
-        print(f"{n:>2} | " + " | ".join(f"{med[f'cpu:{x}'][n]:13.2f}" for x in names))
-    print(
-        "\nStop → job gone from the queue (median seconds; raybridge: `raybridge down`, baselines: scancel)"
-    )
-    print(" N | " + " | ".join(f"{x:>13}" for x in names))
-    for n in counts:
-        print(f"{n:>2} | " + " | ".join(f"{med[f'stop:{x}'][n]:13.2f}" for x in names))
+    for key, title in (
+        (
+            "cpu",
+            "CPU seconds the job's processes had used when all N nodes were alive (median; 2 shared cores)",
+        ),
+        (
+            "stop",
+            "Stop → job gone from the queue (median seconds; raybridge: `raybridge down`, baselines: scancel)",
+        ),
+    ):
+        print(f"\n{title}\n N | " + " | ".join(f"{x:>13}" for x in names))
+        for n in counts:
+            print(f"{n:>2} | " + " | ".join(f"{med[f'{key}:{x}'][n]:13.2f}" for x in names))
     first, last = med["raybridge"][counts[0]], med["raybridge"][counts[-1]]
     print(
         "Ray processes left running after the job ended (killed by the benchmark): "

@@ -198,21 +198,18 @@ class Agent:
             os.environ.update(env)
             gcs_up = (lambda dirs: on_gcs_up(plan, dirs)) if on_gcs_up else None
             dirs = head.get("ray_dirs") if head else None
-            # Not closed on a stop request: the interrupted start may still write to it.
-            out = open(logfile, "a")  # noqa: SIM115
+
+            def start_logged() -> launch.Started:
+                # The thread owns the log file: a start interrupted by a stop may still write to it.
+                with open(logfile, "a") as out:
+                    return launch.start(cmd[2:], out, gcs_up, dirs, self.spawns)
+
             try:
-                self.started = self.until_stopped(
-                    lambda: launch.start(cmd[2:], out, gcs_up, dirs, self.spawns)
-                )
-                out.close()
+                self.started = self.until_stopped(start_logged)
                 return plan
-            except StopRequested:
-                raise
             except launch.LaunchUnavailable as e:
-                out.close()
                 self.log(f"{e}; using the `ray start` command")
             except RuntimeError as e:
-                out.close()
                 raise RuntimeError(f"{e}; log {logfile}: {log_tail(logfile)}") from None
         with open(logfile, "a") as out:
             rc = subprocess.run(
