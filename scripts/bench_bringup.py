@@ -1,4 +1,4 @@
-"""Bring-up benchmark: sbatch → all N Ray nodes alive, raybridge vs two baselines, side by side.
+"""Bring-up benchmark: sbatch → cluster ready, raybridge vs two baselines, side by side.
 
 Run through scripts/bench-bringup (it starts the test bed and runs this on the login node).
 
@@ -6,11 +6,13 @@ Baselines, on the same cluster and the same nodes, in the same rounds:
   symmetric-run  `ray symmetric-run --address HEAD:6379 --min-nodes N` on every node (ships with Ray)
   ray-docs       the protocol of Ray's documented slurm-basic.sh: head via srun, sleep 10 s, then one
                  srun per worker with a 5 s sleep after each
-Every contender's clock starts just before `sbatch` and stops when one and the same observer sees all N
-nodes alive in the GCS: a process on the login node, started (Ray imported) before the clock, that polls the
-GCS node table every 50 ms as soon as the contender's head address is known. All on one machine clock.
-For raybridge the table also shows when the cluster was ready as `raybridge up` reports it: all nodes alive
-and the head's dashboard (Jobs API) and Ray Client server answering.
+Like for like: every contender's clock starts just before `sbatch` and stops when one and the same observer
+sees the cluster *ready* — all N nodes alive in the GCS, the head's dashboard (Jobs API) answering HTTP and its
+Ray Client port accepting connections — which is what `ray start --head` gives before a driver runs and what
+`raybridge up` waits for. The observer is a process on the login node, started (Ray imported) before the
+clock, that polls every 50 ms as soon as the contender's head address is known; it also records when all N
+nodes were alive. The order of the contenders rotates from round to round. What outlives a job is counted on
+the compute nodes themselves: every process left in a node's network namespace (renamed Ray workers too).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
 
-# argv: N; stdin: one line, the ADDRESS_FILE (a JSON head record or a plain host:port).
+# argv: N; stdin: one line, the ADDRESS_FILE (a JSON head record or a plain host:port, Ray's default ports).
 OBSERVER = """
-import json, sys, time
+import json, socket, sys, time, urllib.error, urllib.request
 from ray._raylet import GcsClient
 n = int(sys.argv[1])
 print("armed", flush=True)
@@ -46,20 +48,44 @@ while address is None:
         text = ""
     if text and path.endswith(".json"):
         head = json.loads(text)
-        address = f"{head['ip']}:{head['ports']['gcs']}"
+        ip, ports = head["ip"], head["ports"]
+        address, dashboard, client = f"{ip}:{ports['gcs']}", ports["dashboard"], ports["client"]
     elif text:
-        address = text
+        address, ip, dashboard, client = text, text.split(":")[0], 8265, 10001
     time.sleep(0.02)
-client = None
-while True:
+
+
+def answers(url):
     try:
-        client = client or GcsClient(address=address)
-        if sum(1 for v in client.get_all_node_info(timeout=1).values() if v.state == 0) >= n:
-            break
-    except Exception:
-        pass
+        urllib.request.urlopen(url, timeout=1)
+    except urllib.error.HTTPError:
+        pass  # 401 without a token: the server is up
+    except OSError:
+        return False
+    return True
+
+
+def accepts(port):
+    try:
+        socket.create_connection((ip, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+client, alive_at = None, None
+while True:
+    if alive_at is None:
+        try:
+            client = client or GcsClient(address=address)
+            if sum(1 for v in client.get_all_node_info(timeout=1).values() if v.state == 0) >= n:
+                alive_at = time.time()
+        except Exception:
+            pass
+    if alive_at is not None and answers(f"http://{ip}:{dashboard}/api/version") and accepts(client):
+        break
     time.sleep(0.05)
-print(time.time(), flush=True)
+print(alive_at, time.time(), flush=True)
 """
 
 
@@ -84,12 +110,14 @@ class Observer:
         self.proc.stdin.write(f"{address_file}\n")
         self.proc.stdin.flush()
 
-    def alive_at(self, timeout: float = 300) -> float:
+    def times(self, timeout: float = 300) -> tuple[float, float]:
+        """(all N nodes alive, ready) as machine-clock timestamps."""
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         finally:
             self.proc.kill()
-        return float(out.strip())
+        alive, ready = out.split()
+        return float(alive), float(ready)
 
 
 SYMMETRIC = """#!/bin/bash
@@ -134,25 +162,25 @@ def wait_gone(job_id: str, timeout: float = 120) -> None:
     raise TimeoutError(f"job {job_id} did not end")
 
 
-RAY_NAMES = ("raylet", "gcs_server")
-RAY_CMD_PARTS = (
-    "ray/dashboard",
-    "default_worker.py",
-    "ray/autoscaler",
-    "log_monitor.py",
-    "runtime_env/agent",
-)
+BED_DAEMONS = {"slurmd", "slurmstepd", "sleep"}  # what the test bed itself runs on a compute node
 
 
 def sweep() -> int:
-    """Kill Ray processes that outlived their job (the test bed shares one PID namespace); count them."""
+    """Kill whatever outlived its job on the compute nodes and count it: every process in a compute
+    node's network namespace except the bed's own daemons (Ray's renamed workers and agents too).
+    The nodes' namespaces are found through their slurmd processes (the test bed shares one PID
+    namespace)."""
     import psutil
 
-    stray = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["name"] in RAY_NAMES or any(part in cmd for part in RAY_CMD_PARTS):
-            stray.append(p)
+    def netns(p: psutil.Process) -> str:
+        try:
+            return os.readlink(f"/proc/{p.pid}/ns/net") if p.status() != psutil.STATUS_ZOMBIE else ""
+        except (OSError, psutil.Error):
+            return ""
+
+    procs = list(psutil.process_iter(["name"]))
+    nodes = {netns(p) for p in procs if p.info["name"] == "slurmd"} - {""}
+    stray = [p for p in procs if p.info["name"] not in BED_DAEMONS and netns(p) in nodes]
     for p in stray:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -181,8 +209,11 @@ def job_cpu(job_id: str) -> float:
     return total
 
 
-def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> tuple[float, float, float]:
-    """(all nodes alive, CPU seconds the job had used by then, scancel → job gone)."""
+def run_baseline(
+    template: str, n: int, workdir: Path, setup: str, tag: str
+) -> tuple[float, float, float, float]:
+    """(all nodes alive, ready) in seconds after sbatch, CPU seconds the job had used when it was
+    ready, and scancel → job gone."""
     out = workdir / f"{tag}-{n}-{time.time_ns()}"
     script = workdir / f"{tag}.sbatch"
     script.write_text(template.format(n=n, out=out, setup=setup))
@@ -192,18 +223,19 @@ def run_baseline(template: str, n: int, workdir: Path, setup: str, tag: str) -> 
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
     job_id = job.stdout.strip().split(";")[0]
     try:
-        alive = observer.alive_at()
+        alive, ready = observer.times()
         cpu = job_cpu(job_id)
     finally:
         t_stop = time.time()
         subprocess.run(["scancel", job_id], capture_output=True)
         wait_gone(job_id)
-    return alive - t0, cpu, time.time() - t_stop
+    return alive - t0, ready - t0, cpu, time.time() - t_stop
 
 
 def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, float, float]:
-    """(all nodes alive, ready as `raybridge up` reports it) in seconds after sbatch, the CPU
-    seconds the job had used when all nodes were alive, and `raybridge down` → job gone."""
+    """(all nodes alive, ready) in seconds after sbatch, the CPU seconds the job had used when it
+    was ready, and `raybridge down` → job gone. The observer's ready, not the job's own record:
+    the same clock as the baselines'."""
     spec = load_spec(profile, nodes=n, job_name="bench-raybridge")
     runner = LocalRunner()
     token_link = workdir / f"token-{time.time_ns()}"
@@ -214,14 +246,14 @@ def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, fl
     token_link.symlink_to(job_dir / ci.TOKEN)
     observer.watch(job_dir / ci.HEAD)
     try:
-        alive = observer.alive_at()
+        alive, ready = observer.times()
         cpu = job_cpu(cluster.job_id)
-        info = cluster.wait_ready(timeout=300)
+        cluster.wait_ready(timeout=300)  # what `raybridge up` returns on; stop only after it
     finally:
         t_stop = time.time()
         cluster.stop()
         wait_gone(cluster.job_id)
-    return alive - t0, info["ready_at"] - t0, cpu, time.time() - t_stop
+    return alive - t0, ready - t0, cpu, time.time() - t_stop
 
 
 def main() -> int:
@@ -239,46 +271,48 @@ def main() -> int:
     counts = [int(x) for x in args.nodes.split(",")]
     names = ["raybridge", "symmetric-run"] + ([] if args.skip_ray_docs else ["ray-docs"])
     results: dict[str, dict[int, list[float]]] = {
-        name: {n: [] for n in counts}
-        for name in ["raybridge-ready", *names, *(f"{m}:{x}" for m in ("cpu", "stop") for x in names)]
+        f"{m}:{x}": {n: [] for n in counts} for m in ("ready", "alive", "cpu", "stop") for x in names
     }
     leftovers = dict.fromkeys(names, 0)
     sweep()
     for r in range(args.runs):
-        for n in counts:
-            for name in names:  # interleaved, so drift in machine load hits all contenders alike
+        for i, n in enumerate(counts):
+            k = (r * len(counts) + i) % len(names)  # rotate who goes first: drift hits all alike
+            for name in names[k:] + names[:k]:
                 if name == "raybridge":
-                    t, ready, cpu, stop = run_raybridge(n, args.profile, workdir)
-                    results["raybridge-ready"][n].append(ready)
+                    alive, ready, cpu, stop = run_raybridge(n, args.profile, workdir)
                 elif name == "symmetric-run":
-                    t, cpu, stop = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
+                    alive, ready, cpu, stop = run_baseline(SYMMETRIC, n, workdir, setup, "symmetric")
                 else:
-                    t, cpu, stop = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
-                results[name][n].append(t)
-                results[f"cpu:{name}"][n].append(cpu)
-                results[f"stop:{name}"][n].append(stop)
+                    alive, ready, cpu, stop = run_baseline(RAY_DOCS, n, workdir, setup, "raydocs")
+                for m, v in (("ready", ready), ("alive", alive), ("cpu", cpu), ("stop", stop)):
+                    results[f"{m}:{name}"][n].append(v)
                 leftovers[name] += sweep()
-                print(f"round {r + 1}/{args.runs}  N={n}  {name:14} {t:6.2f} s", file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{args.runs}  N={n}  {name:14} ready {ready:6.2f} s  alive {alive:6.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     med = {name: {n: statistics.median(v) for n, v in per.items()} for name, per in results.items()}
-    header = f"{'N':>2} | {'raybridge':>10} | {'(ready)':>8} | {'symmetric-run':>13} | {'ratio':>6}"
-    if "ray-docs" in med:
-        header += f" | {'ray-docs':>9} | {'ratio':>6}"
     print(
-        f"Bring-up, sbatch → all N nodes alive, median of {args.runs} runs (seconds; ratio = raybridge / baseline)"
+        f"Bring-up, sbatch → cluster ready (all N nodes alive, dashboard and Ray Client answering), "
+        f"median of {args.runs} runs, seconds; ratio = raybridge / baseline"
     )
+    others = names[1:]
+    header = f"{'N':>2} | {'raybridge':>10} | " + " | ".join(f"{x:>13} | {'ratio':>6}" for x in others)
     print(header)
     print("-" * len(header))
     for n in counts:
-        rb, sym = med["raybridge"][n], med["symmetric-run"][n]
-        ready = med["raybridge-ready"][n]
-        row = f"{n:>2} | {rb:10.2f} | {ready:8.2f} | {sym:13.2f} | {rb / sym:6.2f}"
-        if "ray-docs" in med:
-            row += f" | {med['ray-docs'][n]:9.2f} | {rb / med['ray-docs'][n]:6.2f}"
-        print(row)
+        rb = med["ready:raybridge"][n]
+        print(
+            f"{n:>2} | {rb:10.2f} | "
+            + " | ".join(f"{med[f'ready:{x}'][n]:13.2f} | {rb / med[f'ready:{x}'][n]:6.2f}" for x in others)
+        )
     for key, title in (
+        ("alive", "sbatch → all N nodes alive in the GCS (median seconds, same runs)"),
         (
             "cpu",
-            "CPU seconds the job's processes had used when all N nodes were alive (median; 2 shared cores)",
+            "CPU seconds the job's processes had used when the cluster was ready (median; 2 shared cores)",
         ),
         (
             "stop",
@@ -288,13 +322,12 @@ def main() -> int:
         print(f"\n{title}\n N | " + " | ".join(f"{x:>13}" for x in names))
         for n in counts:
             print(f"{n:>2} | " + " | ".join(f"{med[f'{key}:{x}'][n]:13.2f}" for x in names))
-    first, last = med["raybridge"][counts[0]], med["raybridge"][counts[-1]]
+    first, last = med["ready:raybridge"][counts[0]], med["ready:raybridge"][counts[-1]]
     print(
-        "Ray processes left running after the job ended (killed by the benchmark): "
+        "\nProcesses left on the compute nodes after the job ended (all runs, killed by the benchmark): "
         + ", ".join(f"{k} {v}" for k, v in leftovers.items())
     )
-    print(f"raybridge scaling: {counts[-1]} nodes / {counts[0]} node = {last / first:.2f}x")
-    print("(ready) = all nodes alive and the head's dashboard and Ray Client server answering")
+    print(f"raybridge scaling (ready): {counts[-1]} nodes / {counts[0]} node = {last / first:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "median": med}, indent=2))
     return 0

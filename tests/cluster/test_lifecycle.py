@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import job_processes, job_procs, ray_processes_in
+from tests.cluster.bed import assert_no_leaks, job_processes, job_procs
 
 pytestmark = pytest.mark.cluster
 FABRIC = ipaddress.ip_network("10.212.0.0/24")
@@ -84,9 +84,8 @@ def test_up_status_down_three_nodes(testbed):
     assert d.returncode == 0, d.stderr
     assert f"job {job}: stopped" in d.stderr
     testbed.wait_job_gone(job)
-    assert job_processes(job) == []
+    assert_no_leaks(job)
     for n in range(1, 4):
-        assert ray_processes_in(f"rbtb-n{n}") == []
         assert testbed.exec(f"n{n}", "test", "-e", f"/tmp/rb-{job}").returncode != 0  # temp dir removed
     again = testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
     assert again.returncode == 0 and "already" in again.stderr  # idempotent
@@ -110,7 +109,11 @@ def test_down_while_the_cluster_is_starting_needs_no_scancel(testbed):
     # on its own (COMPLETED) instead of being cancelled after the grace period.
     show = testbed.exec("login", "scontrol", "show", "job", job, check=True).stdout
     assert "JobState=COMPLETED" in show, show
-    assert job_processes(job) == []
+    # The stop really came during bring-up: the cluster never became ready.
+    record = testbed.job_dir(job) / "cluster.json"
+    info = json.loads(record.read_text()) if record.exists() else {}
+    assert not info.get("ready_at"), info
+    assert_no_leaks(job)
 
 
 @pytest.mark.parametrize("code", [0, 3])
@@ -127,7 +130,7 @@ def test_run_propagates_the_driver_exit_code(testbed, code):
     assert "driver nodes 2 10.212.0." in r.stdout
     job = job_id_from(r.stderr)
     testbed.wait_job_gone(job)
-    assert job_processes(job) == []
+    assert_no_leaks(job)
 
 
 def test_profile_ray_args_reach_every_node(testbed):
@@ -153,7 +156,7 @@ def test_profile_ray_start_command_uses_rays_own_start(testbed):
     assert r.stdout.count("using the `ray start` command (profile: ray_start: command)") == 2  # both nodes
     job = job_id_from(r.stderr)
     testbed.wait_job_gone(job)
-    assert job_processes(job) == []
+    assert_no_leaks(job)
 
 
 def test_rendered_script_runs_with_plain_sbatch(testbed):
@@ -195,27 +198,47 @@ def test_sbatch_rejection_is_one_line_and_submits_nothing(testbed):
     assert testbed.squeue_ids() == before
 
 
+MARKER = "/srv/rbtb/shared/hostile-input-ran"  # shared storage: visible from the login node and here
+
+
 @pytest.mark.parametrize(
-    "args",
+    ("args", "message"),
     [
-        ["--job-name", "evil'; touch /tmp/pwned #"],
-        ["--job-name", "$(touch /tmp/pwned)"],
-        ["--time", "forever"],
-        ["--nodes", "0"],
-        ["--sbatch-arg", "--exclusive\n#SBATCH --nodes=4"],
-        ["--sbatch-arg", "--job-name=x"],
+        (
+            ["--job-name", f"evil'; touch {MARKER} #"],
+            "job_name has characters Slurm or the shell would misread",
+        ),
+        (["--job-name", f"$(touch {MARKER})"], "job_name has characters Slurm or the shell would misread"),
+        (["--job-name", f"a\ntouch {MARKER}"], "must not contain newlines"),
+        (["--time", "forever"], "not a Slurm time"),
+        (["--nodes", "0"], "nodes must be between 1"),
+        (["--sbatch-arg", "--exclusive\n#SBATCH --nodes=4"], "must not contain newlines"),
+        (["--sbatch-arg", "--job-name=x"], "may not set '--job-name'"),
+        (["--profile", "env-newline"], "env.X must not contain newlines"),
+        (["--profile", "env-name"], "env has an invalid variable name"),
     ],
 )
-def test_hostile_input_submits_nothing(testbed, args):
+def test_hostile_input_submits_nothing(testbed, args, message):
+    Path(MARKER).unlink(missing_ok=True)
+    hostile_env = {"env-newline": f'  X: "a\\ntouch {MARKER}"', "env-name": f'  "X; touch {MARKER}": "a"'}
+    if args[0] == "--profile":  # a hostile value in the profile file, on top of the test bed's
+        path = f"{testbed.shared}/{args[1]}.yaml"
+        Path(path).write_text(Path(testbed.local_profile).read_text() + hostile_env[args[1]] + "\n")
+        args = ["--profile", path]
+    else:
+        args = ["--profile", testbed.local_profile, *args]
     before = testbed.squeue_ids()
-    r = testbed.raybridge("login", "up", "--profile", testbed.local_profile, *args)
+    r = testbed.raybridge("login", "up", *args)
     assert r.returncode != 0
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("raybridge: error: ")
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raybridge: error: "), r.stderr
+    assert message in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     assert testbed.squeue_ids() == before
+    assert not Path(MARKER).exists(), "the payload ran"
 
 
-def test_failing_job_reports_its_log_and_is_cancelled(testbed):
+def test_a_job_that_fails_on_its_own_is_reported_with_its_log(testbed):
     path = f"{testbed.shared}/broken-setup.yaml"
     text = (
         open(testbed.local_profile)
@@ -229,3 +252,23 @@ def test_failing_job_reports_its_log_and_is_cancelled(testbed):
     assert f"raybridge: error: cluster {job} failed: job ended (FAILED" in r.stderr
     assert "module load: cuda/99 not found" in r.stderr  # the tail of the job's log
     assert job not in testbed.squeue_ids()
+
+
+def test_a_job_still_running_when_raybridge_gives_up_is_cancelled(testbed):
+    # The job runs (its setup hangs, as a stuck module load would) but never becomes a cluster:
+    # at the deadline `up` cancels it instead of leaving it to burn the allocation.
+    path = f"{testbed.shared}/hanging-setup.yaml"
+    text = open(testbed.local_profile).read().replace("setup:\n", "setup:\n  - echo setup-hangs; sleep 300\n")
+    open(path, "w").write(text)
+    r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", path, "--timeout", "8", timeout=120)
+    job = job_id_from(r.stderr)
+    assert r.returncode == 1
+    assert re.search(
+        rf"raybridge: error: cluster {job} not ready after 8s \(RUNNING, reason None\); job cancelled",
+        r.stderr,
+    ), r.stderr
+    assert "setup-hangs" in r.stderr  # the tail of the job's log
+    testbed.wait_job_gone(job)
+    show = testbed.exec("login", "scontrol", "show", "job", job, check=True).stdout
+    assert "JobState=CANCELLED" in show, show
+    assert_no_leaks(job)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import job_processes
+from tests.cluster.bed import assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -25,7 +25,7 @@ def test_remote_up_status_down(testbed):
         d = testbed.raybridge("laptop", "down", job, "--profile", testbed.remote_profile)
     assert d.returncode == 0, d.stderr
     testbed.wait_job_gone(job)
-    assert job_processes(job) == []
+    assert_no_leaks(job)
 
 
 def test_remote_run_exit_code(testbed):
@@ -42,7 +42,10 @@ def test_remote_run_exit_code(testbed):
         "import sys; print('remote driver'); sys.exit(5)",
     )
     assert r.returncode == 5, r.stderr + r.stdout
-    assert "remote driver" in r.stdout
+    assert "remote driver" in r.stdout.splitlines()
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    testbed.wait_job_gone(job)
+    assert_no_leaks(job)
 
 
 def one_line_error(r):

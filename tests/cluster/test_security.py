@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import PYTHON
+from tests.cluster.bed import PYTHON, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -18,6 +18,7 @@ try:
 except Exception as e:
     print("REFUSED", type(e).__name__, str(e).splitlines()[0][:120])
 """
+REFUSED = "REFUSED AuthenticationError RPC error: InvalidAuthToken"
 
 
 def probe_gcs(testbed, address, token_path):
@@ -57,10 +58,12 @@ def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testb
         assert a["alive_nodes"] == 2 and b["alive_nodes"] == 2
         token_a, token_b = a["token_path"], b["token_path"]
         assert open(token_a).read() != open(token_b).read()
-        # GCS: own token works, the other cluster's token is refused.
-        assert probe_gcs(testbed, a["address"], token_a).startswith("ALLOWED")
-        assert probe_gcs(testbed, a["address"], token_b).startswith("REFUSED")
-        assert probe_gcs(testbed, b["address"], token_a).startswith("REFUSED")
+        # GCS: each cluster answers its own token (both nodes listed) and refuses the other's with
+        # Ray's authentication error, nothing else (a timeout or a wrong address is not a refusal).
+        assert probe_gcs(testbed, a["address"], token_a) == "ALLOWED 2"
+        assert probe_gcs(testbed, b["address"], token_b) == "ALLOWED 2"
+        for address, wrong in ((a["address"], token_b), (b["address"], token_a)):
+            assert probe_gcs(testbed, address, wrong).startswith(REFUSED), wrong
         # Dashboard / Jobs API: no token → 401, wrong token → 401/403, right token → 200.
         assert http(testbed, a["dashboard_url"]) in (401, 403)
         assert http(testbed, a["dashboard_url"], token_b) in (401, 403)
@@ -71,3 +74,4 @@ def test_two_clusters_share_nodes_without_colliding_or_trusting_each_other(testb
             testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
     for job in jobs:
         testbed.wait_job_gone(job)
+        assert_no_leaks(job)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.bed import assert_no_leaks
+
 pytestmark = pytest.mark.cluster
 PORT = "18266"
 
@@ -65,6 +67,7 @@ def test_tunnel_follows_a_requeued_job_to_its_new_head(testbed):
         testbed.raybridge("laptop", "tunnel", "--stop", job)
         testbed.raybridge("laptop", "down", job, *prof)
         testbed.wait_job_gone(job)
+    assert_no_leaks(job)
 
 
 def job_state(testbed, job: str) -> str:

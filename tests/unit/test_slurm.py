@@ -40,10 +40,107 @@ def test_exit_codes(code, expected):
     assert job_from_fields({"ExitCode": code, "JobState": "FAILED"}).exit_code == expected
 
 
-def test_every_state_maps_and_finished_states():
-    assert {"pending", "running", "completed", "failed", "cancelled"} <= set(STATES.values())
-    assert job_from_fields({"JobState": "TIMEOUT"}).finished
-    assert not job_from_fields({"JobState": "COMPLETING"}).finished
+# Every job state Slurm 22.05 reports (squeue(1), JOB STATE CODES), with what raybridge must make of it.
+SLURM_22_05 = {
+    "BOOT_FAIL": "failed",
+    "CANCELLED": "cancelled",
+    "COMPLETED": "completed",
+    "CONFIGURING": "pending",
+    "COMPLETING": "ending",
+    "DEADLINE": "failed",
+    "FAILED": "failed",
+    "NODE_FAIL": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "PENDING": "pending",
+    "PREEMPTED": "preempted",
+    "RUNNING": "running",
+    "RESV_DEL_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUED": "pending",
+    "RESIZING": "running",
+    "REVOKED": "failed",
+    "SIGNALING": "running",
+    "SPECIAL_EXIT": "pending",
+    "STAGE_OUT": "running",
+    "STOPPED": "suspended",
+    "SUSPENDED": "suspended",
+    "TIMEOUT": "failed",
+}
+ENDED = {
+    s for s, coarse in SLURM_22_05.items() if coarse in {"completed", "cancelled", "failed", "preempted"}
+}
+
+
+def test_every_slurm_state_maps():
+    assert STATES == SLURM_22_05
+    for state, coarse in SLURM_22_05.items():
+        job = job_from_fields({"JobState": state})
+        assert job.state == coarse and job.finished == (state in ENDED), state
+
+
+class FakeSlurm:
+    """Slurm as the cluster handle sees it: one job in a given state; records cancels."""
+
+    def __init__(self, state):
+        self.state = state
+        self.cancelled = []
+
+    def job(self, job_id):
+        from raybridge.slurm import JobInfo
+
+        return JobInfo(job_id, "raybridge", self.state, "None", "n1", "", None, "raybridge")
+
+    def cancel(self, job_id, signal=None, batch_only=False):
+        self.cancelled.append(job_id)
+        self.state = "CANCELLED"
+
+
+def cluster_in(tmp_path, state, record=None):
+    import json
+
+    from raybridge.cluster import Cluster
+    from raybridge.runner import LocalRunner
+
+    if record is not None:
+        (tmp_path / "cluster.json").write_text(json.dumps(record))
+    (tmp_path / "nodes").mkdir(exist_ok=True)
+    cluster = Cluster(LocalRunner(), "42", str(tmp_path), expected=2)
+    cluster.slurm = FakeSlurm(state)
+    return cluster
+
+
+@pytest.mark.parametrize("state", sorted(ENDED))
+def test_wait_ready_ends_on_every_final_state(tmp_path, state):
+    from raybridge.errors import ClusterError
+
+    cluster = cluster_in(tmp_path, state)
+    with pytest.raises(ClusterError, match=f"cluster 42 failed: job ended \\({state}"):
+        cluster.wait_ready(timeout=5)
+    assert cluster.slurm.cancelled == []  # nothing left to cancel
+
+
+@pytest.mark.parametrize("state", sorted(set(SLURM_22_05) - ENDED))
+def test_wait_ready_keeps_waiting_in_every_live_state_and_cancels_at_the_timeout(
+    tmp_path, state, monkeypatch
+):
+    from raybridge import cluster as cluster_mod
+    from raybridge.errors import ClusterError
+
+    monkeypatch.setattr(cluster_mod, "POLL", 0.01)
+    cluster = cluster_in(tmp_path, state)
+    with pytest.raises(ClusterError, match="not ready after"):
+        cluster.wait_ready(timeout=0.05)
+    assert cluster.slurm.cancelled == ["42"]
+
+
+def test_a_running_job_whose_agents_report_failure_is_cancelled(tmp_path):
+    from raybridge.errors import ClusterError
+
+    cluster = cluster_in(tmp_path, "RUNNING", {"state": "failed", "error": "node n2 never joined"})
+    with pytest.raises(ClusterError, match="cluster 42 failed: node n2 never joined"):
+        cluster.wait_ready(timeout=5)
+    assert cluster.slurm.cancelled == ["42"]
 
 
 def test_submit_parses_id_and_passes_env():

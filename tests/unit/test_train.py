@@ -30,6 +30,9 @@ def test_storage_path(monkeypatch):
 
 
 def test_checkpoint_complete_only_with_matching_marker(tmp_path):
+    oldest = tmp_path / "checkpoint_000000"
+    oldest.mkdir()
+    rbt.write_checkpoint_dir(oldest, {"step": 50})
     good = tmp_path / "checkpoint_000001"
     good.mkdir()
     rbt.write_checkpoint_dir(good, {"step": 100, "w": [1, 2, 3]})
@@ -48,6 +51,7 @@ def test_checkpoint_complete_only_with_matching_marker(tmp_path):
     with open(bad / rbt.STATE, "r+b") as f:
         f.truncate(10)
     assert not rbt.is_complete(bad)
+    # The newest complete one: not the oldest, not a torn or rotten newer one.
     newest_complete = next(p for p in rbt.checkpoints_newest_first(tmp_path) if rbt.is_complete(p))
     assert newest_complete == good
 

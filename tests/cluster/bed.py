@@ -1,20 +1,17 @@
-"""Fixtures for tests against the real test bed (scripts/testbed): a multi-node Slurm cluster,
+"""Helpers for tests against the real test bed (scripts/testbed): a multi-node Slurm cluster,
 a login node with sshd and a laptop, each in its own network namespace."""
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TESTBED = str(REPO / "scripts" / "testbed")
 RAYBRIDGE = str(REPO / ".venv" / "bin" / "raybridge")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -86,7 +83,8 @@ class Testbed:
 
 
 def job_procs(job_id: str) -> list[psutil.Process]:
-    """Processes anywhere on the machine that belong to this raybridge job's Ray cluster."""
+    """Processes anywhere on the machine that carry this raybridge job's marker in their environment.
+    Ray's workers and agents retitle themselves and their environment reads empty: `leaks` finds those."""
     found = []
     for p in psutil.process_iter():
         try:
@@ -97,43 +95,79 @@ def job_procs(job_id: str) -> list[psutil.Process]:
     return found
 
 
+def describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.pid}:{p.name()} {' '.join(p.cmdline())[:200]}"
+    except psutil.Error:
+        return f"{p.pid}:?"
+
+
 def job_processes(job_id: str) -> list[str]:
-    """The same, as "pid:name command line" (what a failure needs to say)."""
-    found = []
-    for p in job_procs(job_id):
+    """The marked processes, as "pid:name command line" (what a failure needs to say)."""
+    return [describe(p) for p in job_procs(job_id)]
+
+
+# What the test bed itself runs inside a compute node's namespaces.
+BED_DAEMONS = {"slurmd", "slurmstepd", "sleep"}
+
+
+def owner(p: psutil.Process) -> str | None:
+    """The Slurm job a process belongs to: its own job marker, else its nearest ancestor's (a
+    retitled Ray process has no readable environment, its raylet or agent has). None: an orphan."""
+    while p is not None and p.pid > 1:
         try:
-            found.append(f"{p.pid}:{p.name()} {' '.join(p.cmdline())[:200]}")
+            env = p.environ()
+            job = env.get("RAYBRIDGE_JOB_ID") or env.get("SLURM_JOB_ID")
+            if job:
+                return job
+            p = p.parent()
         except psutil.Error:
-            continue
-    return found
+            return None
+    return None
 
 
-def ray_processes_in(namespace: str) -> list[str]:
+def node_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return sorted(
+        name
+        for line in out.splitlines()
+        if (name := line.split()[0]).startswith("rbtb-n") and name[6:].isdigit()
+    )
+
+
+def processes_in(namespace: str) -> list[psutil.Process]:
     pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
-    names = []
+    procs = []
     for pid in pids:
         try:
-            name = psutil.Process(int(pid)).name()
+            p = psutil.Process(int(pid))
+            if p.status() != psutil.STATUS_ZOMBIE:  # exited; collecting it is its parent's business
+                procs.append(p)
         except psutil.Error:
             continue
-        if name in ("raylet", "gcs_server") or "ray" in name.lower():
-            names.append(f"{pid}:{name}")
-    return names
+    return procs
 
 
-@pytest.fixture(scope="session")
-def testbed() -> Iterator[Testbed]:
-    if os.geteuid() != 0:
-        pytest.skip("the test bed needs root (network namespaces, Slurm daemons)")
-    if subprocess.run([TESTBED, "status"], capture_output=True).returncode != 0:
-        subprocess.run([TESTBED, "up"], check=True, timeout=600)
-    out = subprocess.run([TESTBED, "env"], capture_output=True, text=True, check=True).stdout
-    env = {}
-    for line in out.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
-    bed = Testbed(env)
-    yield bed
-    # A failed test must not leave jobs that block the nodes for the rest of a run.
-    if subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0:
-        bed.exec("login", "scancel", "--user=root")
+def leaks(job_id: str) -> list[str]:
+    """Everything of this job still running: processes with its marker anywhere, and on every
+    compute node any process (renamed or not) that belongs to this job or to no job at all — an
+    orphaned `ray::IDLE` worker or raylet left behind counts, whichever job left it."""
+    found = {p.pid: describe(p) for p in job_procs(job_id)}
+    for ns in node_namespaces():
+        for p in processes_in(ns):
+            try:
+                if p.name() in BED_DAEMONS:
+                    continue
+            except psutil.Error:
+                continue
+            if owner(p) in (job_id, None):
+                found[p.pid] = f"{ns[5:]}/{describe(p)}"
+    return sorted(found.values())
+
+
+def assert_no_leaks(job_id: str, timeout: float = 10) -> None:
+    """Nothing of the job runs any more (a few seconds for processes that are exiting)."""
+    deadline = time.monotonic() + timeout
+    while left := leaks(job_id):
+        assert time.monotonic() < deadline, f"job {job_id} left processes behind: {left}"
+        time.sleep(0.2)

@@ -1,0 +1,29 @@
+"""Fixtures for tests against the real test bed (helpers in bed.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster.bed import TESTBED, Testbed
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Testbed]:
+    if os.geteuid() != 0:
+        pytest.skip("the test bed needs root (network namespaces, Slurm daemons)")
+    if subprocess.run([TESTBED, "status"], capture_output=True).returncode != 0:
+        subprocess.run([TESTBED, "up"], check=True, timeout=600)
+    out = subprocess.run([TESTBED, "env"], capture_output=True, text=True, check=True).stdout
+    env = {}
+    for line in out.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    bed = Testbed(env)
+    yield bed
+    # A failed test must not leave jobs that block the nodes for the rest of a run.
+    if subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0:
+        bed.exec("login", "scancel", "--user=root")
