@@ -6,7 +6,8 @@ Baselines, on the same cluster and the same nodes, in the same rounds:
   symmetric-run  `ray symmetric-run --address HEAD:6379 --min-nodes N` on every node (ships with Ray)
   ray-docs       the protocol of Ray's documented slurm-basic.sh: head via srun, sleep 10 s, then one
                  srun per worker with a 5 s sleep after each
-Like for like: every contender's clock starts just before `sbatch` and stops when one and the same observer
+The baselines' dashboards listen on every address (`--dashboard-host=0.0.0.0`; Ray's default is localhost)
+so that the observer can see them answer. Like for like: every contender's clock starts just before `sbatch` and stops when one and the same observer
 sees the cluster *ready* — all N nodes alive in the GCS, the head's dashboard (Jobs API) answering HTTP and its
 Ray Client port accepting connections — which is what `ray start --head` gives before a driver runs and what
 `raybridge up` waits for. The observer is a process on the login node, started (Ray imported) before the
@@ -28,18 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from raybridge import clusterinfo as ci
 from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
 
-# argv: N; stdin: one line, the ADDRESS_FILE (a JSON head record or a plain host:port, Ray's default ports).
+# argv: N; stdin: one line, "SINCE ADDRESS_FILE" (a JSON head record, or a plain host:port with Ray's
+# default ports); a head record older than SINCE is a previous job's with the same id (ids restart).
 OBSERVER = """
-import json, socket, sys, time, urllib.error, urllib.request
+import ctypes, json, socket, sys, time, urllib.error, urllib.request
+ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL when the benchmark goes
 from ray._raylet import GcsClient
 n = int(sys.argv[1])
 print("armed", flush=True)
-path = sys.stdin.readline().strip()
+since, path = sys.stdin.readline().strip().split(" ", 1)
 address = None
 while address is None:
     try:
@@ -48,10 +50,13 @@ while address is None:
         text = ""
     if text and path.endswith(".json"):
         head = json.loads(text)
+        if head.get("gcs_up_at", 0) < float(since):
+            time.sleep(0.02)
+            continue
         ip, ports = head["ip"], head["ports"]
-        address, dashboard, client = f"{ip}:{ports['gcs']}", ports["dashboard"], ports["client"]
+        address, dashboard, ray_client = f"{ip}:{ports['gcs']}", ports["dashboard"], ports["client"]
     elif text:
-        address, ip, dashboard, client = text, text.split(":")[0], 8265, 10001
+        address, ip, dashboard, ray_client = text, text.split(":")[0], 8265, 10001
     time.sleep(0.02)
 
 
@@ -73,16 +78,16 @@ def accepts(port):
         return False
 
 
-client, alive_at = None, None
+gcs, alive_at = None, None
 while True:
     if alive_at is None:
         try:
-            client = client or GcsClient(address=address)
-            if sum(1 for v in client.get_all_node_info(timeout=1).values() if v.state == 0) >= n:
+            gcs = gcs or GcsClient(address=address)
+            if sum(1 for v in gcs.get_all_node_info(timeout=1).values() if v.state == 0) >= n:
                 alive_at = time.time()
         except Exception:
             pass
-    if alive_at is not None and answers(f"http://{ip}:{dashboard}/api/version") and accepts(client):
+    if alive_at is not None and answers(f"http://{ip}:{dashboard}/api/version") and accepts(ray_client):
         break
     time.sleep(0.05)
 print(alive_at, time.time(), flush=True)
@@ -106,8 +111,8 @@ class Observer:
         )
         assert self.proc.stdout.readline().strip() == "armed"
 
-    def watch(self, address_file: Path) -> None:
-        self.proc.stdin.write(f"{address_file}\n")
+    def watch(self, address_file: Path, since: float) -> None:
+        self.proc.stdin.write(f"{since} {address_file}\n")
         self.proc.stdin.flush()
 
     def times(self, timeout: float = 300) -> tuple[float, float]:
@@ -128,7 +133,7 @@ SYMMETRIC = """#!/bin/bash
 head_ip=$(getent hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" | awk '{{print $1}}')
 echo "$head_ip:6379" > {out}.addr
 srun --nodes={n} --ntasks-per-node=1 ray symmetric-run --address "$head_ip:6379" --min-nodes {n} \\
-  --num-cpus=2 --object-store-memory=300000000 -- sleep 600
+  --num-cpus=2 --object-store-memory=300000000 --dashboard-host=0.0.0.0 -- sleep 600
 """
 
 RAY_DOCS = """#!/bin/bash
@@ -141,7 +146,7 @@ head=${{nodes[0]}}
 head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$head" hostname --ip-address)
 echo "$head_ip:6379" > {out}.addr
 srun --overlap --nodes=1 --ntasks=1 -w "$head" ray start --head --node-ip-address="$head_ip" --port=6379 \\
-  --num-cpus=2 --object-store-memory=300000000 --block &
+  --num-cpus=2 --object-store-memory=300000000 --dashboard-host=0.0.0.0 --block &
 sleep 10
 for ((i = 1; i < {n}; i++)); do
   srun --overlap --nodes=1 --ntasks=1 -w "${{nodes[$i]}}" ray start --address "$head_ip:6379" \\
@@ -218,8 +223,8 @@ def run_baseline(
     script = workdir / f"{tag}.sbatch"
     script.write_text(template.format(n=n, out=out, setup=setup))
     observer = Observer(n)
-    observer.watch(Path(f"{out}.addr"))
     t0 = time.time()
+    observer.watch(Path(f"{out}.addr"), t0)
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
     job_id = job.stdout.strip().split(";")[0]
     try:
@@ -242,9 +247,8 @@ def run_raybridge(n: int, profile: str, workdir: Path) -> tuple[float, float, fl
     observer = Observer(n, token=token_link)
     t0 = time.time()
     cluster = submit(spec, runner)
-    job_dir = Path(cluster.job_dir)
-    token_link.symlink_to(job_dir / ci.TOKEN)
-    observer.watch(job_dir / ci.HEAD)
+    token_link.symlink_to(cluster.dir.token)
+    observer.watch(Path(cluster.dir.head), t0)
     try:
         alive, ready = observer.times()
         cpu = job_cpu(cluster.job_id)
