@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import posixpath
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from raybridge import clusterinfo as ci
+from raybridge import jobdir as jd
 from raybridge.cluster import Cluster
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
-from raybridge.runner import LocalRunner, Runner, SSHRunner, connect, open_sftp, resolve_target
+from raybridge.runner import LocalRunner, Runner
+from raybridge.ssh import connect, open_sftp, resolve_target
 from raybridge.tunnel import Forwarder, Route, Target
 
 PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
@@ -32,36 +31,36 @@ def cache_dir(runner: Runner, job_id: str) -> Path:
     return d
 
 
-def ready_info(cluster: Cluster) -> dict[str, Any]:
+def ready_info(cluster: Cluster) -> jd.ClusterRecord:
     job = cluster.job()
     if job is None:
         raise ClusterError(f"job {cluster.job_id} is gone")
     if job.state != "running":
         raise ClusterError(f"job {cluster.job_id} is not running ({job.slurm_state}, reason {job.reason})")
-    info = cluster.info() or {}
-    if info.get("state") != "ready":
-        raise ClusterError(
-            f"the Ray cluster of job {cluster.job_id} is not ready (state: {info.get('state', 'unknown')})"
-        )
+    info = cluster.info()
+    if info is None or info.state != "ready" or info.head is None:
+        state = info.state if info else "unknown"
+        raise ClusterError(f"the Ray cluster of job {cluster.job_id} is not ready (state: {state})")
     return info
 
 
-def fetch_token(cluster: Cluster, info: dict[str, Any]) -> Path | None:
+def fetch_token(cluster: Cluster, info: jd.ClusterRecord) -> Path | None:
     """Copy the cluster's token to the local cache (mode 0600); None when auth is off."""
-    if info.get("auth") != "token":
+    if info.auth != "token" or not info.token_path:
         return None
-    text = cluster.runner.read_text(info["token_path"])
+    text = cluster.runner.read_text(info.token_path)
     if not text:
-        raise ClusterError(f"cannot read the cluster token {info['token_path']}")
+        raise ClusterError(f"cannot read the cluster token {info.token_path}")
     dest = cache_dir(cluster.runner, cluster.job_id) / "token"
     LocalRunner().write_text(str(dest), text.strip())  # atomic, 0600 from the start
     return dest
 
 
-def targets_from(info: dict[str, Any]) -> dict[str, Target]:
-    ip = info["head"]["ip"]
-    ports = info.get("ports") or {}
-    return {name: Target(name, ip, int(ports[name])) for name in PORT_NAMES if name in ports}
+def targets_from(info: jd.ClusterRecord) -> dict[str, Target]:
+    if info.head is None:
+        return {}
+    ports = info.ports or info.head.ports
+    return {name: Target(name, info.head.ip, int(ports[name])) for name in PORT_NAMES if name in ports}
 
 
 def make_forwarder(
@@ -84,19 +83,20 @@ def make_forwarder(
     def resolve(client: paramiko.SSHClient) -> Route:
         try:
             with open_sftp(client) as sftp:
-                with sftp.open(posixpath.join(job_dir, ci.CLUSTER)) as f:
-                    info = json.loads(f.read())
-                if info.get("state") != "ready":
-                    raise ClusterError(f"cluster not ready (state {info.get('state')})")
-                start = (info.get("started_at"), info.get("token_path"))
-                if info.get("auth") == "token" and known.get("start") != start:
-                    with sftp.open(info["token_path"]) as f:
+                folder = jd.JobDir(job_dir)
+                with sftp.open(folder.cluster) as f:
+                    info = jd.parse(f.read().decode(), jd.ClusterRecord, folder.cluster)
+                if info is None or info.state != "ready":
+                    raise ClusterError(f"cluster not ready (state {info.state if info else 'unknown'})")
+                start = (info.started_at, info.token_path)
+                if info.auth == "token" and info.token_path and known.get("start") != start:
+                    with sftp.open(info.token_path) as f:
                         known.update(start=start, token=f.read().decode().strip())
                     if token_file:
                         LocalRunner().write_text(str(token_file), known["token"])
         except (OSError, paramiko.SSHException, ValueError) as e:
             raise ClusterError(f"cannot read the cluster record in {job_dir}: {e}") from None
-        return Route(targets_from(info), known.get("token") if info.get("auth") == "token" else None)
+        return Route(targets_from(info), known.get("token") if info.auth == "token" else None)
 
     return Forwarder(connect_once, resolve, local_ports, log=log)
 
@@ -116,12 +116,3 @@ def jobs_client(address: str, token_path: Path | None):  # -> JobSubmissionClien
         return JobSubmissionClient(address)
     except Exception as e:  # connection and auth errors surface here
         raise ClusterError(f"the Jobs API at {address} did not answer: {str(e).splitlines()[0]}") from None
-
-
-def require_ssh(runner: Runner) -> SSHRunner:
-    if not isinstance(runner, SSHRunner):
-        raise RaybridgeError(
-            "this command reaches the cluster through the login node: give the profile a login "
-            "host, or --login"
-        )
-    return runner

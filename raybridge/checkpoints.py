@@ -4,6 +4,13 @@ Layout (raybridge.train writes it): <shared_dir>/runs/<run name>/checkpoint_*/..
 A pull downloads into DEST/.partial-<checkpoint>/ (files as *.part until their sha256 matches), and
 renames the folder to DEST/<checkpoint> only when every file is verified: an interrupted pull never
 looks complete, and a re-run resumes, skipping files already verified.
+
+The run folder is written by the training code, by colleagues on project storage, by anyone holding the
+cluster token: its names are hostile input. Listings cross the wire NUL-separated (a name may hold any
+byte but NUL and '/'), and a checkpoint whose files cannot be copied safely — an absolute path, '..', a
+control character, a name that is not valid UTF-8 — is refused with one line, before anything is written.
+Symbolic links are never followed: `find` lists regular files only, and every local target is checked to
+resolve inside the partial folder.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +27,29 @@ from raybridge.errors import RaybridgeError
 from raybridge.runner import Runner
 
 CHUNK = 1024 * 1024
+NAME = re.compile(r"[A-Za-z0-9._+=@,%~\\-][A-Za-z0-9._+=@,%~\\ -]{0,254}")  # a path component we write
+
+
+def safe_name(name: str) -> bool:
+    """A run, checkpoint or path component that is safe to create here: letters, digits, a few
+    punctuation characters and inner spaces (no control characters, no '/'), not '.' or '..', at most
+    255 bytes."""
+    return bool(NAME.fullmatch(name)) and name not in (".", "..")
+
+
+def safe_relpath(path: str) -> bool:
+    """A relative path that stays inside its folder: every component safe (no '..', no absolute)."""
+    return bool(path) and not path.startswith("/") and all(safe_name(p) for p in path.split("/"))
+
+
+def fields(stdout: str, per_record: int) -> list[list[str]]:
+    """NUL-separated `find -printf` output → records of per_record fields."""
+    items = stdout.split("\0")
+    if items and items[-1] == "":
+        items.pop()
+    if len(items) % per_record:
+        raise RaybridgeError("the listing from the login node was cut short; run the command again")
+    return [items[i : i + per_record] for i in range(0, len(items), per_record)]
 
 
 @dataclass(frozen=True)
@@ -35,6 +66,7 @@ class CheckpointInfo:
     files: int
     size: int
     mtime: float
+    unsafe: int = 0  # files with names raybridge will not copy (pull refuses the checkpoint)
 
 
 def runs_dir(shared_dir: str) -> str:
@@ -42,11 +74,12 @@ def runs_dir(shared_dir: str) -> str:
 
 
 def list_runs(runner: Runner, shared_dir: str) -> list[str]:
-    return [d for d in runner.listdir(runs_dir(shared_dir)) if not d.startswith(".")]
+    return [d for d in runner.listdir(runs_dir(shared_dir)) if not d.startswith(".") and safe_name(d)]
 
 
 def list_checkpoints(runner: Runner, run_dir: str) -> list[CheckpointInfo]:
-    """Checkpoint folders of a run, oldest first (by name: Ray numbers them in order)."""
+    """Checkpoint folders of a run, oldest first (by name: Ray numbers them in order). Folders with
+    names raybridge would not create (control characters, ...) are not listed; symlinks neither."""
     r = runner.run(
         [
             "find",
@@ -60,37 +93,50 @@ def list_checkpoints(runner: Runner, run_dir: str) -> list[CheckpointInfo]:
             "-name",
             "checkpoint_*",
             "-printf",
-            "%f\\t%T@\\n",
+            "%f\\0%T@\\0",
         ],
         check=False,
     )
     if r.returncode != 0:
         raise RaybridgeError(f"no run folder {run_dir}")
     out = []
-    for line in sorted(r.stdout.splitlines()):
-        name, mtime = line.split("\t")
-        files = manifest(runner, posixpath.join(run_dir, name), hashes=False)
-        out.append(
-            CheckpointInfo(
-                name, posixpath.join(run_dir, name), len(files), sum(f.size for f in files), float(mtime)
-            )
-        )
+    for name, mtime in sorted(fields(r.stdout, 2)):
+        if not safe_name(name):
+            continue
+        path = posixpath.join(run_dir, name)
+        sizes = file_sizes(runner, path)
+        unsafe = sum(1 for f in sizes if not safe_relpath(f))
+        out.append(CheckpointInfo(name, path, len(sizes), sum(sizes.values()), float(mtime), unsafe))
     return out
 
 
+def file_sizes(runner: Runner, folder: str) -> dict[str, int]:
+    """Every regular file under folder (relative path, as stored) → its size."""
+    r = runner.run(["find", folder, "-type", "f", "-printf", "%P\\0%s\\0"])
+    return {path: int(size) for path, size in fields(r.stdout, 2)}
+
+
 def manifest(runner: Runner, folder: str, hashes: bool = True) -> list[FileEntry]:
-    """Every file under folder with its size (and sha256, computed where the data is)."""
-    r = runner.run(["find", folder, "-type", "f", "-printf", "%P\\t%s\\n"])
-    sizes = dict(line.rsplit("\t", 1) for line in r.stdout.splitlines() if line)
+    """Every regular file under folder with its size (and sha256, computed where the data is).
+    RaybridgeError if any name could not be copied safely (see the module's doc)."""
+    sizes = file_sizes(runner, folder)
+    bad = [p for p in sizes if not safe_relpath(p)]
+    if bad:
+        raise RaybridgeError(
+            f"{folder} holds a file raybridge will not copy: {bad[0][:120]!r} "
+            f"({len(bad)} such name(s): absolute, '..', control or non-ASCII characters)"
+        )
     sums: dict[str, str] = {}
     if hashes and sizes:
-        # sha256sum over the file list, run next to the data (login node), not over the network.
-        script = 'cd "$1" && find . -type f -print0 | xargs -0 -r sha256sum'
+        # sha256sum over the file list, run next to the data (login node), not over the network;
+        # -z: NUL-terminated lines and names printed as they are (no escaping).
+        script = 'cd "$1" && find . -type f -print0 | xargs -0 -r sha256sum -z'
         out = runner.run(["sh", "-c", script, "sh", folder], timeout=3600).stdout
-        for line in out.splitlines():
+        for line in out.split("\0"):
             digest, _, name = line.partition("  ")
-            sums[name.removeprefix("./")] = digest
-    return [FileEntry(p, int(s), sums.get(p, "")) for p, s in sorted(sizes.items())]
+            if name:
+                sums[name.removeprefix("./")] = digest
+    return [FileEntry(p, s, sums.get(p, "")) for p, s in sorted(sizes.items())]
 
 
 def sha256_of(path: Path) -> str:
@@ -106,6 +152,8 @@ def pull(
 ) -> Path:
     """Copy one checkpoint folder to dest/<name>, verified; resumable. Returns the final path."""
     name = posixpath.basename(folder.rstrip("/"))
+    if not safe_name(name):
+        raise RaybridgeError(f"not a checkpoint name raybridge will create: {name[:100]!r}")
     final = dest / name
     if final.exists():
         raise RaybridgeError(f"{final} already exists (remove it to pull again)")
@@ -117,9 +165,14 @@ def pull(
     total = sum(f.size for f in files)
     done = 0
     progress(done, total)
+    root = partial.resolve()
     for entry in files:
         target = partial / entry.path
+        if not inside(target, root):  # safe_relpath already refused '..': this is the last word
+            raise RaybridgeError(f"{entry.path[:120]!r} would be written outside {partial}")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not inside(target, root):  # a folder on the way is a link planted meanwhile
+            raise RaybridgeError(f"{entry.path[:120]!r} would be written outside {partial}")
         if target.exists() and target.stat().st_size == entry.size and sha256_of(target) == entry.sha256:
             done += entry.size  # verified by an earlier, interrupted pull
             progress(done, total)
@@ -141,3 +194,8 @@ def pull(
         p.unlink()
     os.replace(partial, final)
     return final
+
+
+def inside(path: Path, root: Path) -> bool:
+    """path, with every link on the way resolved, is root or below it."""
+    return path.resolve().is_relative_to(root)

@@ -13,14 +13,13 @@ Library API (the CLI is a thin layer over it):
 from __future__ import annotations
 
 import contextlib
-import json
 import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import clusterinfo as ci
+from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
 from raybridge.render import render
@@ -58,27 +57,35 @@ class Progress:
 class Cluster:
     """A handle to one raybridge job, wherever its login node is."""
 
-    def __init__(self, runner: Runner, job_id: str, job_dir: str, expected: int | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        job_id: str,
+        job_dir: str,
+        expected: int | None = None,
+        submitted_at: float | None = None,
+    ):
         self.runner = runner
         self.slurm = SlurmClient(runner)
         self.job_id = job_id
         self.job_dir = job_dir
+        self.dir = jd.JobDir(job_dir)
         self.expected = expected
+        self.submitted_at = submitted_at  # set by submit(): older records are a previous job's
 
-    def info(self) -> dict[str, Any] | None:
-        text = self.runner.read_text(posixpath.join(self.job_dir, ci.CLUSTER))
-        try:
-            return json.loads(text) if text else None
-        except json.JSONDecodeError:
+    def info(self) -> jd.ClusterRecord | None:
+        """The cluster record, or None before the job wrote it (or when it is a previous job's with
+        the same id: Slurm's ids start again after a controller reset)."""
+        rec = jd.parse(self.runner.read_text(self.dir.cluster), jd.ClusterRecord, self.dir.cluster)
+        if rec and self.submitted_at and (rec.submitted_at or 0) < self.submitted_at - 1:
             return None
+        return rec
 
     def job(self) -> JobInfo | None:
         return self.slurm.job(self.job_id)
 
     def joined(self) -> int:
-        return sum(
-            1 for n in self.runner.listdir(posixpath.join(self.job_dir, ci.NODES)) if n.endswith(".json")
-        )
+        return sum(1 for n in self.runner.listdir(self.dir.nodes) if n.endswith(".json"))
 
     def log_path(self, job: JobInfo | None = None) -> str:
         job = job or self.job()
@@ -96,7 +103,7 @@ class Cluster:
         timeout: float | None = 900,
         on_progress: Callable[[Progress], None] | None = None,
         ended_ok: bool = False,
-    ) -> dict[str, Any]:
+    ) -> jd.ClusterRecord:
         """Block until every node joined; on failure or timeout cancel the job and raise ClusterError.
         ended_ok (batch runs): a cluster that was ready and has ended since counts as ready: a quick
         driver may be done before this looks; the job's output and exit code tell the rest."""
@@ -107,17 +114,18 @@ class Cluster:
             job = self.job()
             if job is None:
                 raise ClusterError(f"job {self.job_id} disappeared from Slurm before the cluster was ready")
-            info = self.info() or {}
-            expected = int(info.get("expected_nodes") or self.expected or 0)
-            if info.get("state") == "ready" or (ended_ok and job.finished and info.get("ready_at")):
+            info = self.info()
+            state = info.state if info else "starting"
+            expected = int((info.expected_nodes if info else 0) or self.expected or 0)
+            if info and (state == "ready" or (ended_ok and job.finished and info.ready_at)):
                 self._report(
                     on_progress,
                     last,
                     Progress(self.job_id, "ready", job.slurm_state, job.reason, expected, expected, elapsed),
                 )
                 return info
-            if info.get("state") == "failed" or job.finished:
-                why = info.get("error") or f"job ended ({job.slurm_state}, reason {job.reason})"
+            if state == "failed" or job.finished:
+                why = (info.error if info else None) or f"job ended ({job.slurm_state}, reason {job.reason})"
                 self._cancel_quietly(job)
                 raise ClusterError(
                     f"cluster {self.job_id} failed: {why}\n--- job output (tail) ---\n{self.log_tail()}"
@@ -131,9 +139,9 @@ class Cluster:
                 )
             if job.state == "pending" or job.state == "suspended":
                 p = Progress(self.job_id, "queued", job.slurm_state, job.reason, 0, expected, elapsed)
-            elif not info.get("head"):
+            elif not (info and info.head):
                 p = Progress(self.job_id, "starting", job.slurm_state, job.reason, 0, expected, elapsed)
-            elif info.get("nodes_alive_at"):
+            elif info.nodes_alive_at:
                 p = Progress(
                     self.job_id, "services", job.slurm_state, job.reason, expected, expected, elapsed
                 )
@@ -170,7 +178,7 @@ class Cluster:
             self.slurm.cancel(self.job_id)
         else:
             with contextlib.suppress(OSError):  # no job folder yet: scancel below does it
-                self.runner.write_text(posixpath.join(self.job_dir, ci.STOP), "", mode=0o600)
+                self.runner.write_text(self.dir.stop, "", mode=0o600)
         deadline = time.monotonic() + timeout
         cancelled = job.state == "pending"
         grace = time.monotonic() + 15
@@ -204,10 +212,10 @@ def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | N
     """The job's folder: under the profile's shared_dir, or next to the script Slurm ran."""
     spec = spec.with_home(runner.home())
     candidate = spec.job_dir(job_id)
-    if job and job.command and runner.read_text(posixpath.join(candidate, ci.CLUSTER)) is None:
-        other = posixpath.join(posixpath.dirname(posixpath.dirname(job.command)), "jobs", job_id)
-        if runner.read_text(posixpath.join(other, ci.CLUSTER)) is not None:
-            return other
+    if job and job.command and runner.read_text(jd.JobDir(candidate).cluster) is None:
+        other = jd.JobDir.of(posixpath.dirname(posixpath.dirname(job.command)), job_id)
+        if runner.read_text(other.cluster) is not None:
+            return other.path
     return candidate
 
 
@@ -221,12 +229,13 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = posixpath.join(scripts_dir, f"{spec.job_name}-{stamp}-{int(time.time() * 1000) % 1000:03d}.sbatch")
     runner.write_text(path, script, mode=0o700)
+    submitted_at = round(time.time(), 3)
     job_id = SlurmClient(runner).submit(
         path,
         [f"--output={spec.logs_dir}/%x-%j.out"],
-        env={"RAYBRIDGE_SUBMITTED_AT": f"{time.time():.3f}"},
+        env={"RAYBRIDGE_SUBMITTED_AT": f"{submitted_at:.3f}"},
     )
-    return Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.nodes)
+    return Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
 
 
 def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Cluster:
@@ -250,24 +259,28 @@ def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Clus
 
 
 def status_record(cluster: Cluster) -> dict[str, Any]:
+    """Slurm's and Ray's view of one cluster, as `status --json` prints it."""
     job = cluster.job()
-    info = cluster.info() or {}
-    nodes = info.get("nodes") or []
+    info = cluster.info()
+    nodes = [n.to_dict() for n in info.nodes] if info else []
+    for n in nodes:
+        n.pop("schema", None)
     return {
         "job_id": cluster.job_id,
-        "name": job.name if job else info.get("job_name"),
+        "name": job.name if job else (info.job_name if info else None),
         "slurm_state": job.slurm_state if job else "GONE",
         "state": job.state if job else "gone",
         "reason": job.reason if job else None,
         "nodelist": job.nodelist if job else None,
-        "ray_state": info.get("state", "unknown"),
-        "expected_nodes": info.get("expected_nodes"),
-        "alive_nodes": sum(1 for n in nodes if n.get("alive")),
+        "ray_state": info.state if info else "unknown",
+        "expected_nodes": info.expected_nodes if info else None,
+        "alive_nodes": info.alive_nodes if info else 0,
         "nodes": nodes,
-        "address": info.get("address"),
-        "dashboard_url": info.get("dashboard_url"),
-        "token_path": info.get("token_path"),
+        "address": info.address if info else None,
+        "dashboard_url": info.dashboard_url if info else None,
+        "auth": info.auth if info else None,
+        "token_path": info.token_path if info else None,
         "job_dir": cluster.job_dir,
         "log": job.stdout if job else None,
-        "timestamps": {k: v for k, v in info.items() if k.endswith("_at")},
+        "timestamps": info.timestamps if info else {},
     }

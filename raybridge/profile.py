@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import yaml
 
 from raybridge.errors import ConfigError
+from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
+from raybridge.settings import AgentSettings
 
 # Options raybridge sets itself; a user's extra directive may not override them.
 OWNED_SBATCH_OPTIONS = frozenset(
@@ -59,6 +62,7 @@ OWNED_SBATCH_OPTIONS = frozenset(
     }
 )
 
+RESERVED_ENV = ("RAYBRIDGE_", "RAY_AUTH_")  # raybridge's own settings and Ray's token auth
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,-]{0,127}$")
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
@@ -106,19 +110,19 @@ class ClusterSpec:
     gpus_per_node: int | None = None
     memory_per_node: str | None = None
     exclusive: bool = True
-    interface: tuple[str, ...] = ("auto",)
+    interface: tuple[str, ...] = AGENT_DEFAULTS["interface"]
     nccl_ib_hca: str | None = None
     shared_dir: str = "~/raybridge"
-    node_tmp: str = "/tmp"
+    node_tmp: str = AGENT_DEFAULTS["node_tmp"]
     python: str = "python3"
     setup: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     sbatch_args: tuple[str, ...] = ()
-    ray_args: tuple[str, ...] = ()
-    ray_start: str = "agent"  # agent: Ray's launcher inside the agent (fast); command: `ray start`
-    object_store_fraction: float = 0.3
-    ready_timeout: int = 300
-    auth: bool = True
+    ray_args: tuple[str, ...] = AGENT_DEFAULTS["ray_args"]
+    ray_start: str = AGENT_DEFAULTS["ray_start"]  # agent: Ray's launcher in the agent; command: `ray start`
+    object_store_fraction: float = AGENT_DEFAULTS["object_store_fraction"]
+    ready_timeout: int = AGENT_DEFAULTS["ready_timeout"]
+    auth: bool = AGENT_DEFAULTS["auth"]
     spare_nodes: int = 0
     signal_seconds: int | None = None
     requeue: bool = False
@@ -144,6 +148,23 @@ class ClusterSpec:
     def job_dir(self, job_id: str) -> str:
         return f"{self.jobs_dir}/{job_id}"
 
+    def agent_settings(self) -> AgentSettings:
+        """What the script hands to the agents (render.py writes it as exports)."""
+        return AgentSettings(
+            shared_dir=self.shared_dir,
+            nodes=self.total_nodes,
+            train_workers=self.nodes,
+            interface=self.interface,
+            node_tmp=self.node_tmp,
+            ready_timeout=self.ready_timeout,
+            auth=self.auth,
+            object_store_fraction=self.object_store_fraction,
+            ray_args=self.ray_args,
+            ray_start=self.ray_start,
+            cpus_per_worker=self.cpus_per_node,
+            gpus_per_node=self.gpus_per_node,
+        )
+
     def with_home(self, home: str) -> ClusterSpec:
         """Resolve a leading ~ in shared_dir against the home folder where the job runs."""
         if self.shared_dir == "~" or self.shared_dir.startswith("~/"):
@@ -152,6 +173,7 @@ class ClusterSpec:
 
 
 PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {"command", "profile"}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClusterSpec)}
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
 
 
@@ -191,7 +213,7 @@ def find_profile(name: str | None) -> Path | None:
         if path.is_file():
             return path
     known = ", ".join(n for n, _ in list_profiles()) or "none"
-    raise ConfigError(f"unknown profile {name!r} (known profiles: {known})")
+    raise ConfigError(f"unknown profile {show(name)} (known profiles: {known})")
 
 
 def read_profile(path: Path) -> dict[str, Any]:
@@ -199,6 +221,8 @@ def read_profile(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read profile {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"profile {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
@@ -210,7 +234,7 @@ def read_profile(path: Path) -> dict[str, Any]:
     unknown = sorted(set(map(str, data)) - PROFILE_KEYS)
     if unknown:
         raise ConfigError(
-            f"profile {path}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(PROFILE_KEYS))})"
+            f"profile {path}: unknown key {show(unknown[0])} (valid keys: {', '.join(sorted(PROFILE_KEYS))})"
         )
     return data
 
@@ -237,47 +261,64 @@ def load_spec(profile: str | None = None, **overrides: Any) -> ClusterSpec:
 
 def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
     v = _Validator(where)
-    login = values.get("login")
+
+    def val(key: str) -> Any:
+        """The given value, else the one default (ClusterSpec's field)."""
+        return values.get(key, DEFAULTS.get(key))
+
+    login = val("login")
     spec = ClusterSpec(
-        nodes=v.integer("nodes", values.get("nodes", 1), minimum=1, maximum=100000),
+        nodes=v.integer("nodes", val("nodes"), minimum=1, maximum=100000),
         job_name=v.match(
             "job_name",
-            values.get("job_name", "raybridge"),
+            val("job_name"),
             SAFE_NAME,
             "letters, digits, '.', '_' and '-' (at most 64)",
         ),
-        partition=v.optional_match("partition", values.get("partition"), SLURM_WORD),
-        account=v.optional_match("account", values.get("account"), SLURM_WORD),
-        qos=v.optional_match("qos", values.get("qos"), SLURM_WORD),
-        time=v.time(values.get("time")),
-        cpus_per_node=v.optional_integer("cpus_per_node", values.get("cpus_per_node"), 1),
-        gpus_per_node=v.optional_integer("gpus_per_node", values.get("gpus_per_node"), 0),
-        memory_per_node=v.memory(values.get("memory_per_node")),
-        exclusive=v.boolean("exclusive", values.get("exclusive", True)),
-        interface=v.interfaces(values.get("interface", "auto")),
-        nccl_ib_hca=v.optional_match("nccl_ib_hca", values.get("nccl_ib_hca"), SLURM_WORD),
-        shared_dir=v.path("shared_dir", values.get("shared_dir", "~/raybridge"), allow_home=True),
-        node_tmp=v.path("node_tmp", values.get("node_tmp", "/tmp"), max_len=40),
-        python=v.line("python", values.get("python", "python3")),
-        setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", values.get("setup")))),
-        env=v.env(values.get("env")),
-        sbatch_args=v.sbatch_args(values.get("sbatch_args")),
-        ray_args=tuple(v.line("ray_args", a) for a in v.str_list("ray_args", values.get("ray_args"))),
-        ray_start=v.choice("ray_start", values.get("ray_start", "agent"), ("agent", "command")),
-        object_store_fraction=v.fraction("object_store_fraction", values.get("object_store_fraction", 0.3)),
-        ready_timeout=v.integer("ready_timeout", values.get("ready_timeout", 300), minimum=10, maximum=86400),
-        auth=v.boolean("auth", values.get("auth", True)),
-        spare_nodes=v.integer("spare_nodes", values.get("spare_nodes", 0), minimum=0, maximum=1000),
-        signal_seconds=v.optional_integer("signal_seconds", values.get("signal_seconds"), 10),
-        requeue=v.boolean("requeue", values.get("requeue", False)),
-        max_requeues=v.integer("max_requeues", values.get("max_requeues", 3), minimum=0, maximum=100),
+        partition=v.optional_match("partition", val("partition"), SLURM_WORD),
+        account=v.optional_match("account", val("account"), SLURM_WORD),
+        qos=v.optional_match("qos", val("qos"), SLURM_WORD),
+        time=v.time(val("time")),
+        cpus_per_node=v.optional_integer("cpus_per_node", val("cpus_per_node"), 1),
+        gpus_per_node=v.optional_integer("gpus_per_node", val("gpus_per_node"), 0),
+        memory_per_node=v.memory(val("memory_per_node")),
+        exclusive=v.boolean("exclusive", val("exclusive")),
+        interface=v.interfaces(val("interface")),
+        nccl_ib_hca=v.optional_match("nccl_ib_hca", val("nccl_ib_hca"), SLURM_WORD),
+        shared_dir=v.path("shared_dir", val("shared_dir"), allow_home=True),
+        node_tmp=v.path("node_tmp", val("node_tmp"), max_len=40),
+        python=v.line("python", val("python")),
+        setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", val("setup")))),
+        env=v.env(val("env")),
+        sbatch_args=v.sbatch_args(val("sbatch_args")),
+        ray_args=tuple(v.line("ray_args", a) for a in v.str_list("ray_args", val("ray_args"))),
+        ray_start=v.choice("ray_start", val("ray_start"), ("agent", "command")),
+        object_store_fraction=v.fraction("object_store_fraction", val("object_store_fraction")),
+        ready_timeout=v.integer("ready_timeout", val("ready_timeout"), minimum=10, maximum=86400),
+        auth=v.boolean("auth", val("auth")),
+        spare_nodes=v.integer("spare_nodes", val("spare_nodes"), minimum=0, maximum=1000),
+        signal_seconds=v.optional_integer("signal_seconds", val("signal_seconds"), 10),
+        requeue=v.boolean("requeue", val("requeue")),
+        max_requeues=v.integer("max_requeues", val("max_requeues"), minimum=0, maximum=100),
         failure_detection_s=v.integer(
-            "failure_detection_s", values.get("failure_detection_s", 3), minimum=1, maximum=300
+            "failure_detection_s", val("failure_detection_s"), minimum=1, maximum=300
         ),
-        command=tuple(v.line("command", c) for c in v.str_list("command", values.get("command"))),
+        command=tuple(v.line("command", c) for c in v.str_list("command", val("command"))),
         login=v.login(login) if login is not None else None,
     )
     return spec
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 4
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut short without expanding it (a YAML alias bomb must not
+    echo megabytes)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class _Validator:
@@ -287,7 +328,7 @@ class _Validator:
         self.where = where
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {key} {problem}")
+        return ConfigError(f"{self.where}: {key[:80]} {problem}")
 
     def line(self, key: str, value: Any) -> str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
@@ -302,7 +343,7 @@ class _Validator:
             if isinstance(value, str) and value.strip().isdigit():
                 value = int(value)
             else:
-                raise self.fail(key, f"must be a whole number, got {value!r}")
+                raise self.fail(key, f"must be a whole number, got {show(value)}")
         if not minimum <= value <= maximum:
             raise self.fail(key, f"must be between {minimum} and {maximum}, got {value}")
         return value
@@ -312,24 +353,24 @@ class _Validator:
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {value!r}")
+            raise self.fail(key, f"must be true or false, got {show(value)}")
         return value
 
     def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
         if value not in allowed:
-            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {show(value)}")
         return value
 
     def fraction(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 0.8:
-            raise self.fail(key, f"must be a number between 0.05 and 0.8, got {value!r}")
+            raise self.fail(key, f"must be a number between 0.05 and 0.8, got {show(value)}")
         return float(value)
 
     def match(self, key: str, value: Any, pattern: re.Pattern[str], allowed: str = "") -> str:
         text = self.line(key, value)
-        if not pattern.match(text):
+        if not pattern.fullmatch(text):
             hint = f" (allowed: {allowed})" if allowed else ""
-            raise self.fail(key, f"has characters Slurm or the shell would misread: {text!r}{hint}")
+            raise self.fail(key, f"has characters Slurm or the shell would misread: {show(text)}{hint}")
         return text
 
     def optional_match(self, key: str, value: Any, pattern: re.Pattern[str]) -> str | None:
@@ -341,22 +382,22 @@ class _Validator:
         if value is None:
             return None
         text = self.line("time", value)
-        if text.upper() in ("UNLIMITED", "INFINITE") or any(p.match(text) for p in TIME_FORMATS):
+        if text.upper() in ("UNLIMITED", "INFINITE") or any(p.fullmatch(text) for p in TIME_FORMATS):
             return text
-        raise self.fail("time", f"is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS ...): {text!r}")
+        raise self.fail("time", f"is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS ...): {show(text)}")
 
     def memory(self, value: Any) -> str | None:
         if value is None:
             return None
         text = self.line("memory_per_node", value).upper()
-        if not MEMORY.match(text):
-            raise self.fail("memory_per_node", f"must look like 4000M or 64G, got {value!r}")
+        if not MEMORY.fullmatch(text):
+            raise self.fail("memory_per_node", f"must look like 4000M or 64G, got {show(value)}")
         return text
 
     def path(self, key: str, value: Any, allow_home: bool = False, max_len: int = 4096) -> str:
         text = self.line(key, value)
         if not (text.startswith("/") or (allow_home and (text == "~" or text.startswith("~/")))):
-            raise self.fail(key, f"must be an absolute path, got {text!r}")
+            raise self.fail(key, f"must be an absolute path, got {show(text)}")
         if len(text) > max_len:
             raise self.fail(key, f"must be at most {max_len} characters (Unix socket paths are short)")
         return text
@@ -377,14 +418,20 @@ class _Validator:
         return tuple(self.match("interface", n, IFACE, "an interface name such as ib0") for n in names)
 
     def env(self, value: Any) -> tuple[tuple[str, str], ...]:
-        if value is None:
+        if value is None or value == ():
             return ()
         if not isinstance(value, dict):
             raise self.fail("env", "must be a mapping of variable names to values")
         out = []
         for name, val in value.items():
-            if not isinstance(name, str) or not ENV_NAME.match(name):
-                raise self.fail("env", f"has an invalid variable name {name!r}")
+            if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+                raise self.fail("env", f"has an invalid variable name {show(name)}")
+            if name.startswith(RESERVED_ENV):
+                raise self.fail(
+                    "env",
+                    f"may not set {name}: raybridge sets its own RAYBRIDGE_* and RAY_AUTH_* variables "
+                    "(use the profile's keys, e.g. auth)",
+                )
             out.append((name, self.line(f"env.{name}", val)))
         return tuple(out)
 
@@ -394,7 +441,9 @@ class _Validator:
             arg = self.line("sbatch_args", arg)
             m = re.match(r"^--([A-Za-z][A-Za-z0-9-]*)|^-([A-Za-z])", arg)
             if not m:
-                raise self.fail("sbatch_args", f"entries must be options like --constraint=ib, got {arg!r}")
+                raise self.fail(
+                    "sbatch_args", f"entries must be options like --constraint=ib, got {show(arg)}"
+                )
             if (m.group(1) or m.group(2)) in OWNED_SBATCH_OPTIONS:
                 raise self.fail(
                     "sbatch_args",
@@ -411,14 +460,14 @@ class _Validator:
         unknown = sorted(set(map(str, value)) - LOGIN_KEYS)
         if unknown:
             raise self.fail(
-                "login", f"has unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(LOGIN_KEYS))})"
+                "login", f"has unknown key {show(unknown[0])} (valid keys: {', '.join(sorted(LOGIN_KEYS))})"
             )
         host = self.line("login.host", value.get("host", ""))
         user = value.get("user")
         if "@" in host:
             user, host = host.rsplit("@", 1)
-        if not host or not HOST.match(host):
-            raise self.fail("login.host", f"is not a host name: {host!r}")
+        if not host or not HOST.fullmatch(host):
+            raise self.fail("login.host", f"is not a host name: {show(host)}")
         port = value.get("port")
         return LoginSpec(
             host=host,
@@ -442,8 +491,8 @@ def time_to_seconds(text: str) -> int | None:
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return None
     for p in TIME_FORMATS:
-        m = p.match(text)
+        m = p.fullmatch(text)
         if m:
             g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
             return ((g.get("d", 0) * 24 + g.get("h", 0)) * 60 + g.get("m", 0)) * 60 + g.get("s", 0)
-    raise ConfigError(f"not a Slurm time: {text!r}")
+    raise ConfigError(f"not a Slurm time: {show(text)}")

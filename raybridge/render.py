@@ -7,6 +7,7 @@ import shlex
 from functools import cache
 from pathlib import Path
 
+from raybridge.jobdir import PREEMPT
 from raybridge.profile import ClusterSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
@@ -14,7 +15,7 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 UP_BODY = """
 # Slurm signals USR1 before the time limit (--signal): training jobs see raybridge.train.preempted().
-trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/preempt"' USR1
+trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/{preempt}"' USR1
 # Keep the cluster until `raybridge down`, the time limit or scancel.
 set +e
 while :; do  # `wait` returns early when a trap runs; keep waiting for the agents
@@ -31,7 +32,7 @@ eval "$({python} -m raybridge.agent wait-ready "$agents")"   # exports RAY_ADDRE
 
 # Slurm signals USR1 before the time limit or on preemption (--signal): the training saves at once
 # (raybridge.train.preempted()), then the job is requeued and the same run resumes.
-trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/preempt"' USR1
+trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/{preempt}"' USR1
 set +e
 {command} &
 driver=$!
@@ -47,7 +48,7 @@ wait "$agents" || true
 {requeue}exit "$rc"
 """
 
-REQUEUE = """if [ -e "$RAYBRIDGE_JOB_DIR/preempt" ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
+REQUEUE = """if [ -e "$RAYBRIDGE_JOB_DIR/{preempt}" ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
   echo "raybridge: requeueing job $SLURM_JOB_ID (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of {max_requeues})"
   scontrol requeue "$SLURM_JOB_ID"
 fi
@@ -102,27 +103,12 @@ def directives(spec: ClusterSpec) -> list[str]:
 
 
 def exports(spec: ClusterSpec) -> list[str]:
+    """The agents' settings (one typed record, settings.py), then what Ray and NCCL read, then the
+    profile's own variables. Every value is shell-quoted."""
     q = shlex.quote
-    pairs = [
-        ("RAYBRIDGE_JOB_DIR", f'{q(spec.jobs_dir)}/"$SLURM_JOB_ID"'),
-        ("RAYBRIDGE_SHARED_DIR", q(spec.shared_dir)),
-        ("RAYBRIDGE_NODES", q(str(spec.total_nodes))),
-        ("RAYBRIDGE_TRAIN_WORKERS", q(str(spec.nodes))),
-        ("RAYBRIDGE_INTERFACE", q(",".join(spec.interface))),
-        ("RAYBRIDGE_NODE_TMP", q(spec.node_tmp)),
-        ("RAYBRIDGE_READY_TIMEOUT", q(str(spec.ready_timeout))),
-        ("RAYBRIDGE_AUTH", q("token" if spec.auth else "none")),
-        ("RAYBRIDGE_OBJECT_STORE_FRACTION", q(str(spec.object_store_fraction))),
-        ("RAYBRIDGE_RAY_ARGS", q(shlex.join(spec.ray_args))),
-        ("RAYBRIDGE_RAY_START", q(spec.ray_start)),
-    ]
-    if spec.cpus_per_node:
-        pairs.append(("RAYBRIDGE_CPUS_PER_WORKER", q(str(spec.cpus_per_node))))
-    if spec.gpus_per_node is not None:
-        pairs.append(("RAYBRIDGE_GPUS_PER_NODE", q(str(spec.gpus_per_node))))
+    lines = spec.agent_settings().exports()
     if spec.nccl_ib_hca:
-        pairs.append(("NCCL_IB_HCA", q(spec.nccl_ib_hca)))
-    lines = [f"export {name}={value}" for name, value in pairs]
+        lines.append(f"export NCCL_IB_HCA={q(spec.nccl_ib_hca)}")
     lines += [
         f"# Node failure detection: dead after {spec.failure_detection_s} failed 1-s health checks "
         "(Ray's default 5 x 3 s idles training 15 s).",
@@ -137,11 +123,11 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
     if version is None:
         from raybridge import __version__ as version
     python = shlex.quote(spec.python)
-    requeue = REQUEUE.format(max_requeues=spec.max_requeues) if spec.requeue else ""
+    requeue = REQUEUE.format(max_requeues=spec.max_requeues, preempt=PREEMPT) if spec.requeue else ""
     body = (
-        RUN_BODY.format(python=python, command=shlex.join(spec.command), requeue=requeue)
+        RUN_BODY.format(python=python, command=shlex.join(spec.command), requeue=requeue, preempt=PREEMPT)
         if spec.command
-        else UP_BODY
+        else UP_BODY.format(preempt=PREEMPT)
     )
     return fill(
         _template(),

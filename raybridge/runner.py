@@ -1,23 +1,18 @@
 """Run commands and touch files where Slurm lives: here (LocalRunner) or on the login node over
-one persistent SSH connection (SSHRunner). Everything above this module uses the Runner interface.
+one persistent SSH connection (SSHRunner, in ssh.py). Everything above this module uses the Runner
+interface.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import os
-import shlex
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import paramiko
-
-from raybridge.errors import CommandError, HostKeyError, SSHError
+from raybridge.errors import CommandError
 from raybridge.profile import LoginSpec
 
 
@@ -75,6 +70,7 @@ class LocalRunner:
                 input=input,
                 capture_output=True,
                 text=True,
+                errors="replace",  # names on shared storage need not be UTF-8
                 timeout=timeout,
                 env={**os.environ, **env} if env else None,
             )
@@ -126,280 +122,9 @@ class LocalRunner:
         pass
 
 
-# ------------------------------------------------------------------ SSH
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """A login destination after applying ~/.ssh/config (aliases, ports, keys, ProxyJump)."""
-
-    alias: str
-    hostname: str
-    user: str
-    port: int
-    identity_files: tuple[str, ...]
-    known_hosts: str
-    proxy_jump: str | None
-    accept_new_host_key: bool
-    ssh_config: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.user}@{self.hostname}" + (f":{self.port}" if self.port != 22 else "")
-
-
-def resolve_target(login: LoginSpec) -> SSHTarget:
-    config_path = Path(login.ssh_config or "~/.ssh/config").expanduser()
-    cfg = paramiko.SSHConfig()
-    if config_path.is_file():
-        try:
-            cfg = paramiko.SSHConfig.from_path(str(config_path))
-        except Exception as e:  # paramiko raises several types for bad configs
-            raise SSHError(f"cannot parse SSH config {config_path}: {e}") from None
-    entry = cfg.lookup(login.host)
-    known = login.known_hosts or (entry.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]
-    ids = (login.identity_file,) if login.identity_file else tuple(entry.get("identityfile", []))
-    return SSHTarget(
-        alias=login.host,
-        hostname=entry.get("hostname", login.host),
-        user=login.user or entry.get("user") or os.environ.get("USER", "root"),
-        port=login.port or int(entry.get("port", 22)),
-        identity_files=tuple(str(Path(i).expanduser()) for i in ids),
-        known_hosts=str(Path(known).expanduser()),
-        proxy_jump=jump
-        if (jump := login.proxy_jump or entry.get("proxyjump")) not in (None, "none")
-        else None,
-        accept_new_host_key=login.accept_new_host_key,
-        ssh_config=login.ssh_config,
-    )
-
-
-def parse_jump(hop: str) -> tuple[str, str | None, int | None]:
-    """One ProxyJump hop, `[user@]host[:port]` or `ssh://[user@]host[:port]` → (host, user, port)."""
-    hop = hop.strip().removeprefix("ssh://")
-    user, _, hostport = hop.rpartition("@")
-    host, port = hostport, None
-    if hostport.startswith("["):  # [v6addr]:port
-        host, _, rest = hostport[1:].partition("]")
-        port = rest.removeprefix(":") or None
-    elif hostport.count(":") == 1:
-        host, port = hostport.split(":")
-    if not host or (port is not None and not port.isdigit()):
-        raise SSHError(f"cannot parse ProxyJump hop {hop!r} (expected [user@]host[:port])")
-    return host, user or None, int(port) if port else None
-
-
-def jump_targets(target: SSHTarget) -> list[SSHTarget]:
-    """The hops of target's ProxyJump, in order; each resolved through the same SSH config (aliases,
-    users, keys). A hop without its own key uses the target's key files, then the agent/default keys."""
-    hops = []
-    for hop in (target.proxy_jump or "").split(","):
-        if not hop.strip():
-            continue
-        host, user, port = parse_jump(hop)
-        t = resolve_target(
-            LoginSpec(
-                host=host,
-                user=user,
-                port=port,
-                ssh_config=target.ssh_config,
-                known_hosts=target.known_hosts,
-                accept_new_host_key=target.accept_new_host_key,
-            )
-        )
-        # A hop's own ProxyJump is ignored: the chain is the target's list (as OpenSSH does with -J a,b).
-        hops.append(
-            dataclasses.replace(t, identity_files=t.identity_files or target.identity_files, proxy_jump=None)
-        )
-    return hops
-
-
-class Client(paramiko.SSHClient):
-    """An SSH client that also closes the jump-host connections it runs through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.jump_clients: list[paramiko.SSHClient] = []
-
-    def close(self) -> None:
-        super().close()
-        for hop in reversed(self.jump_clients):
-            hop.close()
-
-
-def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramiko.SSHClient:
-    """One SSH connection with host-key checking against known_hosts (unknown key = refused,
-    unless accept_new_host_key, which records it like OpenSSH's StrictHostKeyChecking=accept-new)."""
-    client = Client()
-    client.load_system_host_keys()
-    if os.path.exists(target.known_hosts):
-        client.load_host_keys(target.known_hosts)
-    elif target.accept_new_host_key:
-        client._host_keys_filename = target.known_hosts  # where AutoAdd saves
-    client.set_missing_host_key_policy(
-        paramiko.AutoAddPolicy() if target.accept_new_host_key else paramiko.RejectPolicy()
-    )
-    hops: list[paramiko.SSHClient] = []
-    for hop, nxt in itertools.pairwise([*jump_targets(target), target]):
-        hop_client = connect(hop, timeout, sock=sock)
-        hops.append(hop_client)
-        try:
-            sock = hop_client.get_transport().open_channel(
-                "direct-tcpip", (nxt.hostname, nxt.port), ("127.0.0.1", 0), timeout=timeout
-            )
-        except (paramiko.SSHException, OSError) as e:
-            for c in hops:
-                c.close()
-            raise SSHError(
-                f"jump host {hop.label} cannot reach {nxt.label}: {e or type(e).__name__}"
-            ) from None
-    client.jump_clients = hops  # kept open as long as this connection, closed with it
-    try:
-        client.connect(
-            target.hostname,
-            port=target.port,
-            username=target.user,
-            key_filename=list(target.identity_files) or None,
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-            sock=sock,
-            allow_agent=True,
-            look_for_keys=not target.identity_files,
-        )
-    except paramiko.BadHostKeyException:
-        raise HostKeyError(
-            f"host key of {target.label} does not match {target.known_hosts}: refusing to connect "
-            "(the key changed, or someone is intercepting the connection)"
-        ) from None
-    except paramiko.SSHException as e:
-        if "not found in known_hosts" in str(e):
-            raise HostKeyError(
-                f"host key of {target.label} is not in {target.known_hosts}: refusing to connect "
-                "(verify it and add it, or pass --accept-new-host-key once)"
-            ) from None
-        if isinstance(e, paramiko.AuthenticationException):
-            raise SSHError(
-                f"authentication to {target.label} failed (keys tried: "
-                f"{', '.join(target.identity_files) or 'agent/default keys'})"
-            ) from None
-        raise SSHError(f"SSH to {target.label} failed: {e}") from None
-    except (TimeoutError, OSError) as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) and e.errors:
-            first = next(iter(e.errors.values()))
-            reason = getattr(first, "strerror", None) or str(first)
-        raise SSHError(f"cannot reach login host {target.label}: {reason}") from None
-    if target.accept_new_host_key:
-        Path(target.known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        client.save_host_keys(target.known_hosts)
-    sock = client.get_transport().sock
-    if isinstance(sock, socket.socket):
-        # Small request/response traffic (commands, forwarded HTTP) must not wait for delayed ACKs.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return client
-
-
-def open_sftp(client: paramiko.SSHClient, timeout: float = 10) -> paramiko.SFTPClient:
-    """SFTP over the client's connection, every step bounded by timeout (paramiko's own
-    open_sftp may wait an hour on a link that died without closing)."""
-    transport = client.get_transport()
-    if transport is None or not transport.is_active():
-        raise paramiko.SSHException("the SSH connection is closed")
-    chan = transport.open_session(timeout=timeout)
-    chan.settimeout(timeout)
-    chan.invoke_subsystem("sftp")
-    return paramiko.SFTPClient(chan)
-
-
-class SSHRunner:
-    """Runs commands on the login node over one persistent connection; files go over SFTP."""
-
-    def __init__(self, login: LoginSpec, timeout: float = 15):
-        self.target = resolve_target(login)
-        self.host = self.target.label
-        self.client = connect(self.target, timeout)
-        self._sftp: paramiko.SFTPClient | None = None
-
-    @property
-    def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            try:
-                self._sftp = open_sftp(self.client, timeout=60)
-            except (paramiko.SSHException, OSError) as e:
-                raise SSHError(f"SFTP to {self.host} failed (is the sftp subsystem enabled?): {e}") from None
-        return self._sftp
-
-    def run(
-        self,
-        argv: list[str],
-        *,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float | None = 60,
-        env: dict[str, str] | None = None,
-    ) -> Result:
-        command = shlex.join(argv)
-        if env:  # `env` on the far side: servers usually refuse SSH environment requests
-            command = shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *argv])
-        try:
-            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
-            if input is not None:
-                stdin.write(input)
-            stdin.channel.shutdown_write()
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            rc = stdout.channel.recv_exit_status()
-        except (paramiko.SSHException, OSError) as e:
-            raise SSHError(f"lost the SSH connection to {self.host}: {e or type(e).__name__}") from None
-        if rc == -1:
-            rc = 255
-        result = Result(argv, rc, out, err)
-        if check and rc != 0:
-            raise CommandError(argv, rc, out, err, host=self.host)
-        return result
-
-    def read_text(self, path: str) -> str | None:
-        try:
-            with self.sftp.open(path, "r") as f:
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if getattr(e, "errno", None) == 2:
-                return None
-            raise SSHError(f"cannot read {path} on {self.host}: {e}") from None
-
-    def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with self.sftp.open(tmp, "w") as f:
-            f.chmod(mode)
-            f.write(text.encode())
-        self.sftp.posix_rename(tmp, path)
-
-    def makedirs(self, path: str, mode: int = 0o700) -> None:
-        self.run(["mkdir", "-p", "-m", oct(mode)[2:], path])
-
-    def listdir(self, path: str) -> list[str]:
-        try:
-            return sorted(self.sftp.listdir(path))
-        except OSError:
-            return []
-
-    def get(self, path: str, local: str, callback: Callable[[int, int], None] | None = None) -> None:
-        try:
-            self.sftp.get(path, local, callback=callback)
-        except OSError as e:
-            raise SSHError(f"cannot copy {path} from {self.host}: {e}") from None
-
-    def home(self) -> str:
-        return self.sftp.normalize(".")
-
-    def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-        self.client.close()
-
-
 def open_runner(login: LoginSpec | None) -> Runner:
-    return SSHRunner(login) if login else LocalRunner()
+    if login is None:
+        return LocalRunner()
+    from raybridge.ssh import SSHRunner  # paramiko loads only when a login node is used
+
+    return SSHRunner(login)

@@ -25,12 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from raybridge.jobdir import JobDir
+from raybridge.settings import JOB_DIR_VAR, env_name
 
 MARKER = "raybridge-checkpoint.json"  # written last: a checkpoint without it is incomplete
 STATE = "state.pt"
@@ -46,7 +50,7 @@ def run_name() -> str:
 def storage_path() -> str:
     if os.environ.get("RAYBRIDGE_STORAGE"):
         return os.environ["RAYBRIDGE_STORAGE"]
-    shared = os.environ.get("RAYBRIDGE_SHARED_DIR")
+    shared = os.environ.get(env_name("shared_dir"))
     if not shared:
         raise RuntimeError(
             "RAYBRIDGE_SHARED_DIR is not set: run inside a raybridge job or set RAYBRIDGE_STORAGE"
@@ -55,7 +59,7 @@ def storage_path() -> str:
 
 
 def default_workers() -> int:
-    return int(os.environ.get("RAYBRIDGE_TRAIN_WORKERS") or os.environ.get("RAYBRIDGE_NODES") or 1)
+    return int(os.environ.get(env_name("train_workers")) or os.environ.get(env_name("nodes")) or 1)
 
 
 def make_trainer(
@@ -77,8 +81,8 @@ def make_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if use_gpu is None:
-        use_gpu = int(os.environ.get("RAYBRIDGE_GPUS_PER_NODE") or 0) > 0
-    cpus = cpus_per_worker or float(os.environ.get("RAYBRIDGE_CPUS_PER_WORKER") or 1)
+        use_gpu = int(os.environ.get(env_name("gpus_per_node")) or 0) > 0
+    cpus = cpus_per_worker or float(os.environ.get(env_name("cpus_per_worker")) or 1)
     return TorchTrainer(
         train_loop,
         train_loop_config=dict(config or {}),
@@ -126,9 +130,38 @@ def is_complete(folder: Path) -> bool:
 
 
 def read_checkpoint_dir(folder: Path) -> dict[str, Any]:
+    """The saved state: tensors, state dicts and plain containers only (torch's weights_only). Shared
+    storage is written by others too, and a full unpickle would run whatever they planted."""
+    import pickle
+
     import torch
 
-    return torch.load(folder / STATE, weights_only=False)
+    try:
+        return torch.load(folder / STATE, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or ["?"])[0][:200]
+        raise CheckpointError(
+            f"{folder / STATE} holds objects other than tensors and plain containers; raybridge loads "
+            f"only those ({first})"
+        ) from None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run folder raybridge will not load from."""
+
+
+def check_private(folder: Path) -> None:
+    """Refuse a folder that another user owns or can write to: what is in it could be anyone's."""
+    st = folder.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(
+            f"{folder} is a symbolic link; raybridge loads checkpoints only from a real folder"
+        )
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise CheckpointError(
+            f"{folder} can be written by other users (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); "
+            f"raybridge will not load checkpoints from it: chmod go-w it (or set RAYBRIDGE_STORAGE)"
+        )
 
 
 def save(state: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
@@ -151,13 +184,17 @@ def load() -> dict[str, Any] | None:
     newest complete one on shared storage (after a requeue); incomplete ones are skipped."""
     import ray.train
 
+    run_dir = Path(storage_path()) / run_name()
+    if run_dir.exists():
+        check_private(run_dir)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if is_complete(Path(d)):
                 return read_checkpoint_dir(Path(d))
-    for folder in checkpoints_newest_first(Path(storage_path()) / run_name()):
+    for folder in checkpoints_newest_first(run_dir):
         if is_complete(folder):
+            check_private(folder)
             return read_checkpoint_dir(folder)
     return None
 
@@ -192,8 +229,8 @@ def _flag_seen() -> bool:
     now = time.monotonic()
     if not _preempt.seen and now - _preempt.checked_at >= PREEMPT_CHECK_S:
         _preempt.checked_at = now
-        job_dir = os.environ.get("RAYBRIDGE_JOB_DIR")
-        _preempt.seen = bool(job_dir) and (Path(job_dir) / "preempt").exists()
+        job_dir = os.environ.get(JOB_DIR_VAR)
+        _preempt.seen = bool(job_dir) and Path(JobDir(job_dir).preempt).exists()
     return _preempt.seen
 
 

@@ -4,12 +4,17 @@ One SSH connection carries every forwarded connection. If it drops, the forwarde
 backoff. It re-reads the cluster record every few seconds, after a reconnect and when the head refuses
 a connection, so it follows a requeued job: a new auth token, and a new head if the job landed elsewhere.
 The dashboard port can also sign a browser in: GET /raybridge/login/<nonce> answers with Ray's auth
-cookie and a redirect, so nobody copies tokens by hand.
+cookie and a redirect, so nobody copies tokens by hand. The link works once, within LINK_TTL_S of being
+issued, and only with a loopback Host header; the cookie is HttpOnly and lives as long as the browser
+session (pages of other local servers cannot read it). A new link is issued on request (SIGUSR1 to a
+background tunnel: `raybridge tunnel --login-link JOB`) and when the cluster restarts with a new token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import re
 import secrets
 import select
 import socket
@@ -42,6 +47,34 @@ class Route:
 
 
 REFRESH_S = 5.0
+LINK_TTL_S = 300.0
+LOGIN = re.compile(rb"GET /raybridge/login/([A-Za-z0-9_-]{1,64}) HTTP/1\.[01]\r\n")
+LOOPBACK_HOST = re.compile(rb"\r\nhost: *(127\.0\.0\.1|localhost|\[::1\])(:\d+)?\r\n", re.IGNORECASE)
+
+
+class SignIn:
+    """The one-time browser sign-in link of a tunnel: single use, short-lived."""
+
+    def __init__(self, ttl: float = LINK_TTL_S):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self.renew()
+
+    def renew(self) -> str:
+        with self._lock:
+            self.nonce = secrets.token_urlsafe(16)
+            self.issued = time.monotonic()
+            self.used = False
+            return self.nonce
+
+    def redeem(self, nonce: bytes) -> bool:
+        """True once for the current nonce, within its lifetime; constant-time comparison."""
+        with self._lock:
+            fresh = not self.used and time.monotonic() - self.issued <= self.ttl
+            if hmac.compare_digest(nonce, self.nonce.encode()) and fresh:
+                self.used = True
+                return True
+            return False
 
 
 class PortInUse(RaybridgeError):
@@ -78,7 +111,8 @@ class Forwarder:
         self._connect = connect
         self._resolve = resolve
         self.local_ports = dict(local_ports)
-        self.nonce = secrets.token_urlsafe(16)
+        self.sign_in = SignIn()
+        self.on_new_link: Callable[[str], None] = lambda url: None  # e.g. rewrite a background record
         self.log = log
         self.bind = bind
         self._lock = threading.Lock()
@@ -137,6 +171,7 @@ class Forwarder:
             self.log(f"the head moved to {head.host}; forwarding there")
         if old.token and route.token != old.token:
             self.log("the cluster restarted with a new auth token; using it")
+            self.log(f"browsers sign in again with {self.renew_login()}")
 
     def refresh(self) -> None:
         """Re-read the route over the current connection (a requeued job has a new token and
@@ -243,22 +278,45 @@ class Forwarder:
                 pump(conn, chan)
 
     def _maybe_login(self, conn: socket.socket) -> bool:
+        """Answer a sign-in request (True), or leave the connection to the dashboard (False)."""
         conn.settimeout(2)
         try:
-            head = conn.recv(4096, socket.MSG_PEEK)
+            head = conn.recv(8192, socket.MSG_PEEK)
         except OSError:
             return False
         finally:
             conn.settimeout(None)
-        if not head.startswith(f"GET /raybridge/login/{self.nonce} ".encode()):
+        m = LOGIN.match(head)
+        if not m:
             return False
         conn.recv(len(head))
-        cookie = f"{COOKIE}={self.token}; Path=/; SameSite=Strict; Max-Age=2592000"
+        # Only a browser on this machine, addressing the tunnel by a loopback name (no DNS rebinding).
+        if not LOOPBACK_HOST.search(head) or not self.sign_in.redeem(m.group(1)):
+            conn.sendall(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n"
+                b"Connection: close\r\n\r\n"
+                + b"sign-in link used or expired: raybridge tunnel --login-link JOB\n".ljust(64)
+            )
+            return True
+        # HttpOnly: scripts of other pages served on 127.0.0.1 cannot read it; no Max-Age: it ends
+        # with the browser session.
+        cookie = f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
         conn.sendall(
             f"HTTP/1.1 302 Found\r\nSet-Cookie: {cookie}\r\nLocation: /\r\nContent-Length: 0\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
         )
         return True
+
+    @property
+    def nonce(self) -> str:
+        return self.sign_in.nonce
+
+    def renew_login(self) -> str:
+        """A fresh one-time link (the previous one stops working)."""
+        self.sign_in.renew()
+        url = self.login_url()
+        self.on_new_link(url)
+        return url
 
     def login_url(self) -> str:
         return login_url(self.local_ports["dashboard"], self.nonce)

@@ -19,7 +19,8 @@ import time
 from raybridge.access import make_forwarder
 from raybridge.cluster import attach
 from raybridge.profile import load_spec
-from raybridge.runner import connect, open_runner, resolve_target
+from raybridge.runner import open_runner
+from raybridge.ssh import connect, resolve_target
 from raybridge.tunnel import Forwarder, Route, Target
 
 

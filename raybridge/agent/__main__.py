@@ -8,59 +8,51 @@ python -m raybridge.agent stop         ask every agent to tear down
 
 from __future__ import annotations
 
+import logging
 import os
-import secrets
 import shlex
-import shutil
+import socket
 import sys
 import time
 
-from raybridge import clusterinfo as ci
-from raybridge.agent.node import Agent, AgentConfig
+from raybridge import jobdir as jd
+from raybridge.settings import AgentSettings, SettingsError
 
 
-def prepare(cfg: AgentConfig) -> int:
-    cfg.job_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cfg.job_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(cfg.job_dir, 0o700)
-    # A requeued job keeps its id and folder: drop the previous start's rendezvous state.
-    for stale in (ci.HEAD, ci.STOP, ci.TOKEN, ci.PREEMPT):
-        (cfg.job_dir / stale).unlink(missing_ok=True)
-    shutil.rmtree(cfg.job_dir / ci.NODES, ignore_errors=True)
-    (cfg.job_dir / ci.NODES).mkdir()
-    (cfg.job_dir / "logs").mkdir(exist_ok=True)
-    if cfg.auth:
-        # Created 0600 from the start: the token is never readable by others, even briefly.
-        fd = os.open(cfg.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    submitted = os.environ.get("RAYBRIDGE_SUBMITTED_AT")
-    ci.write_json(
-        cfg.job_dir / ci.CLUSTER,
-        {
-            "job_id": cfg.job_id,
-            "job_name": os.environ.get("SLURM_JOB_NAME", ""),
-            "state": "starting",
-            "expected_nodes": cfg.nodes,
-            "auth": "token" if cfg.auth else "none",
-            "token_path": str(cfg.token_path) if cfg.auth else None,
-            "job_dir": str(cfg.job_dir),
-            "submitted_at": float(submitted) if submitted else None,
-            "started_at": ci.now(),
-            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),  # requeues so far
-        },
-    )
-    return 0
+class NodeFormatter(logging.Formatter):
+    """`raybridge[<host>/<role>] HH:MM:SS.mmm message`: the job log's line format."""
+
+    def __init__(self, node: str):
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        node = getattr(record, "node", self.node)
+        return f"raybridge[{node}] {stamp} {record.getMessage()}"
 
 
-def wait_ready(cfg: AgentConfig, agents_pid: int | None) -> int:
-    deadline = time.monotonic() + cfg.ready_timeout + 60
+def setup_logging(settings: AgentSettings) -> None:
+    """raybridge's own loggers to the process's real stdout (Ray's start may be redirecting
+    sys.stdout to its log meanwhile); Ray's loggers are left alone."""
+    host = socket.gethostname().split(".")[0]
+    handler = logging.StreamHandler(sys.__stdout__ or sys.stdout)
+    handler.setFormatter(NodeFormatter(f"{host}/{'head' if settings.rank == 0 else 'worker'}"))
+    logger = logging.getLogger("raybridge")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def wait_ready(settings: AgentSettings, agents_pid: int | None) -> int:
+    folder = jd.JobDir(settings.job_dir)
+    deadline = time.monotonic() + settings.ready_timeout + 60
     while True:
-        info = ci.read_json(cfg.job_dir / ci.CLUSTER) or {}
-        if info.get("state") == "ready":
+        info = jd.read(folder.cluster, jd.ClusterRecord)
+        if info and info.state == "ready":
             break
-        if info.get("state") in ("failed", "stopped"):
-            print(f"raybridge: cluster {info.get('state')}: {info.get('error', '')}", file=sys.stderr)
+        if info and info.state in ("failed", "stopped"):
+            print(f"raybridge: cluster {info.state}: {info.error or ''}", file=sys.stderr)
             return 1
         if agents_pid and not pid_alive(agents_pid):
             print("raybridge: the agents' srun step ended before the cluster was ready", file=sys.stderr)
@@ -69,9 +61,9 @@ def wait_ready(cfg: AgentConfig, agents_pid: int | None) -> int:
             print("raybridge: timed out waiting for the cluster", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    exports = {"RAY_ADDRESS": info["address"], "RAYBRIDGE_JOB_DIR": str(cfg.job_dir)}
-    if cfg.auth:
-        exports |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cfg.token_path)}
+    exports = {"RAY_ADDRESS": info.address or "", "RAYBRIDGE_JOB_DIR": folder.path}
+    if settings.auth:
+        exports |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": folder.token}
     for k, v in exports.items():
         print(f"export {k}={shlex.quote(v)}")
     return 0
@@ -91,15 +83,29 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("prepare", "node", "wait-ready", "stop"):
         print(__doc__, file=sys.stderr)
         return 2
-    cfg = AgentConfig.from_env(os.environ)
+    try:
+        settings = AgentSettings.from_env(os.environ)
+    except SettingsError as e:
+        print(f"raybridge agent: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
     if argv[0] == "prepare":
-        return prepare(cfg)
+        from raybridge.agent.rendezvous import Rendezvous
+
+        Rendezvous(settings).prepare(
+            job_name=os.environ.get("SLURM_JOB_NAME", ""),
+            submitted_at=os.environ.get("RAYBRIDGE_SUBMITTED_AT"),
+            restart_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        )
+        return 0
     if argv[0] == "node":
-        return Agent(cfg, os.environ).run()
+        from raybridge.agent.node import Agent
+
+        return Agent(settings, os.environ).run()
     if argv[0] == "wait-ready":
         pid = int(argv[1]) if len(argv) > 1 else None
-        return wait_ready(cfg, pid)
-    (cfg.job_dir / ci.STOP).touch()
+        return wait_ready(settings, pid)
+    open(jd.JobDir(settings.job_dir).stop, "a").close()
     return 0
 
 

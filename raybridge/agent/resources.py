@@ -63,10 +63,13 @@ def object_store_bytes(memory: int, fraction: float, shm: str = "/dev/shm") -> i
     return max(want, MIN_OBJECT_STORE)
 
 
-def detect(env: Mapping[str, str], object_store_fraction: float = 0.3) -> NodeResources:
+def detect(
+    env: Mapping[str, str], object_store_fraction: float = 0.3, gpus_per_node: int | None = None
+) -> NodeResources:
+    """What Ray may use on this node: Slurm's grant from the environment; gpus_per_node (the
+    profile's) names GPUs only where Slurm did not say which."""
     mem = memory_bytes(env)
     ids = gpu_ids(env)
-    wanted = env.get("RAYBRIDGE_GPUS_PER_NODE", "")
-    if not ids and wanted.isdigit() and int(wanted) > 0 and "CUDA_VISIBLE_DEVICES" not in env:
-        ids = tuple(str(i) for i in range(int(wanted)))
+    if not ids and gpus_per_node and "CUDA_VISIBLE_DEVICES" not in env:
+        ids = tuple(str(i) for i in range(gpus_per_node))
     return NodeResources(cpus(env), ids, mem, object_store_bytes(mem, object_store_fraction))

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from raybridge import checkpoints as ck
-from raybridge.cli.lifecycle import AcceptKey, Login, Profile, build_spec, connected, say
+from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from
 from raybridge.errors import RaybridgeError
 
 app = typer.Typer(help="Ray Train checkpoints on shared storage.", no_args_is_help=True)
@@ -48,13 +48,14 @@ class Bar:
 
 @app.command("ls")
 def ls_cmd(
+    ctx: typer.Context,
     run: Annotated[str | None, typer.Argument(help="Run name (default: list runs).")] = None,
     profile: Profile = None,
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
 ) -> None:
     """List runs, or the checkpoints of one run (oldest first)."""
-    spec = build_spec(profile, None, login, accept_new_host_key)
+    spec = spec_from(ctx)
     with connected(spec) as runner:
         shared = spec.with_home(runner.home()).shared_dir
         if run is None:
@@ -67,11 +68,13 @@ def ls_cmd(
         print(f"run {run}: no checkpoints")
     for c in cps:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.mtime))
-        print(f"{c.name:40} {c.files:5} files {human(c.size):>10}  {stamp}")
+        warn = f"  ({c.unsafe} file names raybridge will not copy: pull refuses it)" if c.unsafe else ""
+        print(f"{c.name:40} {c.files:5} files {human(c.size):>10}  {stamp}{warn}")
 
 
 @app.command("pull")
 def pull_cmd(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run name.")],
     dest: Annotated[Path, typer.Argument(help="Local folder to copy into.")],
     latest: Annotated[bool, typer.Option("--latest", help="The newest checkpoint (default).")] = False,
@@ -84,7 +87,7 @@ def pull_cmd(
     if latest and name:
         raise RaybridgeError("give --latest or --name, not both")
     check_name(run)
-    spec = build_spec(profile, None, login, accept_new_host_key)
+    spec = spec_from(ctx)
     with connected(spec) as runner:
         shared = spec.with_home(runner.home()).shared_dir
         cps = ck.list_checkpoints(runner, posixpath.join(ck.runs_dir(shared), run))
@@ -101,5 +104,5 @@ def pull_cmd(
 
 
 def check_name(run: str) -> None:
-    if not run or "/" in run or run in (".", "..") or "\n" in run:
-        raise RaybridgeError(f"not a run name: {run!r}")
+    if not ck.safe_name(run):
+        raise RaybridgeError(f"not a run name: {run[:100]!r}")

@@ -15,15 +15,25 @@ from typing import Annotated, Any
 import psutil
 import typer
 
-from raybridge import access
 from raybridge import cluster as lib
-from raybridge.cli.lifecycle import AcceptKey, Login, Profile, build_spec, connected, say
+from raybridge import jobdir as jd
+from raybridge.cli.common import AcceptKey, JobArg, Login, Profile, connected, say, spec_from
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.profile import ClusterSpec
-from raybridge.runner import SSHRunner
-from raybridge.tunnel import login_url
+from raybridge.runner import LocalRunner
 
-JobArg = Annotated[str | None, typer.Argument(help="Job id (default: your newest raybridge job).")]
+
+def access():  # -> the raybridge.access module
+    """The tunnel and Jobs API code, loaded only by the commands that use it (paramiko, Ray)."""
+    import raybridge.access
+
+    return raybridge.access
+
+
+def is_remote(runner: object) -> bool:
+    from raybridge.ssh import SSHRunner
+
+    return isinstance(runner, SSHRunner)
 
 
 def tunnel_dir() -> Path:
@@ -37,13 +47,13 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
     """The Jobs API address for a job: through a private tunnel in remote mode, direct on the login node."""
     with connected(spec) as runner:
         cluster = lib.attach(spec, runner, job)
-        info = access.ready_info(cluster)
-        token = access.fetch_token(cluster, info)
-        if not isinstance(runner, SSHRunner):
-            yield info["dashboard_url"], token, cluster
+        info = access().ready_info(cluster)
+        token = access().fetch_token(cluster, info)
+        if not is_remote(runner):
+            yield info.dashboard_url or "", token, cluster
             return
         # Quiet: a failure shows up as the Jobs API client's error, in one line.
-        fwd = access.make_forwarder(spec, cluster.job_dir, {"dashboard": 0}, token)
+        fwd = access().make_forwarder(spec, cluster.job_dir, {"dashboard": 0}, token)
         fwd.start()
         try:
             yield f"http://127.0.0.1:{fwd.local_ports['dashboard']}", token, cluster
@@ -52,10 +62,13 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
 
 
 def print_connection(
-    ports: dict[str, int], nonce: str, token: Path | None, job_id: str, head: dict[str, Any]
+    ports: dict[str, int], nonce: str, token: Path | None, job_id: str, head: jd.HeadRecord | None
 ) -> None:
+    from raybridge.tunnel import login_url
+
     dash = f"http://127.0.0.1:{ports['dashboard']}"
-    print(f"tunnel to job {job_id} (head {head.get('hostname')} {head.get('ip')}) is up")
+    where = f"head {head.hostname} {head.ip}" if head else "head unknown"
+    print(f"tunnel to job {job_id} ({where}) is up")
     for name, port in ports.items():
         scheme = "http://" if name == "dashboard" else ""
         print(f"  {name:10} {scheme}127.0.0.1:{port}")
@@ -91,6 +104,29 @@ def stop_tunnels(job: str | None) -> None:
         )
 
 
+def new_login_link(job: str | None) -> None:
+    """Ask a background tunnel for a fresh sign-in link (the old one is single-use and short-lived)."""
+    from raybridge.tunnel import LINK_TTL_S, login_url
+
+    files = sorted(tunnel_dir().glob(f"{job or '*'}.json"))
+    if not files:
+        raise RaybridgeError("no background tunnel" + (f" for job {job}" if job else ""))
+    if len(files) > 1:
+        raise RaybridgeError("name the job: " + ", ".join(f.stem for f in files))
+    rec = json.loads(files[0].read_text())
+    proc = tunnel_process(rec)
+    if proc is None:
+        raise RaybridgeError(f"the tunnel for job {files[0].stem} is not running (start it again)")
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while (new := json.loads(files[0].read_text()))["nonce"] == rec["nonce"]:
+        if time.monotonic() > deadline:
+            raise RaybridgeError(f"the tunnel for job {files[0].stem} did not answer")
+        time.sleep(0.05)
+    print(login_url(new["ports"]["dashboard"], new["nonce"]))
+    say(f"one use, valid for {LINK_TTL_S / 60:.0f} minutes")
+
+
 def tunnel_process(rec: dict[str, Any]) -> psutil.Process | None:
     """The background tunnel of this record, if it still runs (not another process with its pid)."""
     try:
@@ -105,166 +141,168 @@ def tunnel_process(rec: dict[str, Any]) -> psutil.Process | None:
     return proc
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("tunnel")
-    def tunnel_cmd(
-        job: JobArg = None,
-        local_port: Annotated[int, typer.Option(help="Local port for the dashboard / Jobs API.")] = 8265,
-        ports: Annotated[str, typer.Option(help="What to forward: dashboard,client,gcs.")] = "dashboard",
-        background: Annotated[bool, typer.Option("--background", help="Detach; stop with --stop.")] = False,
-        stop: Annotated[
-            bool, typer.Option("--stop", help="Stop background tunnels (of JOB, or all).")
-        ] = False,
-        profile: Profile = None,
-        login: Login = None,
-        accept_new_host_key: AcceptKey = False,
-    ) -> None:
-        """Forward the head's dashboard (and optionally client/GCS ports) to this machine."""
-        if stop:
-            stop_tunnels(job)
-            return
-        wanted = [p.strip() for p in ports.split(",") if p.strip()]
-        bad = [p for p in wanted if p not in access.PORT_NAMES]
-        if bad or "dashboard" not in wanted:
+def tunnel_cmd(
+    ctx: typer.Context,
+    job: JobArg = None,
+    local_port: Annotated[int, typer.Option(help="Local port for the dashboard / Jobs API.")] = 8265,
+    ports: Annotated[str, typer.Option(help="What to forward: dashboard,client,gcs.")] = "dashboard",
+    background: Annotated[bool, typer.Option("--background", help="Detach; stop with --stop.")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop background tunnels (of JOB, or all).")] = False,
+    login_link: Annotated[
+        bool, typer.Option("--login-link", help="A new one-time browser sign-in link of a background tunnel.")
+    ] = False,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+) -> None:
+    """Forward the head's dashboard (and optionally client/GCS ports) to this machine."""
+    if stop:
+        stop_tunnels(job)
+        return
+    if login_link:
+        new_login_link(job)
+        return
+    wanted = [p.strip() for p in ports.split(",") if p.strip()]
+    bad = [p for p in wanted if p not in access().PORT_NAMES]
+    if bad or "dashboard" not in wanted:
+        raise RaybridgeError(f"--ports takes dashboard,client,gcs (dashboard always included), got {ports!r}")
+    spec = spec_from(ctx)
+    with connected(spec) as runner:
+        cluster = lib.attach(spec, runner, job)
+        info = access().ready_info(cluster)
+        if not is_remote(runner):
             raise RaybridgeError(
-                f"--ports takes dashboard,client,gcs (dashboard always included), got {ports!r}"
+                f"no tunnel needed on the login node: the dashboard is at {info.dashboard_url}"
             )
-        spec = build_spec(profile, None, login, accept_new_host_key)
-        with connected(spec) as runner:
-            cluster = lib.attach(spec, runner, job)
-            info = access.ready_info(cluster)
-            if not isinstance(runner, SSHRunner):
-                raise RaybridgeError(
-                    f"no tunnel needed on the login node: the dashboard is at {info['dashboard_url']}"
-                )
-            token = access.fetch_token(cluster, info)
-        local = {"dashboard": local_port}
-        for name in wanted:
-            if name != "dashboard":
-                local[name] = access.DEFAULT_LOCAL[name] if local_port == 8265 else 0
-        from raybridge.tunnel import check_free
+        token = access().fetch_token(cluster, info)
+    local = {"dashboard": local_port}
+    for name in wanted:
+        if name != "dashboard":
+            local[name] = access().DEFAULT_LOCAL[name] if local_port == 8265 else 0
+    from raybridge.tunnel import check_free
 
-        for port in local.values():
-            if port:
-                check_free(port)
-        if background:
-            daemonize(spec, cluster.job_dir, cluster.job_id, local, token, info)
+    for port in local.values():
+        if port:
+            check_free(port)
+    if background:
+        daemonize(spec, cluster.job_dir, cluster.job_id, local, token, info)
+        return
+    fwd = access().make_forwarder(spec, cluster.job_dir, local, token, log=say)
+    fwd.start()
+    print_connection(fwd.local_ports, fwd.nonce, token, cluster.job_id, info.head)
+    say("press Ctrl-C to close the tunnel")
+    try:
+        fwd.wait()
+    except KeyboardInterrupt:
+        say("tunnel closed")
+    finally:
+        fwd.stop()
+
+
+def submit_cmd(
+    ctx: typer.Context,
+    command: Annotated[list[str], typer.Argument(help="Entrypoint, after --.")],
+    job: Annotated[str | None, typer.Option("--job", "-j", help="Slurm job id (default: newest).")] = None,
+    working_dir: Annotated[
+        Path | None, typer.Option(help="Upload this folder as the job's working dir.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream logs; exit with the job's status.")
+    ] = False,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+) -> None:
+    """Submit a Ray job through the tunnel with Ray's Jobs API."""
+    import shlex
+
+    if command and command[0].isdigit():  # `submit 12 python x.py`: a job id is not a program
+        raise RaybridgeError(
+            f"the entrypoint starts with {command[0]!r}; to pick a cluster use "
+            f"`raybridge submit --job {command[0]} -- {shlex.join(command[1:]) or 'COMMAND'}`"
+        )
+    if working_dir is not None and not working_dir.is_dir():
+        raise RaybridgeError(f"--working-dir {working_dir} is not a folder")
+    spec = spec_from(ctx)
+    with dashboard_address(spec, job) as (address, token, _cluster):
+        client = access().jobs_client(address, token)
+        runtime_env = {"working_dir": str(working_dir)} if working_dir else None
+        ray_job = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+        say(f"submitted Ray job {ray_job}")
+        print(ray_job, flush=True)
+        if not follow:
             return
-        fwd = access.make_forwarder(spec, cluster.job_dir, local, token, log=say)
-        fwd.start()
-        print_connection(fwd.local_ports, fwd.nonce, token, cluster.job_id, info["head"])
-        say("press Ctrl-C to close the tunnel")
-        try:
-            fwd.wait()
-        except KeyboardInterrupt:
-            say("tunnel closed")
-        finally:
-            fwd.stop()
+        status = follow_job(client, ray_job)
+    say(f"Ray job {ray_job}: {status}")
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 
-    @app.command("submit", context_settings={"allow_interspersed_args": False})
-    def submit_cmd(
-        command: Annotated[list[str], typer.Argument(help="Entrypoint, after --.")],
-        job: Annotated[
-            str | None, typer.Option("--job", "-j", help="Slurm job id (default: newest).")
-        ] = None,
-        working_dir: Annotated[
-            Path | None, typer.Option(help="Upload this folder as the job's working dir.")
-        ] = None,
-        follow: Annotated[
-            bool, typer.Option("--follow", "-f", help="Stream logs; exit with the job's status.")
-        ] = False,
-        profile: Profile = None,
-        login: Login = None,
-        accept_new_host_key: AcceptKey = False,
-    ) -> None:
-        """Submit a Ray job through the tunnel with Ray's Jobs API."""
-        import shlex
 
-        if command and command[0].isdigit():  # `submit 12 python x.py`: a job id is not a program
-            raise RaybridgeError(
-                f"the entrypoint starts with {command[0]!r}; to pick a cluster use "
-                f"`raybridge submit --job {command[0]} -- {shlex.join(command[1:]) or 'COMMAND'}`"
-            )
-        if working_dir is not None and not working_dir.is_dir():
-            raise RaybridgeError(f"--working-dir {working_dir} is not a folder")
-        spec = build_spec(profile, None, login, accept_new_host_key)
-        with dashboard_address(spec, job) as (address, token, _cluster):
-            client = access.jobs_client(address, token)
-            runtime_env = {"working_dir": str(working_dir)} if working_dir else None
-            ray_job = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
-            say(f"submitted Ray job {ray_job}")
-            print(ray_job, flush=True)
-            if not follow:
-                return
-            status = follow_job(client, ray_job)
-        say(f"Ray job {ray_job}: {status}")
-        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+def jobs_cmd(
+    ctx: typer.Context,
+    job: JobArg = None,
+    profile: Profile = None,
+    login: Login = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the Ray jobs of a cluster."""
+    spec = spec_from(ctx)
+    with dashboard_address(spec, job) as (address, token, _):
+        rows = access().jobs_client(address, token).list_jobs()
+    recs = [
+        {
+            "id": r.submission_id or r.job_id,
+            "status": str(r.status),
+            "entrypoint": r.entrypoint,
+            "start_time": r.start_time,
+            "end_time": r.end_time,
+        }
+        for r in rows
+    ]
+    if json_out:
+        print(json.dumps(recs, indent=2))
+        return
+    if not recs:
+        print("no Ray jobs")
+    for r in recs:
+        print(f"{r['id'] or '-':32} {r['status']:10} {r['entrypoint']}")
 
-    @app.command("jobs")
-    def jobs_cmd(
-        job: JobArg = None,
-        profile: Profile = None,
-        login: Login = None,
-        json_out: Annotated[bool, typer.Option("--json")] = False,
-    ) -> None:
-        """List the Ray jobs of a cluster."""
-        spec = build_spec(profile, None, login)
+
+def logs_cmd(
+    ctx: typer.Context,
+    job: JobArg = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    ray_job: Annotated[
+        str | None, typer.Option("--ray-job", help="Show this Ray job's logs instead.")
+    ] = None,
+    profile: Profile = None,
+    login: Login = None,
+) -> None:
+    """The Slurm job's output (agents + driver), or a Ray job's logs with --ray-job."""
+    spec = spec_from(ctx)
+    if ray_job:
         with dashboard_address(spec, job) as (address, token, _):
-            rows = access.jobs_client(address, token).list_jobs()
-        recs = [
-            {
-                "id": r.submission_id or r.job_id,
-                "status": str(r.status),
-                "entrypoint": r.entrypoint,
-                "start_time": r.start_time,
-                "end_time": r.end_time,
-            }
-            for r in rows
-        ]
-        if json_out:
-            print(json.dumps(recs, indent=2))
-            return
-        if not recs:
-            print("no Ray jobs")
-        for r in recs:
-            print(f"{r['id'] or '-':32} {r['status']:10} {r['entrypoint']}")
-
-    @app.command("logs")
-    def logs_cmd(
-        job: JobArg = None,
-        follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-        ray_job: Annotated[
-            str | None, typer.Option("--ray-job", help="Show this Ray job's logs instead.")
-        ] = None,
-        profile: Profile = None,
-        login: Login = None,
-    ) -> None:
-        """The Slurm job's output (agents + driver), or a Ray job's logs with --ray-job."""
-        spec = build_spec(profile, None, login)
-        if ray_job:
-            with dashboard_address(spec, job) as (address, token, _):
-                client = access.jobs_client(address, token)
-                if follow:
-                    follow_job(client, ray_job)
-                else:
-                    try:
-                        sys.stdout.write(client.get_job_logs(ray_job))
-                    except RuntimeError as e:
-                        raise ClusterError(f"no Ray job {ray_job!r}: {str(e).splitlines()[0]}") from None
-            return
-        with connected(spec) as runner:
-            cluster = lib.attach(spec, runner, job)
-            info = cluster.job()
-            path = cluster.log_path(info)
-            if not path:
-                raise ClusterError(f"Slurm does not know job {cluster.job_id}'s output file any more")
+            client = access().jobs_client(address, token)
             if follow:
-                cluster.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                follow_job(client, ray_job)
             else:
-                text = runner.read_text(path)
-                if text is None:
-                    raise ClusterError(f"no output yet at {path}")
-                sys.stdout.write(text)
+                try:
+                    sys.stdout.write(client.get_job_logs(ray_job))
+                except RuntimeError as e:
+                    raise ClusterError(f"no Ray job {ray_job!r}: {str(e).splitlines()[0]}") from None
+        return
+    with connected(spec) as runner:
+        cluster = lib.attach(spec, runner, job)
+        info = cluster.job()
+        path = cluster.log_path(info)
+        if not path:
+            raise ClusterError(f"Slurm does not know job {cluster.job_id}'s output file any more")
+        if follow:
+            cluster.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        else:
+            text = runner.read_text(path)
+            if text is None:
+                raise ClusterError(f"no output yet at {path}")
+            sys.stdout.write(text)
 
 
 def follow_job(client: Any, ray_job: str) -> str:
@@ -292,7 +330,7 @@ def daemonize(
     job_id: str,
     local: dict[str, int],
     token: Path | None,
-    info: dict[str, Any],
+    info: jd.ClusterRecord,
 ) -> None:
     """Fork a detached tunnel; report its addresses once it listens (or its error)."""
     r, w = os.pipe()
@@ -304,11 +342,11 @@ def daemonize(
         if not msg.startswith("{"):
             raise RaybridgeError(msg.strip() or "the background tunnel did not start")
         rec = json.loads(msg)
-        (tunnel_dir() / f"{job_id}.json").write_text(msg)
+        LocalRunner().write_text(str(tunnel_dir() / f"{job_id}.json"), msg)
         say(
             f"tunnel running in the background (pid {rec['pid']}); stop it with: raybridge tunnel --stop {job_id}"
         )
-        print_connection(rec["ports"], rec["nonce"], token, job_id, info["head"])
+        print_connection(rec["ports"], rec["nonce"], token, job_id, info.head)
         return
     os.close(r)
     os.setsid()
@@ -318,7 +356,7 @@ def daemonize(
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     try:
-        fwd = access.make_forwarder(
+        fwd = access().make_forwarder(
             spec,
             job_dir,
             local,
@@ -327,9 +365,18 @@ def daemonize(
         )
         fwd.start()
         me = {"pid": os.getpid(), "started": psutil.Process().create_time()}
-        os.write(w, json.dumps(me | {"ports": fwd.local_ports, "nonce": fwd.nonce}).encode())
+
+        def record() -> str:
+            return json.dumps(me | {"ports": fwd.local_ports, "nonce": fwd.nonce})
+
+        # A new sign-in link (on request, or for a new token) goes where `--login-link` reads it.
+        fwd.on_new_link = lambda _url: LocalRunner().write_text(
+            str(tunnel_dir() / f"{job_id}.json"), record()
+        )
+        os.write(w, record().encode())
         os.close(w)
         signal.signal(signal.SIGTERM, lambda *_: fwd.stop())
+        signal.signal(signal.SIGUSR1, lambda *_: fwd.renew_login())
         fwd.wait()
     except Exception as e:
         with contextlib.suppress(OSError):

@@ -292,3 +292,71 @@ def test_finished_job_and_dead_dashboard(testbed, remote):
     psutil.wait_procs(dash, timeout=10)
     msg = one_line(testbed.raybridge("laptop", "jobs", remote["job"], *prof))
     assert "did not answer" in msg or "refused" in msg
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, remote):
+    # Anyone who can write the run folder (training code, a colleague, a Ray job) controls its names.
+    run = Path(testbed.shared) / "raybridge" / "runs" / "hostile"
+    shutil.rmtree(run, ignore_errors=True)
+    area = Path(testbed.shared) / "pull-area"
+    shutil.rmtree(area, ignore_errors=True)
+    dest = area / "dest"
+    dest.mkdir(parents=True)
+    (area / "decoy").write_text("outside DEST")
+    # 1: every control character in a name; the one that used to inject a manifest entry first.
+    c1 = run / "checkpoint_000001"
+    c1.mkdir(parents=True)
+    (c1 / "ok.bin").write_bytes(b"x" * 10)
+    (c1 / "x\x0b..").mkdir()  # listed as "x\x0b../.bashrc\t5": split on \x0b, that was "../.bashrc"
+    (c1 / "x\x0b.." / ".bashrc\t5").write_bytes(b"evil")
+    for c in [*range(1, 32), 127]:
+        (c1 / f"f{c:02x}-{chr(c)}-x").write_bytes(b"y")
+    # 2: a directory whose name holds a newline and '..' parts.
+    c2 = run / "checkpoint_000002" / "sub\n..\n.."
+    c2.mkdir(parents=True)
+    (c2 / "state.pt").write_bytes(b"z")
+    # 3: links out of the folder: never followed, never copied.
+    c3 = run / "checkpoint_000003"
+    (c3 / "real").mkdir(parents=True)
+    (c3 / "real" / "model.pt").write_bytes(b"m" * 100)
+    (c3 / "passwd").symlink_to("/etc/passwd")
+    (c3 / "home").symlink_to(Path.home())
+    # 4: a checkpoint that is a link to somewhere else, and one whose own name is hostile.
+    (run / "checkpoint_000004").symlink_to("/etc")
+    (run / "checkpoint_000005\x1b[31m").mkdir()
+    (run / "checkpoint_000005\x1b[31m" / "f").write_text("f")
+    prof = ["--profile", testbed.remote_profile]
+    before = tree(area)
+
+    def pull(name):
+        return testbed.raybridge("laptop", "checkpoints", "pull", "hostile", str(dest), "--name", name, *prof)
+
+    for name in ("checkpoint_000001", "checkpoint_000002"):
+        msg = one_line(pull(name))
+        assert f"hostile/{name} holds a file raybridge will not copy" in msg, msg
+    assert tree(area) == before  # refused before anything was written, anywhere
+    ok = pull("checkpoint_000003")
+    assert ok.returncode == 0, ok.stderr
+    got = dest / "checkpoint_000003"
+    assert tree(got) == {"real", "real/model.pt"}  # the links stayed behind, nothing followed
+    assert not any(p.is_symlink() for p in got.rglob("*"))
+    for name in ("checkpoint_000004", "checkpoint_000005\x1b[31m"):
+        assert "has no checkpoint" in one_line(pull(name))
+    ls = testbed.raybridge("laptop", "checkpoints", "ls", "hostile", *prof)
+    assert ls.returncode == 0, ls.stderr
+    rows = ls.stdout.splitlines()
+    assert [line.split()[0] for line in rows] == [
+        "checkpoint_000001",
+        "checkpoint_000002",
+        "checkpoint_000003",
+    ]
+    assert "34 file names raybridge will not copy" in rows[0] and "1 file names" in rows[1], rows
+    pulled = {"dest/checkpoint_000003", "dest/checkpoint_000003/real", "dest/checkpoint_000003/real/model.pt"}
+    assert tree(area) == before | pulled
+    assert not (area / ".bashrc").exists()
+    shutil.rmtree(run)
+    shutil.rmtree(area)

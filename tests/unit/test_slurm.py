@@ -96,6 +96,14 @@ class FakeSlurm:
         self.state = "CANCELLED"
 
 
+def record_of(tmp_path, **fields):
+    """A cluster record as the agents write it (jobdir.ClusterRecord), with these fields."""
+    from raybridge import jobdir as jd
+
+    base = jd.ClusterRecord(job_id="42", state="starting", expected_nodes=2, job_dir=str(tmp_path))
+    return base.with_changes(**fields).to_dict()
+
+
 def cluster_in(tmp_path, state, record=None):
     import json
 
@@ -103,7 +111,7 @@ def cluster_in(tmp_path, state, record=None):
     from raybridge.runner import LocalRunner
 
     if record is not None:
-        (tmp_path / "cluster.json").write_text(json.dumps(record))
+        (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, **record)))
     (tmp_path / "nodes").mkdir(exist_ok=True)
     cluster = Cluster(LocalRunner(), "42", str(tmp_path), expected=2)
     cluster.slurm = FakeSlurm(state)
@@ -179,19 +187,17 @@ def test_a_batch_run_whose_driver_ended_before_it_looked_counts_as_ready(tmp_pat
     from raybridge.slurm import JobInfo
 
     # The cluster was ready, the driver exited 3 and the job is over before the first poll.
-    (tmp_path / "cluster.json").write_text(
-        json.dumps({"state": "stopped", "ready_at": 1.0, "expected_nodes": 2})
-    )
+    (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, state="stopped", ready_at=1.0)))
     (tmp_path / "out").write_text("driver output\n")
     done = JobInfo(
         "42", "raybridge", "FAILED", "NonZeroExitCode", "n[1-2]", str(tmp_path / "out"), 3, "raybridge"
     )
     cluster = Cluster(LocalRunner(), "42", str(tmp_path))
     monkeypatch.setattr(cluster.slurm, "job", lambda _id: done)
-    assert cluster.wait_ready(ended_ok=True)["ready_at"] == 1.0  # `run`: go on to the output and exit code
+    assert cluster.wait_ready(ended_ok=True).ready_at == 1.0  # `run`: go on to the output and exit code
     with pytest.raises(ClusterError, match="cluster 42 failed: job ended"):
         cluster.wait_ready()  # `up`: a cluster that is gone is not ready
     # Never ready: a failure either way.
-    (tmp_path / "cluster.json").write_text(json.dumps({"state": "failed", "error": "boom"}))
+    (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, state="failed", error="boom")))
     with pytest.raises(ClusterError, match="cluster 42 failed: boom"):
         cluster.wait_ready(ended_ok=True)

@@ -4,7 +4,7 @@ import pytest
 
 from raybridge.errors import SSHError
 from raybridge.profile import LoginSpec
-from raybridge.runner import jump_targets, parse_jump, resolve_target
+from raybridge.ssh import jump_targets, parse_jump, resolve_target
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,39 @@ def test_make_trainer_follows_the_allocation(tmp_path, monkeypatch):
     assert (rc.name, rc.storage_path) == ("mlp-77", str(tmp_path / "runs"))
     assert rc.failure_config.max_failures == 2
     assert t.backend_config.backend == "gloo"
+
+
+def test_load_refuses_a_run_folder_others_can_write(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "r-1"
+    good = run / "checkpoint_000001"
+    good.mkdir(parents=True)
+    rbt.write_checkpoint_dir(good, {"step": 10})
+    monkeypatch.setenv("RAYBRIDGE_STORAGE", str(tmp_path / "runs"))
+    monkeypatch.setenv("RAYBRIDGE_RUN_NAME", "r-1")
+    import ray.train
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert rbt.load()["step"] == 10
+    run.chmod(0o777)  # a colleague (or anyone) could plant a checkpoint_999999 here
+    with pytest.raises(rbt.CheckpointError, match="can be written by other users .*mode 777"):
+        rbt.load()
+
+
+def test_checkpoints_load_tensors_and_plain_data_only(tmp_path):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    ok = tmp_path / "checkpoint_000001"
+    ok.mkdir()
+    rbt.write_checkpoint_dir(ok, {"step": 3, "model": {"w": torch.ones(2)}, "history": {"starts": [0, 1]}})
+    state = rbt.read_checkpoint_dir(ok)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    evil = tmp_path / "checkpoint_000002"
+    evil.mkdir()
+    rbt.write_checkpoint_dir(evil, {"step": 4, "x": Payload()})  # marker and hash are valid
+    assert rbt.is_complete(evil)
+    with pytest.raises(rbt.CheckpointError, match="objects other than tensors and plain containers"):
+        rbt.read_checkpoint_dir(evil)

@@ -29,3 +29,59 @@ def test_a_port_left_in_time_wait_by_an_earlier_tunnel_is_free():
     client.close()
     srv.close()
     check_free(port)  # a new tunnel on the same port can start at once
+
+
+def signed_in(fwd, request: bytes) -> bytes:
+    """Send one HTTP request to the forwarder's dashboard sign-in handler; return its answer."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(request)
+        assert fwd._maybe_login(b)
+        a.settimeout(2)
+        return a.recv(4096)
+
+
+def forwarder():
+    from raybridge.tunnel import Forwarder, Route, Target
+
+    fwd = Forwarder(lambda: None, lambda c: None, {"dashboard": 18265})
+    fwd.route = Route({"dashboard": Target("dashboard", "10.0.0.1", 8265)}, token="s3cret")
+    return fwd
+
+
+def login(nonce: str, host: str = "127.0.0.1:18265") -> bytes:
+    return f"GET /raybridge/login/{nonce} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode()
+
+
+def test_the_sign_in_link_works_once_and_sets_an_httponly_session_cookie():
+    fwd = forwarder()
+    first = signed_in(fwd, login(fwd.nonce))
+    assert first.startswith(b"HTTP/1.1 302 Found")
+    cookie = next(line for line in first.split(b"\r\n") if line.startswith(b"Set-Cookie:"))
+    assert b"ray-authentication-token=s3cret" in cookie and b"HttpOnly" in cookie
+    assert b"Max-Age" not in cookie and b"Expires" not in cookie  # ends with the browser session
+    again = signed_in(fwd, login(fwd.nonce))
+    assert again.startswith(b"HTTP/1.1 403") and b"s3cret" not in again
+    fwd.renew_login()
+    assert signed_in(fwd, login(fwd.nonce)).startswith(b"HTTP/1.1 302")
+
+
+def test_the_sign_in_link_expires_and_wants_a_loopback_host(monkeypatch):
+    from raybridge import tunnel
+
+    fwd = forwarder()
+    for host in ("evil.example:18265", "127.0.0.1.evil.example", "10.0.0.5:18265"):
+        assert signed_in(fwd, login(fwd.nonce, host)).startswith(b"HTTP/1.1 403")  # DNS rebinding
+    assert signed_in(fwd, login("x" + fwd.nonce[1:])).startswith(b"HTTP/1.1 403")  # a wrong nonce
+    now = tunnel.time.monotonic()
+    monkeypatch.setattr(tunnel.time, "monotonic", lambda: now + tunnel.LINK_TTL_S + 1)
+    assert signed_in(fwd, login(fwd.nonce)).startswith(b"HTTP/1.1 403")  # too late
+
+
+def test_other_requests_go_to_the_dashboard():
+    fwd = forwarder()
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert not fwd._maybe_login(b)
+        assert b.recv(100).startswith(b"GET /api/version")  # left unread for the dashboard

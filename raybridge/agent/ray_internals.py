@@ -20,19 +20,32 @@ The waits: Ray polls the GCS for "is my raylet registered?" once a second: here 
 raylet registered) only to learn the head's temp and session folders; the head publishes those with
 its address as soon as the GCS serves, so workers start their raylets while the head's is starting.
 
-Anything unexpected in Ray's internals (another Ray version) raises LaunchUnavailable before a
-process starts, and the agent falls back to the `ray start` command. Every process Ray's launcher
-starts here goes through a SpawnGuard, so that none starts once the agent's teardown began.
+This is the only module of raybridge that touches Ray's private modules (`ray._private`,
+`ray._raylet`, the generated GCS protobufs); the GCS node view lives here too. Ray treats them as
+free to change, so the fast start runs only where it was verified: on a Ray minor version listed in
+VERIFIED whose fingerprint (the source of the two Node methods replaced or wrapped here, and the
+signatures of every Ray function called) matches the recorded one. Anything else, and any error
+before the first Ray process exists, raises LaunchUnavailable with the reason, and the agent falls
+back to the `ray start` command. Every process Ray's launcher starts here goes through a
+SpawnGuard, so that none starts once the agent's teardown began.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import hashlib
+import logging
 import socket
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 POLL_S = 0.05
@@ -43,8 +56,10 @@ class LaunchUnavailable(RuntimeError):
 
 
 def preload() -> None:
-    """Import what start() needs (about half a second of CPU); call early, from a thread."""
+    """Import what start() and GcsView need (about a second of CPU); call early, from a thread.
+    Errors are not lost: start() and GcsView meet them again and report them."""
     with contextlib.suppress(Exception):
+        GcsView.preload()
         _ray_internals()
         import ray._private.authentication.authentication_token_setup  # noqa: F401
         import ray._private.parameter  # noqa: F401
@@ -86,38 +101,123 @@ def parse_args(args: Sequence[str]) -> dict[str, str] | None:
     return out
 
 
+# Ray minor versions the fast start was verified on, with the fingerprint of what it relies on
+# (scripts/ray-fingerprints prints them for installed wheels; the compatibility tests run on the
+# oldest and the newest). A patch release with the same fingerprint is accepted; another is not.
+VERIFIED: dict[str, tuple[str, ...]] = {
+    "2.60": ("bb7894018846653f",),
+}
+# (module, qualified name, what is fingerprinted): the whole source where raybridge replaces or wraps
+# the function, its signature where raybridge only calls it.
+RELIED_ON: tuple[tuple[str, str, str], ...] = (
+    ("ray._private.node", "Node.start_head_processes", "source"),
+    ("ray._private.node", "Node.start_ray_processes", "source"),
+    ("ray._private.node", "Node.__init__", "signature"),
+    ("ray._private.node", "Node.start_gcs_server", "signature"),
+    ("ray._private.node", "Node._write_cluster_info_to_kv", "signature"),
+    ("ray._private.node", "Node.start_api_server", "signature"),
+    ("ray._private.node", "Node.start_monitor", "signature"),
+    ("ray._private.node", "Node.start_ray_client_server", "signature"),
+    ("ray._private.node", "Node.start_log_monitor", "signature"),
+    ("ray._private.node", "Node.start_raylet", "signature"),
+    ("ray._private.services", "start_ray_process", "signature"),
+    ("ray._private.services", "get_node", "signature"),
+    ("ray._private.services", "get_node_ip_address", "signature"),
+    ("ray._private.services", "canonicalize_bootstrap_address", "signature"),
+    ("ray._private.utils", "get_all_node_info_until_retrieved", "signature"),
+    ("ray._private.utils", "write_ray_address", "signature"),
+    ("ray._private.parameter", "RayParams.__init__", "signature"),
+    ("ray._private.parameter", "RayParams.update_if_absent", "signature"),
+)
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether the installed Ray may take the fast start, and why not."""
+
+    version: str
+    fast: bool
+    reason: str = ""
+
+
+def definition(source: str, qualname: str) -> ast.FunctionDef | None:
+    """The def of `Class.method` or `function` in a module's source, or None."""
+    scope: list[ast.stmt] = ast.parse(source).body
+    *outer, name = qualname.split(".")
+    for part in outer:
+        cls = next((n for n in scope if isinstance(n, ast.ClassDef) and n.name == part), None)
+        if cls is None:
+            return None
+        scope = cls.body
+    found = [n for n in scope if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name]
+    return found[-1] if found else None  # the last definition wins, as at import time
+
+
+def fingerprint(sources: dict[str, str]) -> str:
+    """Hash of what raybridge relies on, from the modules' source text (module name -> source)."""
+    h = hashlib.sha256()
+    for module, qualname, what in RELIED_ON:
+        text = sources.get(module)
+        node = definition(text, qualname) if text else None
+        if node is None:
+            part = "missing"
+        elif what == "signature":
+            part = ast.unparse(node.args)
+        else:
+            lines = text.splitlines()[node.lineno - 1 : node.end_lineno]
+            part = textwrap.dedent("\n".join(lines)).strip()
+        h.update(f"{module}:{qualname}:{what}\n{part}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def installed_sources() -> dict[str, str]:
+    import importlib
+    import inspect
+
+    out = {}
+    for module in sorted({m for m, _, _ in RELIED_ON}):
+        with contextlib.suppress(Exception):
+            out[module] = inspect.getsource(importlib.import_module(module))
+    return out
+
+
+@cache
+def support() -> Support:
+    """Checked once per process: the installed Ray's version and fingerprint against VERIFIED."""
+    try:
+        import ray
+
+        version = ray.__version__
+    except Exception as e:
+        return Support("?", False, f"Ray is not importable ({e})")
+    minor = ".".join(version.split(".")[:2])
+    if minor not in VERIFIED:
+        known = ", ".join(VERIFIED)
+        return Support(version, False, f"Ray {version} is not one the fast start was verified on ({known})")
+    found = fingerprint(installed_sources())
+    if found not in VERIFIED[minor]:
+        return Support(
+            version, False, f"Ray {version}'s internals differ from those verified for {minor} ({found})"
+        )
+    return Support(version, True)
+
+
 def _ray_internals() -> tuple[Any, Any]:
+    verdict = support()
+    if not verdict.fast:
+        raise LaunchUnavailable(verdict.reason)
     try:
         import ray._private.node as node_module
         import ray._private.services as services
     except ImportError as e:
         raise LaunchUnavailable(f"Ray's node launcher is not importable: {e}") from e
-    for module, name in ((services, "get_node"), (node_module, "get_all_node_info_until_retrieved")):
-        if not callable(getattr(module, name, None)):
-            raise LaunchUnavailable(f"Ray's {module.__name__}.{name} is missing")
-    node_class = getattr(node_module, "Node", None)
-    needed = (
-        "start_head_processes",
-        "start_ray_processes",
-        "start_gcs_server",
-        "_write_cluster_info_to_kv",
-        "start_api_server",
-        "start_monitor",
-        "start_ray_client_server",
-        "start_log_monitor",
-        "start_raylet",
-    )
-    if not callable(getattr(services, "start_ray_process", None)):
-        raise LaunchUnavailable("Ray's services.start_ray_process is missing")
-    if node_class is None or any(not hasattr(node_class, n) for n in needed):
-        raise LaunchUnavailable("Ray's Node class does not have the expected methods")
     return node_module, services
 
 
 def _start_direct(options: dict[str, str], node_module: Any, services: Any) -> None:
     """What `ray start` does with these options (scripts.py `start`), minus the console output."""
     import ray._private.utils as ray_utils
-    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._private.authentication import authentication_token_setup as token_setup
     from ray._private.parameter import RayParams
 
     kwargs = {field: conv(options[name]) for name, (field, conv) in PARAMS.items() if name in options}
@@ -134,7 +234,9 @@ def _start_direct(options: dict[str, str], node_module: Any, services: Any) -> N
         params.gcs_address = services.canonicalize_bootstrap_address(
             options["address"], temp_dir=params.temp_dir
         )
-    ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    if head and hasattr(token_setup, "maybe_enable_token_auth_if_token_available"):
+        token_setup.maybe_enable_token_auth_if_token_available()  # what `ray start --head` does (2.59+)
+    token_setup.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
     node = node_module.Node(params, head=head, shutdown_at_exit=False, spawn_reaper=False)
     ray_utils.write_ray_address(node.gcs_address, params.temp_dir)
 
@@ -161,23 +263,42 @@ def _patched(module: Any, **attrs: Any) -> Iterator[None]:
             setattr(module, name, value)
 
 
+def transient(e: BaseException) -> bool:
+    """An error from the GCS that a later try can get past (not up yet, busy, slow)."""
+    import ray.exceptions as rex
+
+    return isinstance(e, rex.RpcError | rex.GetTimeoutError | TimeoutError | ConnectionError)
+
+
 def _quick_get_node(original: Callable[..., Any]) -> Callable[..., Any]:
     """services.get_node, but first wait (50-ms polls) until the node is in the GCS: Ray's own
-    wait sleeps a second between tries."""
+    wait sleeps a second between tries. Only errors a later try can get past are retried; any
+    other goes to Ray's own get_node, which raises it."""
 
     def get_node(gcs_address: str, node_id: str, *args: Any, **kwargs: Any) -> Any:
         from ray._raylet import GcsClient
 
         client = GcsClient(address=gcs_address)
         deadline = time.monotonic() + 30
+        said = False
         while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
+            try:
                 if any(k.hex() == node_id for k in client.get_all_node_info(timeout=2)):
                     break
+            except Exception as e:
+                if not transient(e):
+                    break
+                if not said:
+                    log.info("waiting for the GCS to list this node (retrying: %s)", first_line(e))
+                    said = True
             time.sleep(POLL_S)
         return original(gcs_address, node_id, *args, **kwargs)
 
     return get_node
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class SpawnGuard:
@@ -187,6 +308,7 @@ class SpawnGuard:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.stopped = False
+        self.spawned = 0  # processes started through this guard
 
     def stop(self) -> None:
         """Returns once a process being started is there (findable); none starts after this."""
@@ -200,6 +322,7 @@ class SpawnGuard:
             with self.lock:
                 if self.stopped:
                     raise RuntimeError("the agent is stopping")
+                self.spawned += 1
                 return start_process(*args, **kwargs)
 
         start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
@@ -296,6 +419,7 @@ def start(
     node_module, services = _ray_internals()
     options = parse_args(args)
     guard = guard or SpawnGuard()
+    spawned_before = guard.spawned
     # For good, not for this call: the dashboard and monitors start later, in threads.
     spawn = services.start_ray_process
     services.start_ray_process = guard.wrap(getattr(spawn, "unguarded", spawn))
@@ -320,7 +444,10 @@ def start(
 
     node_patches = {"Node": FastNode}
     if head_dirs:
-        node_patches["get_all_node_info_until_retrieved"] = _head_record(head_dirs)
+        try:
+            node_patches["get_all_node_info_until_retrieved"] = _head_record(head_dirs)
+        except Exception as e:
+            raise LaunchUnavailable(f"Ray's GCS records are not as expected: {first_line(e)}") from e
     service_patches = {"get_node": _quick_get_node(services.get_node)}
     ip = next((a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address=")), None)
     if ip:
@@ -335,10 +462,59 @@ def start(
                 _start_direct(options, node_module, services)
             else:
                 _start_cli(args)
-        except RuntimeError:
-            raise
         except Exception as e:
+            if guard.spawned == spawned_before and not guard.stopped:
+                # Nothing of Ray runs yet: `ray start` can still do it, and say what went wrong.
+                raise LaunchUnavailable(
+                    f"Ray's launcher failed before starting a process ({type(e).__name__}: {first_line(e)})"
+                ) from e
+            if isinstance(e, RuntimeError):
+                raise
             raise RuntimeError(f"`ray start` failed: {e}") from e
     if "started" not in box:
         raise RuntimeError("`ray start` returned without starting a raylet")
     return box["started"]
+
+
+class GcsUnavailable(RuntimeError):
+    """The GCS did not answer this time (not up yet, busy); a later try may succeed."""
+
+
+class GcsView:
+    """Node table from the head's GCS (uses the auth token from the environment)."""
+
+    def __init__(self, address: str):
+        from ray._raylet import GcsClient  # the client `ray status` uses
+
+        self.client = GcsClient(address=address)
+
+    @staticmethod
+    def preload() -> None:
+        import ray._raylet  # noqa: F401
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """One record per node address (the alive one where a restarted node shows up twice).
+        GcsUnavailable when the GCS did not answer; anything else (a refused token) is raised."""
+        try:
+            info = self.client.get_all_node_info(timeout=5)
+        except Exception as e:
+            if transient(e):
+                raise GcsUnavailable(first_line(e)) from e
+            raise
+        best: dict[str, dict[str, Any]] = {}
+        for node_id, n in info.items():
+            total = dict(getattr(n, "resources_total", {}) or {})
+            rec = {
+                "node_id": node_id.hex() if hasattr(node_id, "hex") else str(node_id),
+                "ip": n.node_manager_address,
+                "ray_hostname": n.node_manager_hostname,
+                "alive": n.state == 0,
+                "ray_cpus": total.get("CPU", 0),
+                "ray_gpus": total.get("GPU", 0),
+            }
+            if rec["ip"] not in best or rec["alive"]:
+                best[rec["ip"]] = rec
+        return list(best.values())
+
+    def alive_count(self) -> int:
+        return sum(1 for n in self.nodes() if n["alive"])

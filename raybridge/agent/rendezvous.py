@@ -1,0 +1,119 @@
+"""The agents' side of the job folder: prepare it, publish the head, record nodes, keep cluster.json.
+
+Every file goes through raybridge.jobdir (named paths, typed records, atomic writes); this module
+only decides what the agents write and when.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raybridge import jobdir as jd
+from raybridge.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+class Rendezvous:
+    def __init__(self, settings: AgentSettings):
+        self.settings = settings
+        self.dir = jd.JobDir(settings.job_dir)
+
+    # ------------------------------------------------------------ the batch step, once
+
+    def prepare(self, job_name: str = "", submitted_at: str | None = None, restart_count: int = 0) -> None:
+        """Job folder (0700), a fresh token (0600), and the first cluster record."""
+        folder = Path(self.dir.path)
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+        # A requeued job keeps its id and folder: drop the previous start's rendezvous state.
+        for stale in (self.dir.head, self.dir.stop, self.dir.token, self.dir.preempt):
+            Path(stale).unlink(missing_ok=True)
+        shutil.rmtree(self.dir.nodes, ignore_errors=True)
+        Path(self.dir.nodes).mkdir()
+        Path(self.dir.logs).mkdir(exist_ok=True)
+        if self.settings.auth:
+            # Created 0600 from the start: the token is never readable by others, even briefly.
+            fd = os.open(self.dir.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        jd.write(
+            self.dir.cluster,
+            jd.ClusterRecord(
+                job_id=self.settings.job_id,
+                job_name=job_name,
+                state="starting",
+                expected_nodes=self.settings.nodes,
+                auth="token" if self.settings.auth else "none",
+                token_path=self.dir.token if self.settings.auth else None,
+                job_dir=self.dir.path,
+                submitted_at=float(submitted_at) if submitted_at else None,
+                started_at=jd.now(),
+                restart_count=restart_count,
+            ),
+        )
+
+    # ------------------------------------------------------------ head and nodes
+
+    def publish_head(self, head: jd.HeadRecord) -> None:
+        jd.write(self.dir.head, head)
+
+    def wait_for_head(self, stop_requested: Any) -> jd.HeadRecord | None:
+        """The head's record once published; None if the job is stopped first."""
+        deadline = time.monotonic() + self.settings.ready_timeout
+        while (head := jd.read(self.dir.head, jd.HeadRecord)) is None:
+            if stop_requested():
+                return None
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the head did not publish {self.dir.head} within {self.settings.ready_timeout}s"
+                )
+            time.sleep(0.1)
+        return head
+
+    def write_node(self, node: jd.NodeRecord) -> None:
+        Path(self.dir.nodes).mkdir(exist_ok=True)
+        jd.write(self.dir.node(self.settings.rank), node)
+
+    def joined(self) -> int:
+        return len(list(Path(self.dir.nodes).glob("*.json")))
+
+    def node_records(self, gcs_nodes: list[dict[str, Any]]) -> tuple[jd.NodeRecord, ...]:
+        """What each agent recorded, merged with the GCS's view of the node (by address)."""
+        agents = {}
+        for f in Path(self.dir.nodes).glob("*.json"):
+            rec = jd.read(f, jd.NodeRecord)
+            if rec:
+                agents[rec.ip] = rec.to_dict()
+        out = []
+        for n in gcs_nodes:
+            data = dict(agents.get(n["ip"], {}))
+            data.update(n)
+            data["hostname"] = data.get("hostname") or n["ray_hostname"]
+            out.append(jd.NodeRecord.from_dict(data))
+        big = 1 << 30
+        return tuple(sorted(out, key=lambda r: (not r.alive, r.rank if r.rank is not None else big, r.ip)))
+
+    # ------------------------------------------------------------ the cluster record
+
+    def cluster(self) -> jd.ClusterRecord | None:
+        return jd.read(self.dir.cluster, jd.ClusterRecord)
+
+    def update_cluster(self, **changes: Any) -> None:
+        """Read, change, write (only the head writes it while the job runs)."""
+        rec = self.cluster()
+        if rec is None:
+            raise RuntimeError(f"{self.dir.cluster} is missing (the batch step prepares it)")
+        new = rec.with_changes(**changes)
+        if new != rec:
+            jd.write(self.dir.cluster, new)
+
+    def stop_flagged(self) -> bool:
+        return os.path.exists(self.dir.stop)

@@ -1,0 +1,78 @@
+"""What the command modules share: option types (named like the profile keys they override), the
+profile + flags → ClusterSpec step, the connection to the login node, and progress output."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from raybridge.errors import RaybridgeError
+from raybridge.profile import PROFILE_KEYS, ClusterSpec, load_spec
+from raybridge.runner import Runner, open_runner
+
+Profile = Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or YAML path.")]
+Login = Annotated[
+    str | None, typer.Option(help="Login node [user@]host (or ~/.ssh/config alias): remote mode.")
+]
+AcceptKey = Annotated[
+    bool, typer.Option("--accept-new-host-key", help="Trust and record an unknown host key.")
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait for the cluster (0 = no limit).")]
+JobArg = Annotated[str | None, typer.Argument(help="Job id (default: your newest raybridge job).")]
+
+# Flags that override a profile key: the parameter is named like the key.
+Nodes = Annotated[int | None, typer.Option("--nodes", "-N", help="Number of nodes.")]
+Partition = Annotated[str | None, typer.Option(help="Slurm partition.")]
+Time = Annotated[str | None, typer.Option("--time", "-t", help="Time limit (Slurm format).")]
+Account = Annotated[str | None, typer.Option(help="Slurm account.")]
+Qos = Annotated[str | None, typer.Option(help="Slurm QOS.")]
+Gpus = Annotated[int | None, typer.Option(help="GPUs per node.")]
+Cpus = Annotated[int | None, typer.Option(help="CPUs per node.")]
+Mem = Annotated[str | None, typer.Option("--mem", help="Memory per node, e.g. 64G.")]
+JobName = Annotated[str | None, typer.Option(help="Slurm job name.")]
+SbatchArgs = Annotated[
+    list[str] | None, typer.Option("--sbatch-arg", help="Extra sbatch option (repeatable).")
+]
+Spare = Annotated[
+    int | None, typer.Option("--spare-nodes", help="Extra nodes that take over when one fails.")
+]
+SignalSeconds = Annotated[
+    int | None,
+    typer.Option("--signal-before", help="Seconds before the time limit to ask training to checkpoint."),
+]
+Requeue = Annotated[
+    bool | None,
+    typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
+]
+
+
+def spec_from(ctx: typer.Context, command: list[str] | None = None) -> ClusterSpec:
+    """The command's profile, overridden by its flags (each named like its profile key; None = not
+    given, the profile decides), plus --login and --accept-new-host-key."""
+    params: dict[str, Any] = ctx.params
+    overrides = {k: v for k, v in params.items() if k in PROFILE_KEYS and k != "login"}
+    spec = load_spec(params.get("profile"), command=command or None, login=params.get("login"), **overrides)
+    if params.get("accept_new_host_key"):
+        if spec.login is None:
+            raise RaybridgeError("--accept-new-host-key needs a login host (--login or the profile's login)")
+        spec = dataclasses.replace(spec, login=dataclasses.replace(spec.login, accept_new_host_key=True))
+    return spec
+
+
+@contextlib.contextmanager
+def connected(spec: ClusterSpec) -> Iterator[Runner]:
+    runner = open_runner(spec.login)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,264 @@
+"""The job folder on shared storage: what the agents tell the CLI, as named paths and typed records.
+
+<shared_dir>/jobs/<job id>/          (mode 0700)
+    token              random auth token (0600)
+    head.json          HeadRecord: the head's address and ports (rendezvous for the workers)
+    nodes/<rank>.json  NodeRecord: one per node that joined
+    cluster.json       ClusterRecord: everything a client needs; kept current by the head
+    stop               flag: please tear down (`raybridge down`, the driver's end)
+    preempt            flag: Slurm warned of the time limit or preemption; training checkpoints now
+    logs/              Ray's start logs per node
+
+Records carry a schema version; a reader meets a newer one with one clear line, not a KeyError.
+Records are written atomically (temp file + rename): a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from raybridge.errors import RaybridgeError
+
+SCHEMA = 1
+
+TOKEN = "token"
+HEAD = "head.json"
+NODES = "nodes"
+CLUSTER = "cluster.json"
+STOP = "stop"
+PREEMPT = "preempt"
+LOGS = "logs"
+
+R = TypeVar("R", bound="Record")
+
+
+class RecordError(RaybridgeError):
+    """A record in the job folder that this raybridge cannot read."""
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """Named paths inside one job folder (POSIX strings: the folder may be on the far side of SSH)."""
+
+    path: str
+
+    @classmethod
+    def of(cls, shared_dir: str, job_id: str) -> JobDir:
+        return cls(posixpath.join(shared_dir.rstrip("/"), "jobs", job_id))
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    @property
+    def token(self) -> str:
+        return self.join(TOKEN)
+
+    @property
+    def head(self) -> str:
+        return self.join(HEAD)
+
+    @property
+    def nodes(self) -> str:
+        return self.join(NODES)
+
+    def node(self, rank: int) -> str:
+        return self.join(NODES, f"{rank}.json")
+
+    @property
+    def cluster(self) -> str:
+        return self.join(CLUSTER)
+
+    @property
+    def stop(self) -> str:
+        return self.join(STOP)
+
+    @property
+    def preempt(self) -> str:
+        return self.join(PREEMPT)
+
+    @property
+    def logs(self) -> str:
+        return self.join(LOGS)
+
+    def start_log(self, host: str) -> str:
+        return self.join(LOGS, f"ray-start-{host}.log")
+
+
+# ------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class Record:
+    KIND: ClassVar[str] = "record"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["schema"] = SCHEMA
+        return data
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any, where: str = "") -> R:
+        """Parse a record; unknown keys (a newer raybridge of the same schema) are ignored."""
+        where = where or cls.KIND
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: not a {cls.KIND} record")
+        schema = data.get("schema", SCHEMA)  # records from before the version field: same fields
+        if schema != SCHEMA:
+            raise RecordError(
+                f"{where} was written by another raybridge version (record schema {schema}, this "
+                f"raybridge reads {SCHEMA}): use the same raybridge on the login node and in the job"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:
+            raise RecordError(f"{where}: incomplete {cls.KIND} record ({e})") from None
+
+
+@dataclass(frozen=True)
+class HeadRecord(Record):
+    """The head's rendezvous: published as soon as its GCS serves, so nodes can join."""
+
+    KIND: ClassVar[str] = "head"
+    ip: str
+    hostname: str
+    interface: str
+    ports: dict[str, int]
+    gcs_up_at: float
+    ray_dirs: dict[str, str] | None = None  # the head's temp and session folders (fast join)
+    up_at: float | None = None  # the head's raylet registered
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.ip}:{self.ports['gcs']}"
+
+
+@dataclass(frozen=True)
+class NodeRecord(Record):
+    """One node as its agent recorded it, merged on the head with what the GCS says of it."""
+
+    KIND: ClassVar[str] = "node"
+    ip: str
+    rank: int | None = None
+    hostname: str | None = None
+    interface: str | None = None
+    cpus: int | None = None
+    gpus: int | None = None
+    memory_bytes: int | None = None
+    object_store_bytes: int | None = None
+    ports: dict[str, int] | None = None
+    joined_at: float | None = None
+    restarts: int = 0
+    ray_started_by: str | None = None  # "agent" (in-process launcher) or "ray start"
+    ray_start_reason: str | None = None  # why `ray start` was used, when it was
+    # From the GCS (on the head): Ray's view of the node.
+    node_id: str | None = None
+    alive: bool | None = None
+    ray_hostname: str | None = None
+    ray_cpus: float | None = None
+    ray_gpus: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterRecord(Record):
+    """Everything a client needs about one cluster; the head keeps it current."""
+
+    KIND: ClassVar[str] = "cluster"
+    job_id: str
+    state: str  # starting | ready | failed | stopped
+    expected_nodes: int
+    job_dir: str
+    job_name: str = ""
+    auth: str = "token"  # token | none
+    token_path: str | None = None
+    restart_count: int = 0  # requeues so far
+    head: HeadRecord | None = None
+    address: str | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    dashboard_url: str | None = None
+    nodes: tuple[NodeRecord, ...] = ()
+    error: str | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    head_up_at: float | None = None
+    nodes_alive_at: float | None = None
+    ready_at: float | None = None
+    updated_at: float | None = None
+    stopped_at: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> ClusterRecord:
+        rec = super().from_dict(data, where)
+        head = HeadRecord.from_dict(rec.head, where) if isinstance(rec.head, dict) else rec.head
+        nodes = tuple(NodeRecord.from_dict(n, where) if isinstance(n, dict) else n for n in rec.nodes or ())
+        return dataclasses.replace(rec, head=head, nodes=nodes)
+
+    @property
+    def alive_nodes(self) -> int:
+        return sum(1 for n in self.nodes if n.alive)
+
+    @property
+    def timestamps(self) -> dict[str, float]:
+        return {k: v for k, v in self.to_dict().items() if k.endswith("_at") and v is not None}
+
+    def with_changes(self, **changes: Any) -> ClusterRecord:
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ local files (on the nodes)
+
+
+def write(path: str | Path, record: Record, mode: int = 0o600) -> None:
+    write_json(path, record.to_dict(), mode)
+
+
+def read(path: str | Path, kind: type[R]) -> R | None:
+    """The record at path, or None if there is none (yet); RecordError if it cannot be read."""
+    data = read_json(path)
+    return None if data is None else kind.from_dict(data, str(path))
+
+
+def write_json(path: str | Path, data: dict[str, Any], mode: int = 0o600) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def parse(text: str | None, kind: type[R], where: str) -> R | None:
+    """A record from text read elsewhere (over SSH): None for no file or a partial write."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return kind.from_dict(data, where)

@@ -1,0 +1,136 @@
+"""What the batch script hands to the agents: one typed record, rendered as `export` lines and
+parsed back on every node. Every default that crosses this boundary is stated here, once; the
+profile's defaults for the same keys come from here too.
+
+    script (render.py)  ──  AgentSettings.exports()  ──▶  environment  ──▶  AgentSettings.from_env()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "RAYBRIDGE_"
+JOB_DIR_VAR = "RAYBRIDGE_JOB_DIR"  # derived in the script; the driver and raybridge.train read it
+
+
+def env_name(field: str) -> str:
+    """The variable that carries one AgentSettings field."""
+    return PREFIX + field.upper()
+
+
+class SettingsError(ValueError):
+    """The environment does not hold valid agent settings (the job was not started by raybridge)."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything an agent needs besides what Slurm itself provides (job id, rank)."""
+
+    shared_dir: str  # the job folder is <shared_dir>/jobs/<job id>
+    nodes: int = 1  # Ray nodes to expect (training nodes + spares)
+    train_workers: int = 1  # Ray Train workers (the training nodes)
+    interface: tuple[str, ...] = ("auto",)
+    node_tmp: str = "/tmp"
+    ready_timeout: int = 300
+    auth: bool = True
+    object_store_fraction: float = 0.3
+    ray_args: tuple[str, ...] = ()
+    ray_start: str = "agent"  # agent: Ray's launcher inside the agent (fast); command: `ray start`
+    cpus_per_worker: int | None = None
+    gpus_per_node: int | None = None
+    # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
+    job_id: str = ""
+    rank: int = 0
+
+    @property
+    def job_dir(self) -> str:
+        return f"{self.shared_dir.rstrip('/')}/jobs/{self.job_id}"
+
+    @property
+    def temp_dir(self) -> str:
+        # Short on purpose: Ray's Unix sockets live under it (107-byte AF_UNIX limit).
+        return f"{self.node_tmp.rstrip('/') or ''}/rb-{self.job_id}"
+
+    def to_env(self) -> dict[str, str]:
+        """The variables the script exports (values unquoted), in a stable order."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in FROM_SLURM:
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[env_name(f.name)] = _encode(value)
+        return out
+
+    def exports(self) -> list[str]:
+        """`export` lines for the batch script, every value shell-quoted. RAYBRIDGE_JOB_DIR (for the
+        driver and the training helpers) is derived in the script from the job id."""
+        lines = [f"export {name}={shlex.quote(value)}" for name, value in self.to_env().items()]
+        lines.append(
+            f'export RAYBRIDGE_JOB_DIR={shlex.quote(self.shared_dir.rstrip("/") + "/jobs")}/"$SLURM_JOB_ID"'
+        )
+        return lines
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AgentSettings:
+        """Parse what exports() wrote (plus Slurm's job id and rank); a missing or bad value is a
+        SettingsError that names the variable."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in FROM_SLURM:
+                continue
+            name = env_name(f.name)
+            raw = env.get(name)
+            if raw is None:
+                if f.default is dataclasses.MISSING:
+                    raise SettingsError(f"{name} is not set: run inside a job started by raybridge")
+                continue
+            try:
+                values[f.name] = _decode(f.type, raw)
+            except ValueError:
+                raise SettingsError(f"{name} has an invalid value {raw[:80]!r}") from None
+        job_id = env.get("SLURM_JOB_ID") or ""
+        if not job_id:
+            raise SettingsError("SLURM_JOB_ID is not set: run inside a Slurm job")
+        try:
+            rank = int(env.get("SLURM_PROCID") or 0)
+        except ValueError:
+            raise SettingsError(f"SLURM_PROCID has an invalid value {env['SLURM_PROCID']!r}") from None
+        return cls(**values, job_id=job_id, rank=rank)
+
+
+FROM_SLURM = {"job_id", "rank"}
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(AgentSettings)
+    if f.default is not dataclasses.MISSING and f.name not in FROM_SLURM
+}
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return shlex.join(value)
+    return str(value)
+
+
+def _decode(kind: str, raw: str) -> Any:
+    """kind is the field's annotation as text (`from __future__ import annotations`)."""
+    base = kind.replace(" | None", "")
+    if base == "bool":
+        if raw not in ("true", "false"):
+            raise ValueError(raw)
+        return raw == "true"
+    if base == "int":
+        return int(raw)
+    if base == "float":
+        return float(raw)
+    if base == "tuple[str, ...]":
+        return tuple(shlex.split(raw))
+    return raw

@@ -1,0 +1,109 @@
+"""raybridge on the oldest Ray it supports and on the newest Ray release there is: the launcher's unit
+tests and one real 2-node cluster (up, status, a Ray task on both nodes, down, nothing left), with the
+fast in-agent start where it was verified and a clean fallback to `ray start` elsewhere.
+
+Side venvs come from scripts/compat-venv (cached; the newest reuses the main .venv when it is current)."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.bed import REPO, assert_no_leaks
+
+pytestmark = pytest.mark.cluster
+
+TASKS = """
+import socket, ray
+ray.init()
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def where():
+    return socket.gethostname()
+print("hosts", sorted(set(ray.get([where.remote() for _ in range(8)]))))
+"""
+
+
+@pytest.fixture(scope="module", params=["oldest", "newest"])
+def venv(request):
+    r = subprocess.run(
+        [str(REPO / "scripts" / "compat-venv"), request.param], capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = Path(r.stdout.strip().splitlines()[-1])
+    version = subprocess.run(
+        [str(path / "bin" / "python"), "-c", "import ray; print(ray.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    fast = subprocess.run(
+        [
+            str(path / "bin" / "python"),
+            "-c",
+            "from raybridge.agent import ray_internals as r; print(r.support())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",  # the installed raybridge of that venv (editable: this checkout)
+    ).stdout.strip()
+    return {"path": path, "version": version, "support": fast, "which": request.param}
+
+
+def test_launcher_unit_tests_pass(venv):
+    r = subprocess.run(
+        [
+            str(venv["path"] / "bin" / "python"),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/unit/test_ray_internals.py",
+            "tests/unit/test_contract.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert r.returncode == 0, f"Ray {venv['version']}:\n{r.stdout[-4000:]}{r.stderr[-2000:]}"
+
+
+def test_two_node_cluster(testbed, venv):
+    py, rb = venv["path"] / "bin" / "python", venv["path"] / "bin" / "raybridge"
+    profile = Path(testbed.shared) / f"compat-{venv['which']}.yaml"
+    text = Path(testbed.local_profile).read_text()
+    text = re.sub(r"source \S+/bin/activate", f"source {venv['path']}/bin/activate", text)
+    profile.write_text(text + f"python: {py}\n")
+    up = testbed.exec(
+        "login", str(rb), "up", "--nodes", "2", "--profile", str(profile), "--json", timeout=300
+    )
+    job = re.search(r"submitted job (\d+)", up.stderr).group(1)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        st = testbed.exec("login", str(rb), "status", job, "--json", "--profile", str(profile), check=True)
+        rec = json.loads(st.stdout)
+        assert rec["alive_nodes"] == 2
+        started = {n["ray_started_by"] for n in rec["nodes"]}
+        if "fast=True" in venv["support"]:
+            assert started == {"agent"}, rec["nodes"]
+        else:  # a clean fallback, with the reason on record
+            assert started == {"ray start"}, rec["nodes"]
+            assert all(venv["version"] in (n["ray_start_reason"] or "") for n in rec["nodes"]), rec["nodes"]
+        env = [
+            "env",
+            f"RAY_ADDRESS={rec['address']}",
+            "RAY_AUTH_MODE=token",
+            f"RAY_AUTH_TOKEN_PATH={rec['token_path']}",
+        ]
+        tasks = testbed.exec("login", *env, str(py), "-c", TASKS, timeout=180)
+        hosts = sorted(n["hostname"] for n in rec["nodes"])
+        assert f"hosts {hosts}" in tasks.stdout.splitlines(), tasks.stdout[-2000:] + tasks.stderr[-2000:]
+    finally:
+        down = testbed.exec("login", str(rb), "down", job, "--profile", str(profile))
+    assert down.returncode == 0, down.stderr
+    testbed.wait_job_gone(job)
+    assert_no_leaks(job)

@@ -1,0 +1,160 @@
+"""The two process boundaries, tested as round trips: what render exports is what the agent reads,
+and what the agents write is what the CLI reads."""
+
+import dataclasses
+import json
+import subprocess
+
+import pytest
+
+from raybridge import jobdir as jd
+from raybridge.profile import DEFAULTS, PROFILE_KEYS, build_spec
+from raybridge.render import render
+from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
+from raybridge.settings import AgentSettings, SettingsError
+
+# Every profile key set to something other than its default (hostile where a value can be).
+EVERYTHING = {
+    "nodes": 3,
+    "job_name": "all-keys",
+    "partition": "gpu",
+    "account": "proj42",
+    "qos": "high",
+    "time": "1:00:00",
+    "cpus_per_node": 16,
+    "gpus_per_node": 2,
+    "memory_per_node": "64G",
+    "exclusive": False,
+    "interface": ["ib0", "ib1"],
+    "nccl_ib_hca": "mlx5_0",
+    "shared_dir": "/shared/my dir/it's",
+    "node_tmp": "/scratch/t",
+    "python": "/opt/py 3/bin/python",
+    "setup": ["module load x"],
+    "env": {"NASTY": "a'b\"c; echo pwned $(id)"},
+    "sbatch_args": ["--constraint=ib"],
+    "ray_args": ['--resources={"x": 1}', "--log-style=record"],
+    "ray_start": "command",
+    "object_store_fraction": 0.5,
+    "ready_timeout": 77,
+    "auth": False,
+    "spare_nodes": 1,
+    "signal_seconds": 60,
+    "requeue": True,
+    "max_requeues": 5,
+    "failure_detection_s": 4,
+    "login": {"host": "hpc", "user": "alice"},
+}
+
+
+def exported_env(script: str, job_id: str = "7", rank: str = "1") -> dict[str, str]:
+    """Evaluate the script's export lines in bash, as Slurm would run them, and read them back."""
+    exports = "\n".join(line for line in script.splitlines() if line.startswith("export "))
+    probe = f"SLURM_JOB_ID={job_id}\n{exports}\nenv -0"
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
+    env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return env | {"SLURM_JOB_ID": job_id, "SLURM_PROCID": rank}
+
+
+def test_every_profile_key_is_in_the_test():
+    assert set(EVERYTHING) == PROFILE_KEYS
+
+
+def test_render_exports_round_trip_to_the_agent_settings():
+    spec = build_spec(dict(EVERYTHING))
+    env = exported_env(render(spec, version="TEST"))
+    got = AgentSettings.from_env(env)
+    assert got == dataclasses.replace(spec.agent_settings(), job_id="7", rank=1)
+    assert got.job_dir == "/shared/my dir/it's/jobs/7" == env["RAYBRIDGE_JOB_DIR"]
+    assert got.ray_args == ('--resources={"x": 1}', "--log-style=record")
+    assert got.interface == ("ib0", "ib1") and got.auth is False and got.nodes == 4
+    assert env["NASTY"] == "a'b\"c; echo pwned $(id)"
+
+
+def test_defaults_round_trip_and_are_stated_once():
+    spec = build_spec({"shared_dir": "/s"})
+    assert AgentSettings.from_env(exported_env(render(spec))) == dataclasses.replace(
+        spec.agent_settings(), job_id="7", rank=1
+    )
+    # The profile's defaults for the keys the agents read are the agent settings' own.
+    for key, value in AGENT_DEFAULTS.items():
+        if key in DEFAULTS:
+            assert DEFAULTS[key] == value, key
+
+
+def test_settings_errors_name_the_variable():
+    env = exported_env(render(build_spec({"shared_dir": "/s"})))
+    with pytest.raises(SettingsError, match="RAYBRIDGE_READY_TIMEOUT has an invalid value 'soon'"):
+        AgentSettings.from_env(env | {"RAYBRIDGE_READY_TIMEOUT": "soon"})
+    with pytest.raises(SettingsError, match="RAYBRIDGE_SHARED_DIR is not set"):
+        AgentSettings.from_env({"SLURM_JOB_ID": "7"})
+    with pytest.raises(SettingsError, match="SLURM_JOB_ID is not set"):
+        AgentSettings.from_env({k: v for k, v in env.items() if k != "SLURM_JOB_ID"})
+
+
+def records_written_by_the_agents(tmp_path):
+    """A job folder as prepare + a head agent leave it (the agents' own code writes it)."""
+    from raybridge.agent.rendezvous import Rendezvous
+
+    settings = AgentSettings(shared_dir=str(tmp_path), nodes=2, job_id="9")
+    rz = Rendezvous(settings)
+    rz.prepare(job_name="rb", submitted_at="1000.5")
+    head = jd.HeadRecord(
+        ip="10.0.0.1", hostname="n1", interface="ib0", ports={"gcs": 6379, "dashboard": 8265}, gcs_up_at=1.0
+    )
+    rz.publish_head(head)
+    rz.write_node(jd.NodeRecord(ip="10.0.0.1", rank=0, hostname="n1", cpus=2, ray_started_by="agent"))
+    gcs = [
+        {
+            "node_id": "ab",
+            "ip": "10.0.0.1",
+            "ray_hostname": "n1",
+            "alive": True,
+            "ray_cpus": 2.0,
+            "ray_gpus": 0,
+        }
+    ]
+    rz.update_cluster(
+        state="ready", head=head, address=head.gcs_address, ready_at=2.0, nodes=rz.node_records(gcs)
+    )
+    return rz.dir
+
+
+def test_records_written_by_the_agents_parse(tmp_path):
+    folder = records_written_by_the_agents(tmp_path)
+    rec = jd.read(folder.cluster, jd.ClusterRecord)
+    assert rec.state == "ready" and rec.job_id == "9" and rec.expected_nodes == 2
+    assert rec.head.gcs_address == "10.0.0.1:6379" == rec.address
+    assert (
+        rec.token_path == folder.token
+        and oct((tmp_path / "jobs" / "9" / "token").stat().st_mode)[-3:] == "600"
+    )
+    (node,) = rec.nodes
+    assert (node.hostname, node.alive, node.ray_started_by, node.rank) == ("n1", True, "agent", 0)
+    assert rec.submitted_at == 1000.5 and rec.timestamps["ready_at"] == 2.0
+    assert json.loads((tmp_path / "jobs" / "9" / "cluster.json").read_text())["schema"] == jd.SCHEMA
+    # The CLI side reads the same file through its runner.
+    from raybridge.cluster import Cluster
+    from raybridge.runner import LocalRunner
+
+    assert Cluster(LocalRunner(), "9", folder.path).info() == rec
+
+
+def test_a_record_of_another_schema_is_one_clear_line(tmp_path):
+    folder = records_written_by_the_agents(tmp_path)
+    data = json.loads(open(folder.cluster).read())
+    data["schema"] = 99
+    open(folder.cluster, "w").write(json.dumps(data))
+    with pytest.raises(jd.RecordError) as e:
+        jd.read(folder.cluster, jd.ClusterRecord)
+    msg = str(e.value)
+    assert "\n" not in msg and "record schema 99, this raybridge reads 1" in msg and folder.cluster in msg
+
+
+def test_a_previous_job_with_the_same_id_is_not_this_one(tmp_path):
+    from raybridge.cluster import Cluster
+    from raybridge.runner import LocalRunner
+
+    folder = records_written_by_the_agents(tmp_path)  # submitted at 1000.5
+    assert Cluster(LocalRunner(), "9", folder.path, submitted_at=1000.5).info() is not None
+    assert Cluster(LocalRunner(), "9", folder.path, submitted_at=5000.0).info() is None
