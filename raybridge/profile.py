@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import reprlib
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,47 +21,21 @@ from raybridge.errors import ConfigError
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
 from raybridge.settings import AgentSettings
 
-# Options raybridge sets itself; a user's extra directive may not override them.
-OWNED_SBATCH_OPTIONS = frozenset(
+# Options raybridge sets itself; a user's extra directive may not override them. sbatch accepts any
+# unambiguous prefix of a long option (`--comm` = `--comment`), so a prefix of one of these is refused too.
+OWNED_LONG = frozenset(
     {
-        "nodes",
-        "N",
-        "ntasks",
-        "n",
-        "ntasks-per-node",
-        "cpus-per-task",
-        "c",
-        "job-name",
-        "J",
-        "output",
-        "o",
-        "error",
-        "e",
-        "mem",
-        "mem-per-cpu",
-        "time",
-        "t",
-        "partition",
-        "p",
-        "account",
-        "A",
-        "qos",
-        "q",
-        "gpus-per-node",
-        "exclusive",
-        "comment",
-        "signal",
-        "requeue",
-        "no-requeue",
-        "wrap",
-        "array",
-        "a",
-        "export",
-        "parsable",
-        "wait",
-        "W",
+        "nodes", "ntasks", "ntasks-per-node", "cpus-per-task", "job-name", "output", "error", "mem",
+        "mem-per-cpu", "time", "partition", "account", "qos", "gpus-per-node", "exclusive", "comment",
+        "signal", "requeue", "no-requeue", "wrap", "array", "export", "export-file", "parsable", "wait",
+        "no-kill", "open-mode",
     }
-)
+)  # fmt: skip
+OWNED_SHORT = frozenset("NncJoetpAqaWk")
+# sbatch 22.05's short options that take a value (the rest of a bundle like `-vJname` is that value).
+SHORT_WITH_VALUE = frozenset("aAbBcdDeiJLMmnNopqStCFwxG")
+SHORT_FLAGS = frozenset("HkOQsvWhVI")
+
 
 RESERVED_ENV = ("RAYBRIDGE_", "RAY_AUTH_")  # raybridge's own settings and Ray's token auth
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -436,19 +411,29 @@ class _Validator:
         return tuple(out)
 
     def sbatch_args(self, value: Any) -> tuple[str, ...]:
+        """Extra sbatch options, each entry split as a shell (and sbatch) would: every option in it
+        is checked, bundled short options letter by letter, long ones with sbatch's abbreviations."""
         out = []
         for arg in self.str_list("sbatch_args", value):
             arg = self.line("sbatch_args", arg)
-            m = re.match(r"^--([A-Za-z][A-Za-z0-9-]*)|^-([A-Za-z])", arg)
-            if not m:
+            try:
+                words = shlex.split(arg)
+            except ValueError:
+                raise self.fail("sbatch_args", f"has unbalanced quotes: {show(arg)}") from None
+            if not words or not words[0].startswith("-"):
                 raise self.fail(
                     "sbatch_args", f"entries must be options like --constraint=ib, got {show(arg)}"
                 )
-            if (m.group(1) or m.group(2)) in OWNED_SBATCH_OPTIONS:
-                raise self.fail(
-                    "sbatch_args",
-                    f"may not set {arg.split('=')[0]!r}: raybridge sets it (use its own option)",
-                )
+            for word in words:
+                try:
+                    owned = owned_option(word) if word.startswith("-") else None
+                except ValueError as e:
+                    raise self.fail("sbatch_args", f"{e} (in {show(arg)})") from None
+                if owned:
+                    raise self.fail(
+                        "sbatch_args",
+                        f"may not set {owned!r} (in {show(arg)}): raybridge sets it (use its own option)",
+                    )
             out.append(arg)
         return tuple(out)
 
@@ -484,6 +469,25 @@ class _Validator:
 
     def _opt_line(self, key: str, value: Any) -> str | None:
         return None if value is None else self.line(key, value)
+
+
+def owned_option(word: str) -> str | None:
+    """The raybridge-owned sbatch option that this command-line word sets, if any; ValueError for a
+    short option sbatch does not have."""
+    if word.startswith("--"):
+        name = word[2:].split("=", 1)[0]
+        if not name:
+            return None
+        hit = next((o for o in sorted(OWNED_LONG) if o == name or o.startswith(name)), None)
+        return f"--{hit}" if hit else None
+    for letter in word[1:]:
+        if letter in OWNED_SHORT:
+            return f"-{letter}"
+        if letter in SHORT_WITH_VALUE:
+            return None  # the rest of the word is this option's value
+        if letter not in SHORT_FLAGS:
+            raise ValueError(f"-{letter} is not an sbatch option")
+    return None
 
 
 def time_to_seconds(text: str) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import shlex
 import socket
@@ -18,6 +19,8 @@ import paramiko
 from raybridge.errors import CommandError, HostKeyError, SSHError
 from raybridge.profile import LoginSpec
 from raybridge.runner import Result
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,18 +119,94 @@ class Client(paramiko.SSHClient):
             hop.close()
 
 
+class KnownHosts:
+    """A known_hosts file as OpenSSH reads it: host keys, `@revoked` keys (never trusted, even when
+    listed as a host's key), `@cert-authority` lines (host certificates are not supported: such lines
+    are skipped, and a host known only through them is unknown), comments and key types paramiko
+    does not know (skipped, kept in the file)."""
+
+    def __init__(self, *paths: str):
+        self.keys = paramiko.HostKeys()
+        self.revoked: set[str] = set()  # base64 blobs
+        self.cert_authorities = 0
+        entries: list[tuple[list[str], paramiko.PKey]] = []
+        for path in paths:
+            try:
+                lines = Path(path).read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                words = line.split()
+                if not words or words[0].startswith("#"):
+                    continue
+                if words[0] == "@revoked" and len(words) >= 4:
+                    self.revoked.add(words[3])
+                    continue
+                if words[0].startswith("@"):
+                    self.cert_authorities += words[0] == "@cert-authority"
+                    continue
+                try:
+                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+                except Exception:  # a key type or format paramiko does not read
+                    entry = None
+                if entry is not None and entry.key is not None:
+                    entries.append((entry.hostnames, entry.key))
+        for names, key in entries:
+            if key.get_base64() not in self.revoked:
+                for name in names:
+                    self.keys.add(name, key.get_name(), key)
+
+
+class CheckedPolicy(paramiko.MissingHostKeyPolicy):
+    """A host whose key is not known: refused, or with accept_new recorded by appending one line
+    to known_hosts (the rest of the file is left as it is). A revoked key is always refused."""
+
+    def __init__(self, known: KnownHosts, path: str, accept_new: bool):
+        self.known, self.path, self.accept_new = known, path, accept_new
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        if key.get_base64() in self.known.revoked:
+            raise HostKeyError(
+                f"the host key of {hostname} is marked @revoked in {self.path}: refusing to connect"
+            )
+        if not self.accept_new:
+            hint = " (host certificates, @cert-authority, are not supported: add the host's own key)"
+            raise paramiko.SSHException(
+                f"Server {hostname!r} not found in known_hosts"
+                + (hint if self.known.cert_authorities else "")
+            )
+        known = Path(self.path)
+        known.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(known, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            if known.stat().st_size and not known.read_bytes().endswith(b"\n"):
+                f.write("\n")
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+def warn_open_keys(files: tuple[str, ...]) -> None:
+    """OpenSSH refuses a private key that others can read; say so at least."""
+    for f in files:
+        try:
+            mode = os.stat(Path(f).expanduser()).st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            log.warning(
+                f"warning: private key {f} is readable by others (mode {mode & 0o777:o}): chmod 600 it"
+            )
+
+
 def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramiko.SSHClient:
     """One SSH connection with host-key checking against known_hosts (unknown key = refused,
     unless accept_new_host_key, which records it like OpenSSH's StrictHostKeyChecking=accept-new)."""
     client = Client()
-    client.load_system_host_keys()
-    if os.path.exists(target.known_hosts):
-        client.load_host_keys(target.known_hosts)
-    elif target.accept_new_host_key:
-        client._host_keys_filename = target.known_hosts  # where AutoAdd saves
-    client.set_missing_host_key_policy(
-        paramiko.AutoAddPolicy() if target.accept_new_host_key else paramiko.RejectPolicy()
-    )
+    known = KnownHosts(os.path.expanduser("~/.ssh/known_hosts"), target.known_hosts)
+    for hostname, keys in known.keys.items():
+        for key in keys.values():
+            client.get_host_keys().add(hostname, key.get_name(), key)
+    client.set_missing_host_key_policy(CheckedPolicy(known, target.known_hosts, target.accept_new_host_key))
+    warn_open_keys(target.identity_files)
     hops: list[paramiko.SSHClient] = []
     for hop, nxt in itertools.pairwise([*jump_targets(target), target]):
         hop_client = connect(hop, timeout, sock=sock)
@@ -156,6 +235,9 @@ def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramik
             allow_agent=True,
             look_for_keys=not target.identity_files,
         )
+    except HostKeyError:
+        client.close()
+        raise
     except paramiko.BadHostKeyException:
         raise HostKeyError(
             f"host key of {target.label} does not match {target.known_hosts}: refusing to connect "
@@ -163,9 +245,14 @@ def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramik
         ) from None
     except paramiko.SSHException as e:
         if "not found in known_hosts" in str(e):
+            hint = (
+                " (host certificates, @cert-authority, are not supported)"
+                if "cert-authority" in str(e)
+                else ""
+            )
             raise HostKeyError(
                 f"host key of {target.label} is not in {target.known_hosts}: refusing to connect "
-                "(verify it and add it, or pass --accept-new-host-key once)"
+                f"(verify it and add it, or pass --accept-new-host-key once){hint}"
             ) from None
         if isinstance(e, paramiko.AuthenticationException):
             raise SSHError(
@@ -179,9 +266,6 @@ def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramik
             first = next(iter(e.errors.values()))
             reason = getattr(first, "strerror", None) or str(first)
         raise SSHError(f"cannot reach login host {target.label}: {reason}") from None
-    if target.accept_new_host_key:
-        Path(target.known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        client.save_host_keys(target.known_hosts)
     sock = client.get_transport().sock
     if isinstance(sock, socket.socket):
         # Small request/response traffic (commands, forwarded HTTP) must not wait for delayed ACKs.

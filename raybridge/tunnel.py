@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import paramiko
 
@@ -48,7 +49,9 @@ class Route:
 
 REFRESH_S = 5.0
 LINK_TTL_S = 300.0
-LOGIN = re.compile(rb"GET /raybridge/login/([A-Za-z0-9_-]{1,64}) HTTP/1\.[01]\r\n")
+LOGIN = re.compile(
+    rb"GET /raybridge/login/([A-Za-z0-9_-]{1,64})(?:\?next=([A-Za-z0-9%/._~-]{0,200}))? HTTP/1\.[01]\r\n"
+)
 LOOPBACK_HOST = re.compile(rb"\r\nhost: *(127\.0\.0\.1|localhost|\[::1\])(:\d+)?\r\n", re.IGNORECASE)
 
 
@@ -302,7 +305,8 @@ class Forwarder:
         # with the browser session.
         cookie = f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
         conn.sendall(
-            f"HTTP/1.1 302 Found\r\nSet-Cookie: {cookie}\r\nLocation: /\r\nContent-Length: 0\r\n"
+            f"HTTP/1.1 302 Found\r\nSet-Cookie: {cookie}\r\nLocation: {next_page(m.group(2))}\r\n"
+            "Content-Length: 0\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
         )
         return True
@@ -320,6 +324,12 @@ class Forwarder:
 
     def login_url(self) -> str:
         return login_url(self.local_ports["dashboard"], self.nonce)
+
+
+def next_page(raw: bytes | None) -> str:
+    """Where a signed-in browser goes: a page of this dashboard (a path, never another site)."""
+    page = unquote(raw.decode()) if raw else "/"
+    return page if page.startswith("/") and not page.startswith("//") and "\\" not in page else "/"
 
 
 def login_url(port: int, nonce: str) -> str:

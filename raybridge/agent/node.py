@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -68,7 +69,14 @@ class Agent:
         procs.become_subreaper()
         if self.settings.auth:  # this agent talks to the GCS too
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.rendezvous.dir.token)
-        Path(self.settings.temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            private_dir(self.settings.temp_dir)
+        except RuntimeError as e:  # nothing of Ray started: report and leave
+            self.say(f"error: {e}")
+            if self.settings.rank == 0:
+                with contextlib.suppress(Exception):
+                    self.rendezvous.update_cluster(state="failed", error=str(e))
+            return 1
         Path(self.rendezvous.dir.logs).mkdir(exist_ok=True)
         try:
             return self.head() if self.settings.rank == 0 else self.worker()
@@ -268,4 +276,28 @@ class Agent:
         self.say("stopped this job's Ray processes")
 
 
-__all__ = ["IN_AGENT", "Agent", "StopRequested"]
+def private_dir(path: str) -> None:
+    """Create path (mode 0700), or accept it only as this user's own private folder: on a node with a
+    shared /tmp another user could create rb-<job id> before the job (or a link in its place) and
+    then own the folder that holds Ray's sockets and logs."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}"
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        problem = f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise RuntimeError(f"{path} already exists and {problem}: remove it, or set node_tmp in the profile")
+
+
+__all__ = ["IN_AGENT", "Agent", "StopRequested", "private_dir"]

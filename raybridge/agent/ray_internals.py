@@ -102,10 +102,14 @@ def parse_args(args: Sequence[str]) -> dict[str, str] | None:
 
 
 # Ray minor versions the fast start was verified on, with the fingerprint of what it relies on
-# (scripts/ray-fingerprints prints them for installed wheels; the compatibility tests run on the
-# oldest and the newest). A patch release with the same fingerprint is accepted; another is not.
+# (scripts/ray-fingerprints prints them for an installed Ray or for wheels; the compatibility tests
+# run on the oldest supported and the newest release). A patch release with the same fingerprint is
+# accepted; another is not. 2.52-2.54 lack what the fast start needs: `ray start` there.
 VERIFIED: dict[str, tuple[str, ...]] = {
-    "2.60": ("bb7894018846653f",),
+    # 2.55: RayParams lost a keyword raybridge does not pass; run on the test bed (compat tests).
+    "2.55": ("fa5e41bcfcab2d0a",),
+    # 2.56-2.59: the same fingerprint as 2.60, the release the suite runs on.
+    **{minor: ("b68ce55c92220651",) for minor in ("2.56", "2.57", "2.58", "2.59", "2.60")},
 }
 # (module, qualified name, what is fingerprinted): the whole source where raybridge replaces or wraps
 # the function, its signature where raybridge only calls it.
@@ -162,12 +166,31 @@ def fingerprint(sources: dict[str, str]) -> str:
         if node is None:
             part = "missing"
         elif what == "signature":
-            part = ast.unparse(node.args)
+            part = signature(node.args)
         else:
             lines = text.splitlines()[node.lineno - 1 : node.end_lineno]
             part = textwrap.dedent("\n".join(lines)).strip()
         h.update(f"{module}:{qualname}:{what}\n{part}\n".encode())
     return h.hexdigest()[:16]
+
+
+def signature(args: ast.arguments) -> str:
+    """Parameter names, kinds and defaults: what a call depends on (type annotations are not)."""
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    parts = [
+        a.arg + (f"={ast.unparse(d)}" if d is not None else "")
+        for a, d in zip(positional, defaults, strict=True)
+    ]
+    if args.vararg:
+        parts.append("*" + args.vararg.arg)
+    elif args.kwonlyargs:
+        parts.append("*")
+    for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        parts.append(a.arg + (f"={ast.unparse(d)}" if d is not None else ""))
+    if args.kwarg:
+        parts.append("**" + args.kwarg.arg)
+    return ", ".join(parts)
 
 
 def installed_sources() -> dict[str, str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -50,6 +52,47 @@ Requeue = Annotated[
     bool | None,
     typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
 ]
+
+
+# The profile-overriding flags, declared once for every command that builds a cluster.
+SPEC_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("nodes", Nodes),
+    ("partition", Partition),
+    ("time", Time),
+    ("account", Account),
+    ("qos", Qos),
+    ("gpus_per_node", Gpus),
+    ("cpus_per_node", Cpus),
+    ("memory_per_node", Mem),
+    ("job_name", JobName),
+    ("sbatch_args", SbatchArgs),
+    ("spare_nodes", Spare),
+    ("signal_seconds", SignalSeconds),
+    ("requeue", Requeue),
+)
+
+
+def with_spec_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the profile-overriding flags to a command (after its own parameters). The command reads
+    them through spec_from(ctx); they are not passed to it."""
+    sig = inspect.signature(func, eval_str=True)
+    extra = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+        for n, a in SPEC_OPTIONS
+    ]
+    params = list(sig.parameters.values())
+    kinds = inspect.Parameter.VAR_KEYWORD
+    params = [p for p in params if p.kind != kinds] + extra
+
+    @functools.wraps(func)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        for name, _ in SPEC_OPTIONS:
+            kwargs.pop(name, None)
+        return func(*args, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def spec_from(ctx: typer.Context, command: list[str] | None = None) -> ClusterSpec:

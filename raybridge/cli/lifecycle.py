@@ -15,26 +15,14 @@ from raybridge import cluster as lib
 from raybridge import jobdir as jd
 from raybridge.cli.common import (
     AcceptKey,
-    Account,
-    Cpus,
-    Gpus,
-    JobName,
     Json,
     Login,
-    Mem,
-    Nodes,
-    Partition,
     Profile,
-    Qos,
-    Requeue,
-    SbatchArgs,
-    SignalSeconds,
-    Spare,
-    Time,
     Timeout,
     connected,
     say,
     spec_from,
+    with_spec_options,
 )
 from raybridge.errors import RaybridgeError
 from raybridge.profile import ClusterSpec, list_profiles
@@ -78,22 +66,10 @@ def summary(info: jd.ClusterRecord, spec: ClusterSpec, runner: Runner) -> str:
     return "\n".join(lines)
 
 
+@with_spec_options
 def render_cmd(
     ctx: typer.Context,
-    nodes: Nodes = None,
     profile: Profile = None,
-    partition: Partition = None,
-    time: Time = None,
-    account: Account = None,
-    qos: Qos = None,
-    gpus_per_node: Gpus = None,
-    cpus_per_node: Cpus = None,
-    memory_per_node: Mem = None,
-    job_name: JobName = None,
-    sbatch_args: SbatchArgs = None,
-    spare_nodes: Spare = None,
-    signal_seconds: SignalSeconds = None,
-    requeue: Requeue = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
     command: Annotated[
         list[str] | None, typer.Argument(help="Driver command (batch mode), after --.")
@@ -114,22 +90,10 @@ def render_cmd(
         sys.stdout.write(text)
 
 
+@with_spec_options
 def up_cmd(
     ctx: typer.Context,
-    nodes: Nodes = None,
     profile: Profile = None,
-    partition: Partition = None,
-    time: Time = None,
-    account: Account = None,
-    qos: Qos = None,
-    gpus_per_node: Gpus = None,
-    cpus_per_node: Cpus = None,
-    memory_per_node: Mem = None,
-    job_name: JobName = None,
-    sbatch_args: SbatchArgs = None,
-    spare_nodes: Spare = None,
-    signal_seconds: SignalSeconds = None,
-    requeue: Requeue = None,
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
     json_out: Json = False,
@@ -137,6 +101,7 @@ def up_cmd(
 ) -> None:
     """Submit a Ray cluster job and wait until every node has joined."""
     spec = spec_from(ctx)
+    warn_if_open(spec.auth)
     with connected(spec) as runner, submitted(spec, runner) as c:
         info = c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
         if json_out:
@@ -145,23 +110,11 @@ def up_cmd(
             print(summary(info, spec, runner))
 
 
+@with_spec_options
 def run_cmd(
     ctx: typer.Context,
     command: Annotated[list[str], typer.Argument(help="Driver command, after --.")],
-    nodes: Nodes = None,
     profile: Profile = None,
-    partition: Partition = None,
-    time: Time = None,
-    account: Account = None,
-    qos: Qos = None,
-    gpus_per_node: Gpus = None,
-    cpus_per_node: Cpus = None,
-    memory_per_node: Mem = None,
-    job_name: JobName = None,
-    sbatch_args: SbatchArgs = None,
-    spare_nodes: Spare = None,
-    signal_seconds: SignalSeconds = None,
-    requeue: Requeue = None,
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
     timeout: Timeout = 900,
@@ -169,6 +122,7 @@ def run_cmd(
     """Bring up a cluster, run COMMAND on the head node with RAY_ADDRESS set, tear down.
     Exits with the command's exit code."""
     spec = spec_from(ctx, command)
+    warn_if_open(spec.auth)
     with connected(spec) as runner, submitted(spec, runner) as c:
         c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True)
         say(f"cluster ready; running: {' '.join(command)}")
@@ -210,6 +164,8 @@ def status_cmd(
         )
         if r["dashboard_url"]:
             print(f"  address {r['address']}  dashboard {r['dashboard_url']}")
+        if r["auth"] == "none":
+            print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:
             print("  " + node_line(n))
 
@@ -268,3 +224,14 @@ def node_line(n: dict) -> str:
         f"{'alive' if n.get('alive') else 'DEAD ':5} {n.get('hostname') or '?':12} {n.get('ip') or '?':16}"
         f" cpus={cpus} gpus={gpus}  ray started by: {how}"
     )
+
+
+OPEN = (
+    "token authentication is OFF (profile: auth: false): anyone who can reach the head's ports can run "
+    "code in this cluster as you"
+)
+
+
+def warn_if_open(auth: bool) -> None:
+    if not auth:
+        say(f"warning: {OPEN}")

@@ -79,9 +79,23 @@ def test_unknown_host_key_is_refused_and_accept_new_records_it(testbed):
     path = profile_variant(testbed, "remote-unknown-key", known_hosts=kh)
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert "is not in" in one_line_error(r) and "refusing to connect" in r.stderr
+    # A file with what OpenSSH users keep in it: comments, a certificate authority line.
+    before = (
+        "# site keys\n@cert-authority *.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZWtleWZha2Vr\n"
+    )
+    open(kh, "w").write(before)
+    r = testbed.raybridge("laptop", "status", "--profile", path)
+    assert "is not in" in one_line_error(r) and "@cert-authority, are not supported" in r.stderr
     ok = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
     assert ok.returncode == 0, ok.stderr
-    assert "10.213.0.3" in open(kh).read()
+    text = open(kh).read()
+    assert text.startswith(before) and len(text.splitlines()) == 3  # one line appended, nothing lost
+    assert "10.213.0.3" in text.splitlines()[2]
+    # The same key, now revoked: refused even though it is also listed as the host's key.
+    name, kind, blob = text.splitlines()[2].split()
+    open(kh, "a").write(f"@revoked * {kind} {blob}\n")
+    r = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
+    assert "is marked @revoked" in one_line_error(r)
 
 
 def test_changed_host_key_is_refused(testbed):

@@ -61,3 +61,28 @@ def test_cpus_and_memory_come_from_slurm():
     assert r.memory_bytes == 2048 * 1024**2
     assert resources.MIN_OBJECT_STORE <= r.object_store_bytes <= int(r.memory_bytes * 0.3)
     assert resources.cpus({"SLURM_JOB_CPUS_PER_NODE": "4(x2),2"}) == 4
+
+
+def test_the_node_temp_folder_is_created_private_or_refused(tmp_path):
+    import os
+
+    from raybridge.agent.node import private_dir
+
+    fresh = tmp_path / "rb-1"
+    private_dir(str(fresh))
+    assert fresh.is_dir() and oct(fresh.stat().st_mode)[-3:] == "700"
+    private_dir(str(fresh))  # our own, from a requeued start: fine
+    planted = tmp_path / "rb-2"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    with pytest.raises(RuntimeError, match="rb-2 already exists and is open to others .mode 777"):
+        private_dir(str(planted))
+    (tmp_path / "rb-3").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RuntimeError, match="rb-3 already exists and is a symbolic link"):
+        private_dir(str(tmp_path / "rb-3"))
+    if os.getuid() == 0:
+        other = tmp_path / "rb-4"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(RuntimeError, match="rb-4 already exists and belongs to uid 65534"):
+            private_dir(str(other))

@@ -59,7 +59,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"partition": "gpu;ls"}, "partition has characters"),
         ({"sbatch_args": ["--constraint=ib\n#SBATCH --nodes=99"]}, "must not contain newlines"),
         ({"sbatch_args": ["--nodes=99"]}, "may not set '--nodes'"),
-        ({"sbatch_args": ["-N2"]}, "may not set '-N2'"),
+        ({"sbatch_args": ["-N2"]}, "may not set '-N'"),
         ({"sbatch_args": ["--output=/tmp/x"]}, "may not set '--output'"),
         ({"sbatch_args": ["constraint=ib"]}, "entries must be options"),
         ({"env": {"BAD NAME": "x"}}, "invalid variable name"),
@@ -126,3 +126,47 @@ def test_shipped_profiles_are_valid():
     assert "example-ib-cluster" in found
     spec = load_spec(str(found["example-ib-cluster"]), nodes=8)
     assert spec.gpus_per_node == 4 and spec.login.host == "hpc-login"
+
+
+@pytest.mark.parametrize(
+    ("arg", "owned"),
+    [
+        ("--comm=evil", "--comment"),  # sbatch takes unambiguous prefixes of long options
+        ("--exp=NONE", "--export"),
+        ("-vJevil", "-J"),  # bundled short options
+        ("--constraint=ib --comment=evil --output=/x", "--comment"),  # several options in one entry
+        ("--nodes 4", "--nodes"),
+        ("-k", "-k"),
+    ],
+)
+def test_sbatch_args_cannot_set_owned_options_in_any_spelling(arg, owned):
+    with pytest.raises(ConfigError, match=f"may not set '{owned}'"):
+        build_spec({"sbatch_args": [arg]})
+
+
+@pytest.mark.parametrize(
+    "arg", ["--constraint=ib", "--constraint ib", "-C ib", "-x n1", "--mail-type=END", "-Hv"]
+)
+def test_other_sbatch_args_pass(arg):
+    assert build_spec({"sbatch_args": [arg]}).sbatch_args == (arg,)
+
+
+def test_profile_values_are_matched_whole_and_echoed_short(tmp_path):
+    with pytest.raises(ConfigError, match="invalid variable name 'FOO\\\\n'"):
+        build_spec({"env": {"FOO\n": "x"}})  # `$` in a pattern would have let the newline through
+    with pytest.raises(ConfigError, match="may not set RAYBRIDGE_AUTH"):
+        build_spec({"env": {"RAYBRIDGE_AUTH": "none"}})
+    with pytest.raises(ConfigError, match="may not set RAY_AUTH_MODE"):
+        build_spec({"env": {"RAY_AUTH_MODE": "disabled"}})
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb.write_text("\n".join(lines).replace("a: &a", "nodes: &a", 1) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(bomb))
+    assert len(str(e.value)) < 2000
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("job_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_spec(str(latin))

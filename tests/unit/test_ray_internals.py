@@ -125,6 +125,10 @@ def test_a_changed_ray_internal_means_the_ray_start_command(monkeypatch):
     services = sources["ray._private.services"].replace("def get_node_ip_address(", "def node_ip_v2(", 1)
     assert services != sources["ray._private.services"]
     assert launch.fingerprint(sources | {"ray._private.services": services}) != before
+    import ray
+
+    minor = ".".join(ray.__version__.split(".")[:2])
+    monkeypatch.setitem(launch.VERIFIED, minor, (before,))  # this Ray, as if verified as it is
     monkeypatch.setattr(launch, "installed_sources", lambda: sources | {"ray._private.node": node})
     launch.support.cache_clear()
     try:

@@ -54,3 +54,36 @@ def test_proxyjump_none_means_direct(tmp_path):
     cfg = tmp_path / "config"
     cfg.write_text("Host *\n  ProxyJump none\n")
     assert resolve_target(LoginSpec(host="x", ssh_config=str(cfg))).proxy_jump is None
+
+
+def test_known_hosts_with_markers_comments_and_unknown_types(tmp_path):
+    import paramiko
+
+    from raybridge.errors import HostKeyError
+    from raybridge.ssh import CheckedPolicy, KnownHosts
+
+    good, bad, new = (paramiko.RSAKey.generate(1024) for _ in range(3))
+    path = tmp_path / "known_hosts"
+    text = (
+        "# a comment\n"
+        f"login {good.get_name()} {good.get_base64()}\n"
+        f"old-login {bad.get_name()} {bad.get_base64()}\n"
+        f"@revoked * {bad.get_name()} {bad.get_base64()}\n"
+        f"@cert-authority *.example.org {good.get_name()} {good.get_base64()}\n"
+        "weird ssh-futurekey AAAAnotakey\n"
+        "login2,10.0.0.3 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ\n"
+    )
+    path.write_text(text)
+    known = KnownHosts(str(path))  # no crash on markers or keys paramiko cannot read
+    assert known.keys.lookup("login")[good.get_name()] == good
+    assert known.keys.lookup("old-login") is None  # its key is revoked: listed, yet not trusted
+    assert known.cert_authorities == 1
+    refuse = CheckedPolicy(known, str(path), accept_new=False)
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts.*cert-authority"):
+        refuse.missing_host_key(None, "elsewhere", new)
+    accept = CheckedPolicy(known, str(path), accept_new=True)
+    with pytest.raises(HostKeyError, match="marked @revoked"):
+        accept.missing_host_key(None, "[old-login]:2222", bad)
+    accept.missing_host_key(None, "[newhost]:2222", new)
+    # accept-new appends one line and keeps everything else: comments, markers, unknown key types.
+    assert path.read_text() == text + f"[newhost]:2222 {new.get_name()} {new.get_base64()}\n"
