@@ -19,6 +19,7 @@ import yaml
 
 from raybridge.errors import ConfigError
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
+from raybridge.settings import RESERVED as RESERVED_SETTINGS
 from raybridge.settings import AgentSettings
 
 # Options raybridge sets itself; a user's extra directive may not override them. sbatch accepts any
@@ -37,7 +38,6 @@ SHORT_WITH_VALUE = frozenset("aAbBcdDeiJLMmnNopqStCFwxG")
 SHORT_FLAGS = frozenset("HkOQsvWhVI")
 
 
-RESERVED_ENV = ("RAYBRIDGE_", "RAY_AUTH_")  # raybridge's own settings and Ray's token auth
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,-]{0,127}$")
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
@@ -401,11 +401,10 @@ class _Validator:
         for name, val in value.items():
             if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
                 raise self.fail("env", f"has an invalid variable name {show(name)}")
-            if name.startswith(RESERVED_ENV):
+            if name in RESERVED_SETTINGS or name.startswith("RAY_AUTH_"):
                 raise self.fail(
                     "env",
-                    f"may not set {name}: raybridge sets its own RAYBRIDGE_* and RAY_AUTH_* variables "
-                    "(use the profile's keys, e.g. auth)",
+                    f"may not set {name}: raybridge sets it itself (from the profile's keys, e.g. auth)",
                 )
             out.append((name, self.line(f"env.{name}", val)))
         return tuple(out)

@@ -105,6 +105,11 @@ class AgentSettings:
 
 
 FROM_SLURM = {"job_id", "rank"}
+# What the script sets for raybridge itself: a profile's `env` may not override these.
+RESERVED: frozenset[str] = frozenset(
+    {env_name(f.name) for f in dataclasses.fields(AgentSettings) if f.name not in FROM_SLURM}
+    | {JOB_DIR_VAR, "RAYBRIDGE_SUBMITTED_AT"}
+)
 DEFAULTS: dict[str, Any] = {
     f.name: f.default
     for f in dataclasses.fields(AgentSettings)

@@ -292,8 +292,8 @@ def logs_cmd(
         return
     with connected(spec) as runner:
         cluster = lib.attach(spec, runner, job)
-        info = cluster.job()
-        path = cluster.log_path(info)
+        job_info = cluster.job()
+        path = cluster.log_path(job_info)
         if not path:
             raise ClusterError(f"Slurm does not know job {cluster.job_id}'s output file any more")
         if follow:
