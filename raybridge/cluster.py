@@ -24,6 +24,7 @@ from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
 from raybridge.render import render
 from raybridge.runner import Runner
+from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import JobInfo, SlurmClient
 
 POLL = 0.5
@@ -233,7 +234,7 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     job_id = SlurmClient(runner).submit(
         path,
         [f"--output={spec.logs_dir}/%x-%j.out"],
-        env={"RAYBRIDGE_SUBMITTED_AT": f"{submitted_at:.3f}"},
+        env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"},
     )
     return Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
 

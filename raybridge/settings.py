@@ -15,6 +15,7 @@ from typing import Any
 
 PREFIX = "RAYBRIDGE_"
 JOB_DIR_VAR = "RAYBRIDGE_JOB_DIR"  # derived in the script; the driver and raybridge.train read it
+SUBMITTED_AT_VAR = "RAYBRIDGE_SUBMITTED_AT"  # sbatch's environment: when `up` submitted (the record's start)
 
 
 def env_name(field: str) -> str:
@@ -108,7 +109,7 @@ FROM_SLURM = {"job_id", "rank"}
 # What the script sets for raybridge itself: a profile's `env` may not override these.
 RESERVED: frozenset[str] = frozenset(
     {env_name(f.name) for f in dataclasses.fields(AgentSettings) if f.name not in FROM_SLURM}
-    | {JOB_DIR_VAR, "RAYBRIDGE_SUBMITTED_AT"}
+    | {JOB_DIR_VAR, SUBMITTED_AT_VAR}
 )
 DEFAULTS: dict[str, Any] = {
     f.name: f.default

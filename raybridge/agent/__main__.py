@@ -16,7 +16,7 @@ import sys
 import time
 
 from raybridge import jobdir as jd
-from raybridge.settings import AgentSettings, SettingsError
+from raybridge.settings import SUBMITTED_AT_VAR, AgentSettings, SettingsError
 
 
 class NodeFormatter(logging.Formatter):
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
 
         Rendezvous(settings).prepare(
             job_name=os.environ.get("SLURM_JOB_NAME", ""),
-            submitted_at=os.environ.get("RAYBRIDGE_SUBMITTED_AT"),
+            submitted_at=os.environ.get(SUBMITTED_AT_VAR),
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         )
         return 0
