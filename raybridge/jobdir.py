@@ -7,7 +7,7 @@
     cluster.json       ClusterRecord: everything a client needs; kept current by the head
     stop               flag: please tear down (`raybridge down`, the driver's end)
     preempt            flag: Slurm warned of the time limit or preemption; training checkpoints now
-    logs/              Ray's start logs per node
+    logs/              Ray's start logs per node; logs/ray/<host>/ Ray's session logs, kept at teardown
 
 Records carry a schema version; a reader meets a newer one with one clear line, not a KeyError.
 Records are written atomically (temp file + rename): a reader never sees half a file.
@@ -95,6 +95,10 @@ class JobDir:
     def start_log(self, host: str) -> str:
         return self.join(LOGS, f"ray-start-{host}.log")
 
+    def kept_logs(self, host: str) -> str:
+        """Where a node's Ray session logs are kept after its agent stopped (gzip files)."""
+        return self.join(LOGS, "ray", host)
+
 
 # ------------------------------------------------------------------ records
 
@@ -163,6 +167,7 @@ class NodeRecord(Record):
     restarts: int = 0
     ray_started_by: str | None = None  # "agent" (in-process launcher) or "ray start"
     ray_start_reason: str | None = None  # why `ray start` was used, when it was
+    temp_dir: str | None = None  # Ray's node-local folder (its logs while the job runs)
     # From the GCS (on the head): Ray's view of the node.
     node_id: str | None = None
     alive: bool | None = None

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from raybridge import jobdir as jd
-from raybridge.agent import netinfo, ports, procs, ray_internals
+from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.startray import IN_AGENT, RayStarter, StopRequested
@@ -194,6 +194,7 @@ class Agent:
                 restarts=self.restarts,
                 ray_started_by=how.by,
                 ray_start_reason=how.reason or None,
+                temp_dir=self.settings.temp_dir,
             )
         )
 
@@ -267,6 +268,9 @@ class Agent:
 
     def teardown(self) -> None:
         self.kill_ray()
+        kept = keeplogs.keep(self.settings.temp_dir, self.rendezvous.dir.kept_logs(self.host))
+        if kept:
+            self.say(f"kept {kept} Ray log files in {self.rendezvous.dir.kept_logs(self.host)}")
         shutil.rmtree(self.settings.temp_dir, ignore_errors=True)
         if self.settings.rank == 0:
             with contextlib.suppress(Exception):

@@ -274,11 +274,24 @@ def logs_cmd(
     ray_job: Annotated[
         str | None, typer.Option("--ray-job", help="Show this Ray job's logs instead.")
     ] = None,
+    node: Annotated[
+        str | None, typer.Option("--node", help="Ray's own logs of this node (list them, or one with --ray).")
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="With --node: raylet, gcs, dashboard, monitor, ... ")
+    ] = None,
     profile: Profile = None,
     login: Login = None,
 ) -> None:
-    """The Slurm job's output (agents + driver), or a Ray job's logs with --ray-job."""
+    """The Slurm job's output (agents + driver), a Ray job's logs with --ray-job, or Ray's own logs of
+    a node with --node (during the job, and kept after it)."""
     spec = spec_from(ctx)
+    if ray and not node:
+        raise RaybridgeError("--ray goes with --node (the node whose Ray logs to show)")
+    if node:
+        with connected(spec) as runner:
+            show_node_logs(lib.attach(spec, runner, job), node, ray)
+        return
     if ray_job:
         with dashboard_address(spec, job) as (address, token, _):
             client = access().jobs_client(address, token)
@@ -303,6 +316,38 @@ def logs_cmd(
             if text is None:
                 raise ClusterError(f"no output yet at {path}")
             sys.stdout.write(text)
+
+
+def show_node_logs(cluster: lib.Cluster, host: str, process: str | None) -> None:
+    """Kept logs once the node's agent stopped; read on the node while the job runs."""
+    from raybridge import nodelogs
+
+    runner = cluster.runner
+    kept = nodelogs.kept_files(runner, cluster.dir, host)
+    if kept:
+        files, read = kept, lambda name: nodelogs.read_kept(runner, cluster.dir, host, name)
+        where = f"kept in {cluster.dir.kept_logs(host)}"
+    else:
+        info = cluster.info()
+        rec = next((n for n in info.nodes if n.hostname == host), None) if info else None
+        job = cluster.job()
+        if rec is None or not rec.temp_dir or job is None or job.state != "running":
+            known = ", ".join(n.hostname or "?" for n in info.nodes) if info else "none recorded"
+            raise ClusterError(f"no Ray logs of node {host!r} for job {cluster.job_id} (nodes: {known})")
+        files = nodelogs.live_files(runner, cluster.job_id, host, rec.temp_dir)
+        read = lambda name: nodelogs.read_live(runner, cluster.job_id, host, rec.temp_dir, name)  # noqa: E731
+        where = f"on {host}, live"
+    chosen = nodelogs.wanted(files, process)
+    if process is None:
+        say(f"Ray's logs of {host} ({where}); show one process's with --ray NAME")
+        print("\n".join(chosen))
+        return
+    if not chosen:
+        raise ClusterError(f"no {process} log on {host} ({where})")
+    for name in chosen:
+        say(f"==> {host}/{name} ({where})")
+        sys.stdout.write(read(name))
+        sys.stdout.flush()
 
 
 def follow_job(client: Any, ray_job: str) -> str:

@@ -79,10 +79,32 @@ def test_up_status_down_three_nodes(testbed):
             time.sleep(0.5)
         listing = testbed.raybridge("login", "status", "--profile", testbed.local_profile)
         assert f"job {job} (raybridge): Slurm RUNNING, Ray ready, 3/3 nodes alive" in listing.stdout
+        # Ray's own logs of a node, read on the node while the job runs.
+        worker = rec["nodes"][1]["hostname"]
+        live = testbed.raybridge(
+            "login", "logs", job, "--node", worker, "--ray", "raylet", "--profile", testbed.local_profile
+        )
+        assert live.returncode == 0, live.stderr
+        assert (
+            f"==> {worker}/raylet.out (on {worker}, live)" in live.stderr
+            and "(raylet) main.cc" in live.stdout
+        )
     finally:
         d = testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
     assert d.returncode == 0, d.stderr
     assert f"job {job}: stopped" in d.stderr
+    # ... and kept on shared storage after the job: the same log, from the job folder, private.
+    kept = testbed.raybridge(
+        "login", "logs", job, "--node", worker, "--ray", "raylet", "--profile", testbed.local_profile
+    )
+    assert kept.returncode == 0, kept.stderr
+    assert f"==> {worker}/raylet.out (kept in " in kept.stderr and "(raylet) main.cc" in kept.stdout
+    raylet_gz = testbed.job_dir(job) / "logs" / "ray" / worker / "raylet.out.gz"
+    assert stat.S_IMODE(raylet_gz.stat().st_mode) == 0o600
+    unknown = testbed.raybridge(
+        "login", "logs", job, "--node", worker, "--ray", "nope", "--profile", testbed.local_profile
+    )
+    assert unknown.returncode == 1 and "unknown Ray process 'nope'" in unknown.stderr
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
     for n in range(1, 4):

@@ -86,3 +86,33 @@ def test_the_node_temp_folder_is_created_private_or_refused(tmp_path):
         os.chown(other, 65534, 65534)
         with pytest.raises(RuntimeError, match="rb-4 already exists and belongs to uid 65534"):
             private_dir(str(other))
+
+
+def test_ray_logs_are_kept_newest_first_within_a_budget(tmp_path):
+    import gzip
+    import os
+
+    from raybridge.agent import keeplogs
+
+    logs = tmp_path / "rb-1" / "session_2026_x" / "logs"
+    (logs / "events").mkdir(parents=True)
+    (logs / "old.log").write_bytes(b"o" * 3000)
+    os.utime(logs / "old.log", (1, 1))
+    (logs / "raylet.out").write_bytes(b"r" * 1000 + b"THE END\n")
+    (logs / "events" / "event_GCS.log").write_text("e\n")
+    (logs / "secret").symlink_to("/etc/passwd")
+    (tmp_path / "rb-1" / "session_latest").symlink_to(logs.parent)
+    dest = tmp_path / "kept"
+    assert keeplogs.keep(str(tmp_path / "rb-1"), str(dest), budget=2000) == 2  # old.log is over budget
+    assert gzip.decompress((dest / "raylet.out.gz").read_bytes()).endswith(b"THE END\n")
+    assert (dest / "events" / "event_GCS.log.gz").exists() and not (dest / "secret.gz").exists()
+    assert not (dest / "old.log.gz").exists()
+    assert oct((dest / "raylet.out.gz").stat().st_mode)[-3:] == "600"
+    keeplogs.TAIL, saved = 100, keeplogs.TAIL
+    try:
+        keeplogs.keep(str(tmp_path / "rb-1"), str(tmp_path / "tail"), budget=10**6)
+    finally:
+        keeplogs.TAIL = saved
+    text = gzip.decompress((tmp_path / "tail" / "raylet.out.gz").read_bytes())
+    assert text.startswith(b"[raybridge: the first 908 bytes were left out]") and text.endswith(b"THE END\n")
+    assert keeplogs.keep(str(tmp_path / "missing"), "/proc/no/such/dir") == 0  # never raises
