@@ -282,13 +282,7 @@ class Forwarder:
 
     def _maybe_login(self, conn: socket.socket) -> bool:
         """Answer a sign-in request (True), or leave the connection to the dashboard (False)."""
-        conn.settimeout(2)
-        try:
-            head = conn.recv(8192, socket.MSG_PEEK)
-        except OSError:
-            return False
-        finally:
-            conn.settimeout(None)
+        head = peek_headers(conn)
         m = LOGIN.match(head)
         if not m:
             return False
@@ -324,6 +318,30 @@ class Forwarder:
 
     def login_url(self) -> str:
         return login_url(self.local_ports["dashboard"], self.nonce)
+
+
+def peek_headers(conn: socket.socket, limit: int = 8192, timeout: float = 2.0) -> bytes:
+    """The request's head without consuming it (the dashboard may still get it): peek until the
+    blank line that ends the headers, `limit` bytes, or `timeout` (a request can arrive in pieces)."""
+    deadline = time.monotonic() + timeout
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head and len(head) < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
+            more = conn.recv(limit, socket.MSG_PEEK)
+            if len(more) == len(head):  # nothing new yet (or the peer closed)
+                if not more:
+                    break
+                time.sleep(0.005)
+            head = more
+    except OSError:
+        pass
+    finally:
+        conn.settimeout(None)
+    return head
 
 
 def next_page(raw: bytes | None) -> str:

@@ -85,3 +85,23 @@ def test_other_requests_go_to_the_dashboard():
         a.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert not fwd._maybe_login(b)
         assert b.recv(100).startswith(b"GET /api/version")  # left unread for the dashboard
+
+
+def test_a_sign_in_request_that_arrives_in_pieces_is_read_whole():
+    import threading
+    import time
+
+    fwd = forwarder()
+    request = login(fwd.nonce)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(request[:20])  # the request line cut short: the Host header comes later
+
+        def rest():
+            time.sleep(0.1)
+            a.sendall(request[20:])
+
+        threading.Thread(target=rest).start()
+        assert fwd._maybe_login(b)
+        a.settimeout(2)
+        assert a.recv(4096).startswith(b"HTTP/1.1 302 Found")
