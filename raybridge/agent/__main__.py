@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import socket
 import sys
 import time
 
 from raybridge import jobdir as jd
+from raybridge.agent.netinfo import short_hostname
 from raybridge.settings import SUBMITTED_AT_VAR, AgentSettings, SettingsError
 
 
@@ -35,7 +35,7 @@ class NodeFormatter(logging.Formatter):
 def setup_logging(settings: AgentSettings) -> None:
     """raybridge's own loggers to the process's real stdout (Ray's start may be redirecting
     sys.stdout to its log meanwhile); Ray's loggers are left alone."""
-    host = socket.gethostname().split(".")[0]
+    host = short_hostname()
     handler = logging.StreamHandler(sys.__stdout__ or sys.stdout)
     handler.setFormatter(NodeFormatter(f"{host}/{'head' if settings.rank == 0 else 'worker'}"))
     logger = logging.getLogger("raybridge")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import psutil
@@ -16,6 +17,11 @@ class Iface:
 
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(f"{self.ip}/{self.netmask}", strict=False)
+
+
+def short_hostname() -> str:
+    """This node's name as Slurm lists it (without the domain)."""
+    return socket.gethostname().split(".")[0]
 
 
 def ipv4_interfaces() -> list[Iface]:

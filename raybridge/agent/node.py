@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
 import threading
 import time
@@ -40,7 +39,7 @@ MAX_RAY_RESTARTS = 3
 class Agent:
     def __init__(self, settings: AgentSettings, env: Mapping[str, str]):
         self.settings = settings
-        self.host = socket.gethostname().split(".")[0]
+        self.host = netinfo.short_hostname()
         self.role = "head" if settings.rank == 0 else "worker"
         self.stopping = False
         self.restarts = 0

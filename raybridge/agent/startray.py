@@ -128,7 +128,7 @@ class RayStarter:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.resources.gpu_ids)
         else:
             env.pop("CUDA_VISIBLE_DEVICES", None)  # 'NoDevFiles' would confuse Ray
-        logfile = Path(self.dir.start_log(socket_host()))
+        logfile = Path(self.dir.start_log(netinfo.short_hostname()))
         self.say(
             f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
             f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
@@ -193,12 +193,6 @@ class RayStarter:
                 raise StopRequested()
             raise error
         return result["value"]
-
-
-def socket_host() -> str:
-    import socket
-
-    return socket.gethostname().split(".")[0]
 
 
 def log_tail(path: Path, lines: int = 5) -> str:

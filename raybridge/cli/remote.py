@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -325,7 +326,7 @@ def show_node_logs(cluster: lib.Cluster, host: str, process: str | None) -> None
     runner = cluster.runner
     kept = nodelogs.kept_files(runner, cluster.dir, host)
     if kept:
-        files, read = kept, lambda name: nodelogs.read_kept(runner, cluster.dir, host, name)
+        files, read = kept, functools.partial(nodelogs.read_kept, runner, cluster.dir, host)
         where = f"kept in {cluster.dir.kept_logs(host)}"
     else:
         info = cluster.info()
@@ -335,7 +336,7 @@ def show_node_logs(cluster: lib.Cluster, host: str, process: str | None) -> None
             known = ", ".join(n.hostname or "?" for n in info.nodes) if info else "none recorded"
             raise ClusterError(f"no Ray logs of node {host!r} for job {cluster.job_id} (nodes: {known})")
         files = nodelogs.live_files(runner, cluster.job_id, host, rec.temp_dir)
-        read = lambda name: nodelogs.read_live(runner, cluster.job_id, host, rec.temp_dir, name)  # noqa: E731
+        read = functools.partial(nodelogs.read_live, runner, cluster.job_id, host, rec.temp_dir)
         where = f"on {host}, live"
     chosen = nodelogs.wanted(files, process)
     if process is None:
