@@ -12,6 +12,7 @@ Library API (the CLI is a thin layer over it):
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import posixpath
 import time
@@ -28,12 +29,15 @@ from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import JobInfo, SlurmClient
 
 POLL = 0.5
+FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log
+JOB_EVERY = 1.0  # seconds between Slurm queries while following
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Progress:
     job_id: str
-    phase: str  # queued | starting | joining | services | ready
+    phase: str  # queued | starting | joining | services | ready (| alive: a batch run's end)
     slurm_state: str
     reason: str
     joined: int
@@ -46,6 +50,8 @@ class Progress:
             return f"[{t}] job {self.job_id}: {self.slurm_state.lower()} (reason: {self.reason})"
         if self.phase == "ready":
             return f"[{t}] job {self.job_id}: all {self.expected} nodes joined, cluster ready"
+        if self.phase == "alive":
+            return f"[{t}] job {self.job_id}: all {self.expected} nodes alive"
         if self.phase == "starting":
             return f"[{t}] job {self.job_id}: running, starting Ray head"
         if self.phase == "services":
@@ -104,10 +110,13 @@ class Cluster:
         timeout: float | None = 900,
         on_progress: Callable[[Progress], None] | None = None,
         ended_ok: bool = False,
+        until: str = "ready",
     ) -> jd.ClusterRecord:
         """Block until every node joined; on failure or timeout cancel the job and raise ClusterError.
-        ended_ok (batch runs): a cluster that was ready and has ended since counts as ready: a quick
-        driver may be done before this looks; the job's output and exit code tell the rest."""
+        until="alive" (batch runs): return once every node is alive, when the driver starts, not once
+        the dashboard and Ray Client answer too. ended_ok (batch runs): a cluster that was up and has
+        ended since counts: a quick driver may be done before this looks; the job's output and exit
+        code tell the rest."""
         start = time.monotonic()
         last: Progress | None = None
         while True:
@@ -118,11 +127,17 @@ class Cluster:
             info = self.info()
             state = info.state if info else "starting"
             expected = int((info.expected_nodes if info else 0) or self.expected or 0)
-            if info and (state == "ready" or (ended_ok and job.finished and info.ready_at)):
+            alive = bool(info and (info.nodes_alive_at or info.ready_at))
+            if info and (
+                state == "ready"
+                or (until == "alive" and state == "starting" and alive)
+                or (ended_ok and job.finished and alive)
+            ):
+                phase = "ready" if until == "ready" else "alive"
                 self._report(
                     on_progress,
                     last,
-                    Progress(self.job_id, "ready", job.slurm_state, job.reason, expected, expected, elapsed),
+                    Progress(self.job_id, phase, job.slurm_state, job.reason, expected, expected, elapsed),
                 )
                 return info
             if state == "failed" or job.finished:
@@ -194,19 +209,30 @@ class Cluster:
         raise ClusterError(f"job {self.job_id} did not end within {timeout:.0f}s of the stop request")
 
     def follow_output(self, write: Callable[[str], None], until_done: bool = True) -> JobInfo | None:
-        """Stream the job's output until the job ends; returns the final job record."""
-        offset = 0
-        path = ""
+        """Stream the job's output until the job ends; returns the final job record.
+
+        The log is read from where the last read ended, FOLLOW_EVERY apart (one small read each: a
+        local read, or one SFTP request on a file kept open); Slurm is asked about the job only every
+        JOB_EVERY, which is how long the end of a job may take to notice."""
+        every = FOLLOW_EVERY["ssh" if self.runner.host else "local"]
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offset, path, job, asked = 0, "", None, -1e9
         while True:
-            job = self.job()
-            path = self.log_path(job) or path
-            text = self.runner.read_text(path) if path else None
-            if text and len(text) > offset:
-                write(text[offset:])
-                offset = len(text)
-            if job is None or job.finished or not until_done:
+            ended = False
+            if time.monotonic() - asked >= JOB_EVERY:
+                job, asked = self.job(), time.monotonic()
+                path = self.log_path(job) or path
+                ended = job is None or job.finished or not until_done
+            while path and (data := self.runner.read_from(path, offset, CHUNK)):
+                offset += len(data)
+                write(decode.decode(data))
+                if len(data) < CHUNK:
+                    break
+            if ended:  # read after Slurm said so: nothing the job wrote is missed
+                if tail := decode.decode(b"", final=True):
+                    write(tail)
                 return job
-            time.sleep(POLL)
+            time.sleep(every)
 
 
 def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | None = None) -> str:

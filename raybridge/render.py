@@ -27,14 +27,13 @@ exit "$rc"
 """
 
 RUN_BODY = """
-# Wait until every node has joined, then run the driver on the head node (this node).
-eval "$({python} -m raybridge.agent wait-ready "$agents")"   # exports RAY_ADDRESS + auth settings
-
 # Slurm signals USR1 before the time limit or on preemption (--signal): the training saves at once
 # (raybridge.train.preempted()), then the job is requeued and the same run resumes.
 trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/{preempt}"' USR1
+# The driver, on the head node (this node): it starts now, imports Ray while the nodes join, and runs
+# the command once every node is alive, with RAY_ADDRESS and the auth settings set.
 set +e
-{command} &
+{python} -m raybridge.agent driver "$agents" -- {command} &
 driver=$!
 while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
   wait "$driver"

@@ -39,6 +39,10 @@ class Runner(Protocol):
 
     def read_text(self, path: str) -> str | None: ...
 
+    def read_from(self, path: str, offset: int, size: int) -> bytes | None:
+        """Up to size bytes of path from offset (b"" at the end; None if path does not exist)."""
+        ...
+
     def write_text(self, path: str, text: str, mode: int = 0o600) -> None: ...
 
     def makedirs(self, path: str, mode: int = 0o700) -> None: ...
@@ -86,6 +90,14 @@ class LocalRunner:
     def read_text(self, path: str) -> str | None:
         try:
             return Path(path).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_from(self, path: str, offset: int, size: int) -> bytes | None:
+        try:
+            with open(path, "rb") as f:  # opened each time: on NFS an open revalidates the cache
+                f.seek(offset)
+                return f.read(size)
         except (FileNotFoundError, NotADirectoryError):
             return None
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
 import shlex
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ import paramiko
 from raybridge.errors import CommandError, HostKeyError, SSHError
 from raybridge.profile import LoginSpec
 from raybridge.runner import Result
+
+REOPEN_S = 2.0  # how stale a followed file may look on an NFS login node, at most
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +297,7 @@ class SSHRunner:
         self.host = self.target.label
         self.client = connect(self.target, timeout)
         self._sftp: paramiko.SFTPClient | None = None
+        self._reading: dict[str, tuple[paramiko.SFTPFile, float]] = {}  # path -> (open file, opened at)
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
@@ -343,6 +348,27 @@ class SSHRunner:
                 return None
             raise SSHError(f"cannot read {path} on {self.host}: {e}") from None
 
+    def read_from(self, path: str, offset: int, size: int) -> bytes | None:
+        """One SFTP request per call on a file kept open (a log followed a few times a second),
+        reopened every few seconds: an NFS client sees other nodes' appends at open time."""
+        f, opened = self._reading.get(path, (None, 0.0))
+        try:
+            if f is None or time.monotonic() - opened > REOPEN_S:
+                if f is not None:
+                    f.close()
+                f = self.sftp.open(path, "rb")
+                self._reading[path] = (f, time.monotonic())
+            f.seek(offset)
+            return f.read(size)
+        except OSError as e:
+            self._reading.pop(path, None)
+            if isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == 2:
+                return None
+            raise SSHError(f"cannot read {path} on {self.host}: {e}") from None
+        except paramiko.SSHException as e:
+            self._reading.pop(path, None)
+            raise SSHError(f"lost the SSH connection to {self.host}: {e}") from None
+
     def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
         tmp = f"{path}.tmp{os.getpid()}"
         with self.sftp.open(tmp, "w") as f:
@@ -369,6 +395,10 @@ class SSHRunner:
         return self.sftp.normalize(".")
 
     def close(self) -> None:
+        for f, _ in self._reading.values():
+            with contextlib.suppress(Exception):
+                f.close()
+        self._reading.clear()
         if self._sftp is not None:
             self._sftp.close()
         self.client.close()

@@ -3,6 +3,8 @@
 python -m raybridge.agent prepare      job folder + auth token (batch step, once)
 python -m raybridge.agent node         the per-node agent (one per node, from srun)
 python -m raybridge.agent wait-ready   block until all nodes joined; print exports for the driver
+python -m raybridge.agent driver PID -- COMMAND
+                                       run the batch driver once every node is alive (driver.py)
 python -m raybridge.agent stop         ask every agent to tear down
 """
 
@@ -15,6 +17,7 @@ import sys
 import time
 
 from raybridge import jobdir as jd
+from raybridge.agent.driver import pid_alive
 from raybridge.agent.netinfo import short_hostname
 from raybridge.settings import SUBMITTED_AT_VAR, AgentSettings, SettingsError
 
@@ -69,18 +72,8 @@ def wait_ready(settings: AgentSettings, agents_pid: int | None) -> int:
     return 0
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "stop"):
+    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "stop"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -102,6 +95,10 @@ def main(argv: list[str]) -> int:
         from raybridge.agent.node import Agent
 
         return Agent(settings, os.environ).run()
+    if argv[0] == "driver":
+        from raybridge.agent import driver
+
+        return driver.main(settings, argv[1:])
     if argv[0] == "wait-ready":
         pid = int(argv[1]) if len(argv) > 1 else None
         return wait_ready(settings, pid)

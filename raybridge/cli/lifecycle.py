@@ -124,8 +124,8 @@ def run_cmd(
     spec = spec_from(ctx, command)
     warn_if_open(spec.auth)
     with connected(spec) as runner, submitted(spec, runner) as c:
-        c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True)
-        say(f"cluster ready; running: {' '.join(command)}")
+        c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True, until="alive")
+        say(f"all nodes alive; running: {' '.join(command)}")
         job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         code = job.exit_code if job and job.exit_code is not None else 1
         say(f"job {c.job_id} finished: {job.slurm_state if job else 'unknown'}, exit code {code}")

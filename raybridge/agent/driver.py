@@ -1,0 +1,244 @@
+"""The batch driver's launcher: started with the agents, it runs the user's command on the head node
+the moment every Ray node is alive.
+
+    python -m raybridge.agent driver AGENTS_PID -- COMMAND...
+
+Where the time goes otherwise: a driver started once the cluster is *ready* waits for the dashboard and
+the Ray Client server, which it does not use, then spends a second or more starting Python and importing
+Ray. Here both happen while the cluster forms:
+
+- COMMAND `python [-u] SCRIPT ARGS` or `python [-u] -m MODULE ARGS`, with the interpreter this launcher runs
+  in, is run in this process exactly as `python` would run it (`sys.argv`, `sys.path[0]`, `__main__`,
+  exit code, uncaught exceptions, signals), after `import ray` was done while waiting. Ray is imported
+  early only when the program's first statements are imports (or a docstring): a program that sets Ray's
+  environment variables before `import ray` gets a fresh import at its own time.
+- Any other command is exec'd, with the same environment, when the nodes are alive.
+
+The driver sees RAY_ADDRESS, RAYBRIDGE_JOB_DIR and the auth settings: `ray.init()` with no arguments
+joins the cluster. Its stdout and stderr are line-buffered (a Python program in process; PYTHONUNBUFFERED
+for other commands) so each line reaches the job log, and `raybridge run`'s terminal, when printed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from raybridge import jobdir as jd
+from raybridge.settings import AgentSettings
+
+POLL = 0.05  # the cluster record is one small file; the driver waits a few seconds at most
+
+
+@dataclass(frozen=True)
+class Program:
+    """A Python program this interpreter can run in process."""
+
+    kind: str  # "script" | "module"
+    target: str  # the script's path or the module's name
+    args: list[str]  # sys.argv[1:]
+    unbuffered: bool = False
+
+
+def in_process(command: list[str], executable: str = sys.executable) -> Program | None:
+    """The program, if COMMAND is this very interpreter running a script or a module with no other
+    interpreter options; None for anything else (exec'd as it is)."""
+    if not command or not same_interpreter(command[0], executable):
+        return None
+    args, unbuffered = command[1:], False
+    while args and args[0] == "-u":
+        args, unbuffered = args[1:], True
+    if not args:
+        return None
+    if args[0] == "-m":
+        if len(args) < 2 or args[1].startswith("-"):
+            return None
+        return Program("module", args[1], args[2:], unbuffered)
+    if args[0].startswith("-"):
+        return None  # other interpreter options (-c, -W, -X, -O, ...): let Python handle them
+    return Program("script", args[0], args[1:], unbuffered)
+
+
+def same_interpreter(name: str, executable: str) -> bool:
+    """`name` (as the shell would find it) is the interpreter at `executable`: same folder (a venv's
+    python and python3 are links in its bin/, the system's python3 is another environment) and same
+    file."""
+    if os.sep not in name and not Path(name).name.startswith("python"):
+        return False
+    found = shutil.which(name)
+    if not found or not executable:
+        return False
+    a, b = Path(os.path.abspath(found)), Path(os.path.abspath(executable))
+    return a.parent == b.parent and os.path.realpath(a) == os.path.realpath(b)
+
+
+def source_of(program: Program) -> str | None:
+    """The program's source without running any of it (None when it cannot be found cheaply)."""
+    try:
+        if program.kind == "script":
+            return Path(program.target).read_text()
+        if "." in program.target:
+            return None  # finding a submodule imports its package: leave that to the program
+        spec = importlib.util.find_spec(program.target)
+        if spec and spec.submodule_search_locations:  # a package: `-m pkg` runs pkg.__main__
+            return None
+        return Path(spec.origin).read_text() if spec and spec.origin else None
+    except (OSError, ValueError, ImportError, UnicodeDecodeError):
+        return None
+
+
+def imports_first(source: str | None) -> bool:
+    """True when the program does nothing but import (and name its docstring) before its first
+    `import ray`/`from ray...`: importing Ray earlier then cannot change what Ray sees."""
+    if not source:
+        return False
+    try:
+        body = ast.parse(source).body
+    except (SyntaxError, ValueError):
+        return False  # Python reports it when the program runs
+    for i, node in enumerate(body):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "ray" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ray" and not node.level:
+            return True
+        docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if not (docstring or isinstance(node, (ast.Import, ast.ImportFrom))):
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------- waiting for the cluster
+
+
+class ClusterGone(RuntimeError):
+    pass
+
+
+def wait_alive(
+    folder: jd.JobDir, timeout: float, agents_alive: Callable[[], bool], poll: float = POLL
+) -> jd.ClusterRecord:
+    """The cluster record once every node is alive (the head writes nodes_alive_at); ClusterGone when
+    the cluster failed, stopped or its agents ended first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = jd.read(folder.cluster, jd.ClusterRecord)
+        if info and info.address and (info.nodes_alive_at or info.state == "ready"):
+            return info
+        if info and info.state in ("failed", "stopped"):
+            raise ClusterGone(f"cluster {info.state}: {info.error or 'stopped before the driver ran'}")
+        if not agents_alive():
+            raise ClusterGone("the agents' srun step ended before the nodes were alive")
+        if time.monotonic() > deadline:
+            raise ClusterGone(f"timed out after {timeout:.0f}s waiting for the nodes")
+        time.sleep(poll)
+
+
+def driver_env(settings: AgentSettings, folder: jd.JobDir) -> dict[str, str]:
+    """What the driver needs besides the address (known before the head is up)."""
+    env = {"RAYBRIDGE_JOB_DIR": folder.path}
+    if settings.auth:
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": folder.token}
+    return env
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def run_in_process(program: Program) -> int:
+    """Run the program as `python` would; returns its exit code (or re-raises SystemExit)."""
+    import runpy
+
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=program.unbuffered)
+    if program.kind == "script":
+        sys.argv = [program.target, *program.args]
+        sys.path[0] = os.path.dirname(os.path.realpath(program.target))
+        run = lambda: runpy.run_path(program.target, run_name="__main__")  # noqa: E731
+    else:
+        sys.argv = [program.target, *program.args]  # runpy sets argv[0] to the module's file
+        sys.path[0] = os.getcwd()
+        run = lambda: runpy.run_module(program.target, run_name="__main__", alter_sys=True)  # noqa: E731
+    try:
+        run()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        report(*sys.exc_info())
+        # As Python does: die of SIGINT, so the parent sees the signal.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BaseException:
+        report(*sys.exc_info())
+        return 1
+    return 0
+
+
+def report(kind, value, tb) -> None:  # type: ignore[no-untyped-def]
+    """The traceback Python would print: without the launcher's and runpy's frames."""
+    here = {__file__, __import__("runpy").__file__, "<frozen runpy>"}  # frozen since 3.11
+    while tb is not None and tb.tb_frame.f_code.co_filename in here:
+        tb = tb.tb_next
+    if value is not None:
+        value.__traceback__ = tb  # Python's hook prints the exception's own traceback
+    sys.excepthook(kind, value, tb)
+
+
+def main(settings: AgentSettings, argv: list[str]) -> int:
+    """argv: [AGENTS_PID] -- COMMAND..."""
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        print("raybridge driver: usage: driver [AGENTS_PID] -- COMMAND...", file=sys.stderr)
+        return 2
+    head, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    agents = int(head[0]) if head and head[0].isdigit() else None
+    folder = jd.JobDir(settings.job_dir)
+    os.environ.update(driver_env(settings, folder))  # before Ray is imported: it reads them then
+    program = in_process(command)
+    started = time.monotonic()
+    preloaded = bool(program) and imports_first(source_of(program))
+    if preloaded:
+        import ray  # noqa: F401  (the point: this costs a second or more, done while nodes join)
+    try:
+        info = wait_alive(folder, settings.ready_timeout + 60, lambda: pid_alive(agents))
+    except ClusterGone as e:
+        print(f"raybridge: {e}; the driver did not run", file=sys.stderr)
+        return 1
+    os.environ["RAY_ADDRESS"] = info.address or ""
+    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+    how = "in process, Ray imported early" if preloaded else ("in process" if program else "exec")
+    print(
+        f"raybridge[driver] {stamp} all {info.expected_nodes} nodes alive "
+        f"(waited {time.monotonic() - started:.1f}s); running ({how}): {' '.join(command)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if program:
+        return run_in_process(program)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        print(f"raybridge: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached
