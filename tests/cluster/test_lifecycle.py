@@ -138,18 +138,30 @@ def test_down_while_the_cluster_is_starting_needs_no_scancel(testbed):
     assert_no_leaks(job)
 
 
-@pytest.mark.parametrize("code", [0, 3])
-def test_run_propagates_the_driver_exit_code(testbed, code):
+@pytest.mark.parametrize("how", ["exec", "in-process"])
+def test_run_propagates_the_driver_exit_code(testbed, how):
+    """`python -c` is exec'd; `python SCRIPT` runs in the launcher's interpreter with Ray imported
+    while the nodes joined. Either way: the address, the argv and the exit code are the program's."""
     driver = (
         "import os, ray, sys; ray.init(); "
-        "print('driver nodes', len([n for n in ray.nodes() if n['Alive']]), os.environ['RAY_ADDRESS']); "
-        f"sys.exit({code})"
+        "print('driver nodes', len([n for n in ray.nodes() if n['Alive']]), os.environ['RAY_ADDRESS'], "
+        "'args', sys.argv[1:], __name__); "
+        "sys.exit(int(sys.argv[-1]))"
     )
-    r = testbed.raybridge(
-        "login", "run", "--nodes", "2", "--profile", testbed.local_profile, "--", "python", "-c", driver
-    )
+    if how == "exec":
+        code, command = 0, ["python", "-c", driver, "0"]
+    else:
+        script = f"{testbed.shared}/exit-code-driver.py"
+        open(script, "w").write(driver.replace("; ", "\n"))
+        code, command = 3, ["python", script, "it's a; $(x)", "3"]
+    r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", testbed.local_profile, "--", *command)
     assert r.returncode == code, r.stderr + r.stdout
     assert "driver nodes 2 10.212.0." in r.stdout
+    if how == "in-process":
+        assert "args [\"it's a; $(x)\", '3'] __main__" in r.stdout
+        assert "running (in process, Ray imported early)" in r.stdout
+    else:
+        assert "running (exec)" in r.stdout
     job = job_id_from(r.stderr)
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
