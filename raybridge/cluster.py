@@ -28,9 +28,9 @@ from raybridge.runner import Runner
 from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import JobInfo, SlurmClient
 
-POLL = 0.5
-FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log
-JOB_EVERY = 1.0  # seconds between Slurm queries while following
+POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
+FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log or record
+JOB_EVERY = 1.0  # seconds between Slurm queries while following a log
 CHUNK = 1 << 20
 
 
@@ -119,9 +119,12 @@ class Cluster:
         code tell the rest."""
         start = time.monotonic()
         last: Progress | None = None
+        every = FOLLOW_EVERY["ssh" if self.runner.host else "local"]  # the cluster record: one small read
+        job, asked = None, -1e9
         while True:
             elapsed = time.monotonic() - start
-            job = self.job()
+            if job is None or time.monotonic() - asked >= POLL:  # Slurm: a controller RPC each time
+                job, asked = self.job(), time.monotonic()
             if job is None:
                 raise ClusterError(f"job {self.job_id} disappeared from Slurm before the cluster was ready")
             info = self.info()
@@ -166,7 +169,7 @@ class Cluster:
                     self.job_id, "joining", job.slurm_state, job.reason, self.joined(), expected, elapsed
                 )
             last = self._report(on_progress, last, p)
-            time.sleep(POLL)
+            time.sleep(POLL if p.phase == "queued" else every)
 
     @staticmethod
     def _report(cb: Callable[[Progress], None] | None, last: Progress | None, p: Progress) -> Progress:
