@@ -60,8 +60,8 @@ def main() -> int:
     runner = open_runner(spec.login)
     cluster = attach(spec, runner, args.job)
     info = cluster.info()
-    token = runner.read_text(info["token_path"]).strip()
-    head_ip, dash = info["head"]["ip"], info["ports"]["dashboard"]
+    token = runner.read_text(info.token_path).strip()
+    head_ip, dash = info.head.ip, info.ports["dashboard"]
     runner.close()
 
     fwd = make_forwarder(spec, cluster.job_dir, {"dashboard": 0})

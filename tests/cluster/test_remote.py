@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -180,3 +181,22 @@ def test_proxy_jump_reaches_a_login_node_the_laptop_cannot(testbed):
         "laptop", "status", "--profile", profile("jump-bad", dict(bad, proxy_jump="root@10.213.0.3"))
     )
     assert "jump host root@10.213.0.3 cannot reach root@10.211.0.99" in one_line_error(r)
+
+
+def test_the_ssh_connection_negotiates_the_fast_cipher_and_big_packets(testbed):
+    """What bench-tunnel's throughput rests on, against the real sshd: AES-GCM is chosen and the
+    server sends packets larger than paramiko's default 32 KiB."""
+    probe = (
+        "import sys; from raybridge.profile import load_spec; from raybridge.ssh import connect, resolve_target\n"
+        "c = connect(resolve_target(load_spec(sys.argv[1]).login)); t = c.get_transport()\n"
+        "ch = t.open_channel('direct-tcpip', ('10.213.0.3', 22), ('127.0.0.1', 0))\n"
+        "print(t.remote_cipher, t.local_cipher, ch.in_max_packet_size, ch.in_window_size)"
+    )
+    r = testbed.exec("laptop", sys.executable, "-c", probe, testbed.remote_profile)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [
+        "aes128-gcm@openssh.com",
+        "aes128-gcm@openssh.com",
+        str(128 << 10),
+        str(4 << 20),
+    ]
