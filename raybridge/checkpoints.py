@@ -1,9 +1,10 @@
 """List Ray Train checkpoints on shared storage and copy them to this machine, verified.
 
 Layout (raybridge.train writes it): <shared_dir>/runs/<run name>/checkpoint_*/...
-A pull downloads into DEST/.partial-<checkpoint>/ (files as *.part until their sha256 matches), and
-renames the folder to DEST/<checkpoint> only when every file is verified: an interrupted pull never
-looks complete, and a re-run resumes, skipping files already verified.
+A pull downloads into DEST/.partial-<checkpoint>/ (files as *.part until their sha256 matches; several
+streams in parallel, transfer.py), and renames the folder to DEST/<checkpoint> only when every file is
+verified: an interrupted pull never looks complete, and a re-run resumes, skipping files already
+verified and the finished ranges of the others.
 
 The run folder is written by the training code, by colleagues on project storage, by anyone holding the
 cluster token: its names are hostile input. Listings cross the wire NUL-separated (a name may hold any
@@ -19,10 +20,12 @@ import hashlib
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from raybridge import transfer
 from raybridge.errors import RaybridgeError
 from raybridge.runner import Runner
 
@@ -126,17 +129,21 @@ def manifest(runner: Runner, folder: str, hashes: bool = True) -> list[FileEntry
             f"{folder} holds a file raybridge will not copy: {bad[0][:120]!r} "
             f"({len(bad)} such name(s): absolute, '..', control or non-ASCII characters)"
         )
-    sums: dict[str, str] = {}
-    if hashes and sizes:
-        # sha256sum over the file list, run next to the data (login node), not over the network;
-        # -z: NUL-terminated lines and names printed as they are (no escaping).
-        script = 'cd "$1" && find . -type f -print0 | xargs -0 -r sha256sum -z'
-        out = runner.run(["sh", "-c", script, "sh", folder], timeout=3600).stdout
-        for line in out.split("\0"):
-            digest, _, name = line.partition("  ")
-            if name:
-                sums[name.removeprefix("./")] = digest
+    sums = remote_sums(runner, folder) if hashes and sizes else {}
     return [FileEntry(p, s, sums.get(p, "")) for p, s in sorted(sizes.items())]
+
+
+def remote_sums(runner: Runner, folder: str) -> dict[str, str]:
+    """sha256 of every regular file under folder, computed next to the data (login node), not over
+    the network; -z: NUL-terminated lines and names printed as they are (no escaping)."""
+    script = 'cd "$1" && find . -type f -print0 | xargs -0 -r sha256sum -z'
+    out = runner.run(["sh", "-c", script, "sh", folder], timeout=3600).stdout
+    sums = {}
+    for line in out.split("\0"):
+        digest, _, name = line.partition("  ")
+        if name:
+            sums[name.removeprefix("./")] = digest
+    return sums
 
 
 def sha256_of(path: Path) -> str:
@@ -148,24 +155,29 @@ def sha256_of(path: Path) -> str:
 
 
 def pull(
-    runner: Runner, folder: str, dest: Path, progress: Callable[[int, int], None] = lambda d, t: None
+    runner: Runner,
+    folder: str,
+    dest: Path,
+    progress: Callable[[int, int], None] = lambda d, t: None,
+    streams: int = transfer.STREAMS,
 ) -> Path:
-    """Copy one checkpoint folder to dest/<name>, verified; resumable. Returns the final path."""
+    """Copy one checkpoint folder to dest/<name>, verified; resumable. Returns the final path.
+
+    The login node hashes the files while `streams` parallel streams copy them in byte ranges
+    (transfer.py), each file hashed here in order as its ranges land."""
     name = posixpath.basename(folder.rstrip("/"))
     if not safe_name(name):
         raise RaybridgeError(f"not a checkpoint name raybridge will create: {name[:100]!r}")
     final = dest / name
     if final.exists():
         raise RaybridgeError(f"{final} already exists (remove it to pull again)")
-    files = manifest(runner, folder)
+    files = manifest(runner, folder, hashes=False)
     if not files:
         raise RaybridgeError(f"checkpoint {folder} is empty or missing")
     partial = dest / f".partial-{name}"
     partial.mkdir(parents=True, exist_ok=True)
-    total = sum(f.size for f in files)
-    done = 0
-    progress(done, total)
     root = partial.resolve()
+    items: list[transfer.Item] = []
     for entry in files:
         target = partial / entry.path
         if not inside(target, root):  # safe_relpath already refused '..': this is the last word
@@ -173,24 +185,55 @@ def pull(
         target.parent.mkdir(parents=True, exist_ok=True)
         if not inside(target, root):  # a folder on the way is a link planted meanwhile
             raise RaybridgeError(f"{entry.path[:120]!r} would be written outside {partial}")
-        if target.exists() and target.stat().st_size == entry.size and sha256_of(target) == entry.sha256:
-            done += entry.size  # verified by an earlier, interrupted pull
-            progress(done, total)
-            continue
-        part = target.with_name(target.name + ".part")
-        base = done
-        runner.get(
-            posixpath.join(folder, entry.path), str(part), lambda n, _t, b=base: progress(b + n, total)
+        items.append(transfer.Item(posixpath.join(folder, entry.path), target, entry.size))
+
+    remote: dict[str, str] = {}
+    failed: list[BaseException] = []
+
+    def hash_there() -> None:
+        try:
+            remote.update(remote_sums(runner, folder))
+        except BaseException as e:  # noqa: BLE001  (reported below, in the caller's thread)
+            failed.append(e)
+
+    hasher = threading.Thread(target=hash_there, daemon=True)
+    hasher.start()
+    total = sum(f.size for f in files)
+    done = [0]
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            done[0] += n
+            progress(done[0], total)
+
+    local: dict[Path, str] = {}
+    # Verified by an earlier, interrupted pull (renamed from .part only after verification).
+    fresh = [i for i in items if not (i.target.exists() and i.target.stat().st_size == i.size)]
+    for i in items:
+        if i not in fresh:
+            local[i.target] = sha256_of(i.target)
+            advance(i.size)
+    progress(done[0], total)
+    local.update(transfer.copy(fresh, runner.range_reader, streams=streams, progress=advance))
+    hasher.join()
+    if failed:
+        raise failed[0]
+    wrong = []
+    for entry, item in zip(files, items, strict=True):
+        if local.get(item.target) == remote.get(entry.path):
+            if item in fresh:
+                transfer.complete(item)
+        else:
+            wrong.append(entry.path)
+            transfer.discard(item)
+            item.target.unlink(missing_ok=True)
+    if wrong:
+        raise RaybridgeError(
+            f"{wrong[0]}: copy does not match the source (sha256); run the pull again "
+            f"({len(wrong)} file(s) to copy again, the others are kept)"
         )
-        if part.stat().st_size != entry.size or sha256_of(part) != entry.sha256:
-            part.unlink(missing_ok=True)
-            raise RaybridgeError(
-                f"{entry.path}: copy does not match the source (size or sha256); run the pull again"
-            )
-        os.replace(part, target)
-        done += entry.size
-        progress(done, total)
-    for p in partial.rglob("*.part"):  # leftovers of a killed pull that the manifest no longer lists
+    for p in partial.rglob("*.part*"):  # leftovers of a killed pull that the manifest no longer lists
         p.unlink()
     os.replace(partial, final)
     return final

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from raybridge.errors import CommandError
 from raybridge.profile import LoginSpec
+from raybridge.transfer import RangeReader
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class Runner(Protocol):
     def listdir(self, path: str) -> list[str]: ...
 
     def get(self, path: str, local: str, callback: Callable[[int, int], None] | None = None) -> None: ...
+
+    def range_reader(self) -> RangeReader:
+        """A reader of byte ranges for one parallel copy stream (transfer.py)."""
+        ...
 
     def home(self) -> str: ...
 
@@ -127,8 +132,31 @@ class LocalRunner:
                 if callback:
                     callback(done, 0)
 
+    def range_reader(self) -> RangeReader:
+        return FileRanges()
+
     def home(self) -> str:
         return str(Path.home())
+
+    def close(self) -> None:
+        pass
+
+
+class FileRanges:
+    """Byte ranges of files on this machine."""
+
+    def read(self, path: str, offset: int, length: int, sink: Callable[[bytes], None]) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            end = offset + length
+            while offset < end:
+                data = os.pread(fd, min(4 << 20, end - offset), offset)
+                if not data:
+                    raise CommandError(["read", path], 1, "", f"{path} ended at byte {offset} of {end}")
+                sink(data)
+                offset += len(data)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass

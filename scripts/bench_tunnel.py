@@ -4,6 +4,9 @@ Runs on the laptop (scripts/bench-tunnel starts it there). Both tunnels go lapto
   latency     dashboard /api/version with the token, a fresh TCP connection per request
               (what a CLI does), requests interleaved between the two tunnels; median and p90
   throughput  one large file from an HTTP server on the head node, through each tunnel
+  pull        a multi-GB checkpoint on shared storage copied to the laptop: `raybridge checkpoints pull`
+              (sha256-verified, 1 and N streams) vs one OpenSSH stream (`scp -r`, `sftp get -r`; neither
+              verifies beyond SSH's own integrity check); each copy into a fresh folder, best of --pulls
 """
 
 from __future__ import annotations
@@ -54,7 +57,14 @@ def main() -> int:
     ap.add_argument("--file-port", type=int, required=True, help="HTTP server on the head serving /big.bin")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--transfers", type=int, default=3)
+    ap.add_argument("--pull-run", help="run name of the checkpoint to pull (skip the pull if not given)")
+    ap.add_argument("--pull-source", help="the checkpoint folder on the login node")
+    ap.add_argument("--pull-dest", help="a scratch folder on the laptop")
+    ap.add_argument("--pulls", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=4)
     args = ap.parse_args()
+    if args.pull_run:
+        pull_bench(args)
 
     spec = load_spec(args.profile)
     runner = open_runner(spec.login)
@@ -132,6 +142,61 @@ def main() -> int:
     )
     print(f"{'MiB/s':12} | {rt:10.1f} | {ot:10.1f} | {rt / ot:6.2f}")
     return 0
+
+
+def pull_bench(args: argparse.Namespace) -> None:
+    import shutil
+    from pathlib import Path
+
+    dest = Path(args.pull_dest)
+    size = sum(f.stat().st_size for f in Path(args.pull_source).rglob("*") if f.is_file())
+    rb = [sys.executable, "-m", "raybridge", "checkpoints", "pull", args.pull_run]
+    ssh = ["-F", args.ssh_config, "-o", "BatchMode=yes"]
+    contenders = {
+        "raybridge, 1 stream": lambda d: [*rb, str(d), "--streams", "1", "--profile", args.profile],
+        f"raybridge, {args.streams} streams": lambda d: [
+            *rb,
+            str(d),
+            "--streams",
+            str(args.streams),
+            "--profile",
+            args.profile,
+        ],
+        "scp -r": lambda d: ["scp", "-q", "-r", *ssh, f"login:{args.pull_source}", str(d)],
+        "sftp get -r": lambda d: [
+            "sh",
+            "-c",
+            f"echo 'get -r {args.pull_source} {d}' | sftp -q {' '.join(ssh)} -b - login",
+        ],
+    }
+    best: dict[str, float] = {}
+    for _ in range(args.pulls):
+        for name, argv in contenders.items():
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            t0 = time.perf_counter()
+            r = subprocess.run(argv(dest), capture_output=True, text=True)
+            took = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise SystemExit(f"{name} failed: {r.stderr[-2000:]}")
+            got = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+            if got != size:
+                raise SystemExit(f"{name} copied {got} of {size} bytes")
+            best[name] = min(best.get(name, 1e9), took)
+            print(
+                f"pull  {name:22} {took:6.2f} s  {size / took / 2**20:7.1f} MiB/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    shutil.rmtree(dest, ignore_errors=True)
+    base = best["scp -r"]
+    print(
+        f"Checkpoint pull, {size / 2**30:.1f} GiB, login → laptop (best of {args.pulls}; ratio = scp time / time)"
+    )
+    print(f"{'':22} | {'seconds':>8} | {'MiB/s':>7} | {'vs scp':>6}")
+    for name, took in best.items():
+        print(f"{name:22} | {took:8.2f} | {size / took / 2**20:7.1f} | {base / took:6.2f}")
+    print()
 
 
 if __name__ == "__main__":

@@ -26,20 +26,28 @@ def human(n: float) -> str:
 
 
 class Bar:
-    def __init__(self, label: str):
-        self.label, self.start, self.last, self.finished = label, time.monotonic(), 0.0, False
+    """Bytes, rate and time left on a terminal, five times a second; silent when stderr is not one
+    (a log or a pipe gets the final summary line only)."""
+
+    def __init__(self, label: str, enabled: bool | None = None):
+        self.label, self.start, self.last, self.finished = label, 0.0, 0.0, False
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.first = 0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if self.finished or (now - self.last < 0.2 and done < total):
+        if not self.start:
+            self.start, self.first = now, done  # the rate counts what this pull copies
+        if not self.enabled or self.finished or (now - self.last < 0.2 and done < total):
             return
         self.finished = done >= total
         self.last = now
         frac = done / total if total else 1
-        rate = done / max(now - self.start, 1e-6)
+        rate = (done - self.first) / max(now - self.start, 1e-6)
+        left = f"{(total - done) / rate:4.0f}s left" if rate > 0 and done < total else " " * 9
         bar = "#" * int(frac * 30)
         sys.stderr.write(
-            f"\r{self.label} [{bar:30}] {frac:6.1%} {human(done)}/{human(total)} {human(rate)}/s"
+            f"\r{self.label} [{bar:30}] {frac:6.1%} {human(done)}/{human(total)} {human(rate)}/s {left}"
         )
         if done >= total:
             sys.stderr.write("\n")
@@ -79,6 +87,9 @@ def pull_cmd(
     dest: Annotated[Path, typer.Argument(help="Local folder to copy into.")],
     latest: Annotated[bool, typer.Option("--latest", help="The newest checkpoint (default).")] = False,
     name: Annotated[str | None, typer.Option("--name", help="A checkpoint by name.")] = None,
+    streams: Annotated[
+        int, typer.Option("--streams", min=1, max=16, help="Parallel copy streams (SSH connections).")
+    ] = ck.transfer.STREAMS,
     profile: Profile = None,
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
@@ -99,8 +110,13 @@ def pull_cmd(
                 f"run {run} has no checkpoint {name!r} (have: {', '.join(c.name for c in cps)})"
             )
         dest.mkdir(parents=True, exist_ok=True)
-        final = ck.pull(runner, chosen.path, dest, Bar(chosen.name))
-    say(f"pulled {chosen.name} ({chosen.files} files, {human(chosen.size)}, sha256 verified) to {final}")
+        started = time.monotonic()
+        final = ck.pull(runner, chosen.path, dest, Bar(chosen.name), streams=streams)
+        took = time.monotonic() - started
+    say(
+        f"pulled {chosen.name} ({chosen.files} files, {human(chosen.size)}, sha256 verified) to {final} "
+        f"in {took:.1f}s ({human(chosen.size / max(took, 1e-6))}/s)"
+    )
 
 
 def check_name(run: str) -> None:
