@@ -159,7 +159,8 @@ def main() -> int:
     ap.add_argument("--nodes", default="1,2,3,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", help="comma-separated contenders")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-ray-docs", action="store_true")
+    ap.add_argument("--json", type=Path, help="raw results go to <stem>-firstline.json next to it")
     args = ap.parse_args()
     from raybridge.profile import load_spec
 
@@ -177,6 +178,8 @@ def main() -> int:
         "ray-docs": lambda n: baseline(RAY_DOCS, n, workdir, setup, program, None),
     }
     names = args.only.split(",") if args.only else list(contenders)
+    if args.skip_ray_docs and "ray-docs" in names:
+        names.remove("ray-docs")
     counts = [int(x) for x in args.nodes.split(",")]
     results = {name: {n: [] for n in counts} for name in names}
     leftovers = dict.fromkeys(names, 0)
@@ -218,7 +221,8 @@ def main() -> int:
         + ", ".join(f"{k} {v}" for k, v in leftovers.items())
     )
     if args.json:
-        args.json.write_text(json.dumps({"runs": results, "median": med}, indent=2))
+        out = args.json.with_name(f"{args.json.stem}-firstline.json")
+        out.write_text(json.dumps({"runs": results, "median": med}, indent=2))
     return 0
 
 
