@@ -133,6 +133,13 @@ class SlurmClient:
                 jobs.append(info)
         return jobs
 
+    def start_now(self, job_id: str) -> bool:
+        """Let a requeued job start as soon as nodes are free: Slurm holds it (reason BeginTime) for
+        its credential lifetime plus a margin (`AuthInfo=cred_expire`, 120 s by default) after the
+        requeue; the job's owner may move its begin time. False if Slurm refused."""
+        r = self.runner.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+        return r.returncode == 0
+
     def cancel(self, job_id: str, signal: str | None = None, batch_only: bool = False) -> None:
         argv = ["scancel"]
         if signal:
