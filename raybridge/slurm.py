@@ -51,6 +51,7 @@ class JobInfo:
     exit_code: int | None
     comment: str
     command: str = ""
+    start_time: str = ""  # when it started, or (pending) the earliest it may: Slurm's ISO time
 
     @property
     def state(self) -> str:
@@ -89,6 +90,7 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
         exit_code=exit_code,
         comment=f.get("Comment", "(null)"),
         command=f.get("Command", ""),
+        start_time=f.get("StartTime", ""),
     )
 
 
