@@ -36,7 +36,11 @@ from raybridge.settings import AgentSettings
 log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3
 MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
-CLAIM_STEP = 1.0  # seconds between head candidates: the next in line claims only if the one before did not
+CLAIM_STEP = 1.5  # seconds between head candidates: the next in line claims only if the one before did not
+
+
+class Abdicate(Exception):
+    """This node stops being the head; the others choose a new one (the cluster is not failed)."""
 
 
 class HeadLost(Exception):
@@ -95,6 +99,10 @@ class Agent:
             return self.lifecycle()
         except StopRequested:
             return 0
+        except Abdicate as e:
+            self.say(f"{e}; leaving the cluster to the other nodes")
+            self.role = "former head"  # the cluster record is the new head's to write now
+            return 1
         except Exception as e:  # report, then tear down: never leave Ray running
             self.say(f"error: {e}")
             if self.role == "head":
@@ -298,8 +306,10 @@ class Agent:
                 last_refresh = now
                 newer = self.rendezvous.head()
                 if newer and newer.generation > self.generation:
-                    raise RuntimeError(f"{newer.hostname} took over as head; this node leaves the cluster")
+                    raise Abdicate(f"{newer.hostname} took over as head")
                 if not self.has_process("gcs_server"):
+                    if self.settings.nodes > 1:
+                        raise Abdicate("the GCS server on this node died")
                     raise RuntimeError("the GCS server on the head node died")
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
