@@ -211,21 +211,35 @@ class Cluster:
             time.sleep(POLL)
         raise ClusterError(f"job {self.job_id} did not end within {timeout:.0f}s of the stop request")
 
-    def follow_output(self, write: Callable[[str], None], until_done: bool = True) -> JobInfo | None:
+    def follow_output(
+        self,
+        write: Callable[[str], None],
+        until_done: bool = True,
+        on_requeue: Callable[[str], None] | None = None,
+    ) -> JobInfo | None:
         """Stream the job's output until the job ends; returns the final job record.
 
         The log is read from where the last read ended, FOLLOW_EVERY apart (one small read each: a
         local read, or one SFTP request on a file kept open); Slurm is asked about the job only every
-        JOB_EVERY, which is how long the end of a job may take to notice."""
+        JOB_EVERY, which is how long the end of a job may take to notice. A job that ran and is held
+        after a requeue (reason BeginTime) is started at once (SlurmClient.start_now); on_requeue
+        gets a line saying so."""
         every = FOLLOW_EVERY["ssh" if self.runner.host else "local"]
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        offset, path, job, asked = 0, "", None, -1e9
+        offset, path, job, asked, ran = 0, "", None, -1e9, False
         while True:
             ended = False
             if time.monotonic() - asked >= JOB_EVERY:
                 job, asked = self.job(), time.monotonic()
                 path = self.log_path(job) or path
                 ended = job is None or job.finished or not until_done
+                ran = ran or bool(job and job.state == "running")
+                if ran and job and job.state == "pending" and job.reason == "BeginTime" and on_requeue:
+                    ran = False
+                    if self.slurm.start_now(self.job_id):
+                        on_requeue(
+                            f"job {self.job_id} was requeued and held for Slurm's credential expiry; starting it now"
+                        )
             while path and (data := self.runner.read_from(path, offset, CHUNK)):
                 offset += len(data)
                 write(decode.decode(data))
@@ -313,4 +327,6 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "job_dir": cluster.job_dir,
         "log": job.stdout if job else None,
         "timestamps": info.timestamps if info else {},
+        "generation": info.generation if info else 0,
+        "events": list(info.events) if info else [],
     }

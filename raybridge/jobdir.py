@@ -35,6 +35,8 @@ NODES = "nodes"
 CLUSTER = "cluster.json"
 STOP = "stop"
 PREEMPT = "preempt"
+DRIVER_RESTART = "driver-restart"
+MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
 LOGS = "logs"
 
 R = TypeVar("R", bound="Record")
@@ -92,6 +94,15 @@ class JobDir:
     def logs(self) -> str:
         return self.join(LOGS)
 
+    def generation(self, number: int) -> str:
+        """Presence files of the agents taking part in head generation `number`, and its claim."""
+        return self.join("generations", str(number))
+
+    @property
+    def driver_restart(self) -> str:
+        """Flag: the driver stopped because its head was lost; the batch script starts it again."""
+        return self.join(DRIVER_RESTART)
+
     def start_log(self, host: str) -> str:
         return self.join(LOGS, f"ray-start-{host}.log")
 
@@ -143,6 +154,8 @@ class HeadRecord(Record):
     gcs_up_at: float
     ray_dirs: dict[str, str] | None = None  # the head's temp and session folders (fast join)
     up_at: float | None = None  # the head's raylet registered
+    rank: int | None = None
+    generation: int = 0  # 0 for the first head; +1 each time a head is lost and replaced
 
     @property
     def gcs_address(self) -> str:
@@ -168,6 +181,7 @@ class NodeRecord(Record):
     ray_started_by: str | None = None  # "agent" (in-process launcher) or "ray start"
     ray_start_reason: str | None = None  # why `ray start` was used, when it was
     temp_dir: str | None = None  # Ray's node-local folder (its logs while the job runs)
+    generation: int = 0  # the head generation this node joined
     # From the GCS (on the head): Ray's view of the node.
     node_id: str | None = None
     alive: bool | None = None
@@ -182,7 +196,7 @@ class ClusterRecord(Record):
 
     KIND: ClassVar[str] = "cluster"
     job_id: str
-    state: str  # starting | ready | failed | stopped
+    state: str  # starting | ready | recovering (a new head is starting) | failed | stopped
     expected_nodes: int
     job_dir: str
     job_name: str = ""
@@ -202,13 +216,16 @@ class ClusterRecord(Record):
     ready_at: float | None = None
     updated_at: float | None = None
     stopped_at: float | None = None
+    generation: int = 0  # head generation: +1 each time the head was lost and replaced
+    # What happened, in order: {"at", "event", "node", "detail"}; e.g. head_lost, head_replaced.
+    events: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> ClusterRecord:
         rec = super().from_dict(data, where)
         head = HeadRecord.from_dict(rec.head, where) if isinstance(rec.head, dict) else rec.head
         nodes = tuple(NodeRecord.from_dict(n, where) if isinstance(n, dict) else n for n in rec.nodes or ())
-        return dataclasses.replace(rec, head=head, nodes=nodes)
+        return dataclasses.replace(rec, head=head, nodes=nodes, events=tuple(rec.events or ()))
 
     @property
     def alive_nodes(self) -> int:

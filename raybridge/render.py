@@ -7,7 +7,7 @@ import shlex
 from functools import cache
 from pathlib import Path
 
-from raybridge.jobdir import PREEMPT
+from raybridge.jobdir import DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
 from raybridge.profile import ClusterSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
@@ -30,15 +30,24 @@ RUN_BODY = """
 # Slurm signals USR1 before the time limit or on preemption (--signal): the training saves at once
 # (raybridge.train.preempted()), then the job is requeued and the same run resumes.
 trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/{preempt}"' USR1
-# The driver, on the head node (this node): it starts now, imports Ray while the nodes join, and runs
-# the command once every node is alive, with RAY_ADDRESS and the auth settings set.
+# The driver, on this node: it starts now, imports Ray while the nodes join, and runs the command once
+# every node is alive, with RAY_ADDRESS and the auth settings set. The Ray head runs on another node:
+# if that node is lost, another agent takes over as head and the driver starts again (it resumes from
+# its newest checkpoint), up to {max_restarts} times.
 set +e
-{python} -m raybridge.agent driver "$agents" -- {command} &
-driver=$!
-while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
-  wait "$driver"
-  rc=$?
-  kill -0 "$driver" 2>/dev/null || break
+restarts=0
+while :; do
+  rm -f "$RAYBRIDGE_JOB_DIR/{restart}"
+  {python} -m raybridge.agent driver "$agents" -- {command} &
+  driver=$!
+  while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
+    wait "$driver"
+    rc=$?
+    kill -0 "$driver" 2>/dev/null || break
+  done
+  [ -e "$RAYBRIDGE_JOB_DIR/{restart}" ] && [ "$restarts" -lt {max_restarts} ] || break
+  restarts=$((restarts + 1))
+  echo "raybridge: starting the driver again on the new head ($restarts of {max_restarts})"
 done
 set -e
 echo "raybridge: driver exited with code $rc"
@@ -90,8 +99,10 @@ def directives(spec: ClusterSpec) -> list[str]:
             d.append(f"--{opt}={getattr(spec, opt)}")
     if spec.exclusive:
         d.append("--exclusive")
-    if spec.spare_nodes:
-        d.append("--no-kill")  # a failed node must not end the allocation: the spares take over
+    if spec.total_nodes > 1:
+        # A failed node must not end the allocation: Ray Train replaces a lost worker (from the
+        # spares, if any) and another agent takes over a lost head.
+        d.append("--no-kill")
     if spec.signal_seconds:
         d.append(f"--signal=B:USR1@{spec.signal_seconds}")  # time to checkpoint before the end
     if spec.requeue:
@@ -124,7 +135,14 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
     python = shlex.quote(spec.python)
     requeue = REQUEUE.format(max_requeues=spec.max_requeues, preempt=PREEMPT) if spec.requeue else ""
     body = (
-        RUN_BODY.format(python=python, command=shlex.join(spec.command), requeue=requeue, preempt=PREEMPT)
+        RUN_BODY.format(
+            python=python,
+            command=shlex.join(spec.command),
+            requeue=requeue,
+            preempt=PREEMPT,
+            restart=DRIVER_RESTART,
+            max_restarts=MAX_HEAD_LOSSES,
+        )
         if spec.command
         else UP_BODY.format(preempt=PREEMPT)
     )

@@ -52,6 +52,17 @@ class AgentSettings:
         return f"{self.shared_dir.rstrip('/')}/jobs/{self.job_id}"
 
     @property
+    def head_order(self) -> list[int]:
+        """Which rank runs the Ray head: the first of these alive. Not the batch host (rank 0, where
+        Slurm runs the batch script and the driver) while another node is there: a crashed head
+        then leaves the batch script alive to carry on with a new head."""
+        return [*range(1, self.nodes), 0]
+
+    @property
+    def head_rank(self) -> int:
+        return self.head_order[0]
+
+    @property
     def temp_dir(self) -> str:
         # Short on purpose: Ray's Unix sockets live under it (107-byte AF_UNIX limit).
         return f"{self.node_tmp.rstrip('/') or ''}/rb-{self.job_id}"

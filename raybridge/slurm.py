@@ -51,6 +51,7 @@ class JobInfo:
     exit_code: int | None
     comment: str
     command: str = ""
+    start_time: str = ""  # when it started, or (pending) the earliest it may: Slurm's ISO time
 
     @property
     def state(self) -> str:
@@ -89,6 +90,7 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
         exit_code=exit_code,
         comment=f.get("Comment", "(null)"),
         command=f.get("Command", ""),
+        start_time=f.get("StartTime", ""),
     )
 
 
@@ -132,6 +134,13 @@ class SlurmClient:
             if info and info.comment == "raybridge":
                 jobs.append(info)
         return jobs
+
+    def start_now(self, job_id: str) -> bool:
+        """Let a requeued job start as soon as nodes are free: Slurm holds it (reason BeginTime) for
+        its credential lifetime plus a margin (`AuthInfo=cred_expire`, 120 s by default) after the
+        requeue; the job's owner may move its begin time. False if Slurm refused."""
+        r = self.runner.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+        return r.returncode == 0
 
     def cancel(self, job_id: str, signal: str | None = None, batch_only: bool = False) -> None:
         argv = ["scancel"]

@@ -36,13 +36,14 @@ from typing import Any
 from raybridge.jobdir import JobDir
 from raybridge.settings import JOB_DIR_VAR, env_name
 
+RUN_NAME_VAR = "RAYBRIDGE_RUN_NAME"  # `raybridge run --resume RUN` sets it: continue that run
 MARKER = "raybridge-checkpoint.json"  # written last: a checkpoint without it is incomplete
 STATE = "state.pt"
 
 
 def run_name() -> str:
-    if os.environ.get("RAYBRIDGE_RUN_NAME"):
-        return os.environ["RAYBRIDGE_RUN_NAME"]
+    if os.environ.get(RUN_NAME_VAR):
+        return os.environ[RUN_NAME_VAR]
     job = os.environ.get("SLURM_JOB_ID", "local")
     return f"{os.environ.get('SLURM_JOB_NAME') or 'run'}-{job}"
 

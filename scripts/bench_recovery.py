@@ -1,7 +1,12 @@
-"""Recovery after a node failure: kill -9 the raylet on a training node mid-run, then measure
-  kill → new worker group started (failure detection + worker-group restart),
-  → checkpoint loaded, → first completed step after the restore (the headline), and the work redone.
-Runs on the test-bed host as root (scripts/bench-recovery): it needs to reach into a node's processes.
+"""Recovery after a failure mid-training (3 nodes, checkpoint every `every` steps), three cases:
+  raylet      kill -9 of the raylet on a worker node (neither the batch host nor the head; 3 workers)
+  head        crash of the head node: Slurm marks it down, every process of the job on it is killed;
+              another agent takes over as head and the driver starts again (2 workers)
+  requeue     crash of the batch host (n1) with --requeue: Slurm requeues the job, `raybridge run`
+              lets it start at once; Slurm's own hold is reported separately (2 workers)
+and measure kill → new training loop started, → checkpoint loaded, → first completed step after the
+restore (the headline), and the work redone. Runs on the test-bed host as root (scripts/bench-recovery):
+it needs to reach into a node's processes.
 """
 
 from __future__ import annotations
@@ -34,10 +39,14 @@ def high_water(run: Path) -> int:
         return 0
 
 
-def node_dead_at(job: str) -> float:
-    """When the GCS on the head (n1) declared the killed node dead, from its log."""
+def cluster(shared: str, job: str) -> dict:
+    return json.loads((Path(shared) / "raybridge" / "jobs" / job / "cluster.json").read_text())
+
+
+def node_dead_at(job: str, head: str) -> float:
+    """When the GCS on the head declared the killed node dead, from its log."""
     log = subprocess.run(
-        [TESTBED, "exec", "n1", "--", "sh", "-c", f"cat /tmp/rb-{job}/session_latest/logs/gcs_server.out"],
+        [TESTBED, "exec", head, "--", "sh", "-c", f"cat /tmp/rb-{job}/session_latest/logs/gcs_server.out"],
         capture_output=True,
         text=True,
     ).stdout
@@ -49,10 +58,37 @@ def node_dead_at(job: str) -> float:
     return float("nan")
 
 
-def one_run(profile: str, shared: str, steps: int, every: int) -> dict:
-    example = ("--steps", str(steps), "--every", str(every), "--workers", "2", "--step-sleep", "0.05")
-    cmd = [TESTBED, "exec", "login", "--", *train_run_argv(profile, 3, *example)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> list[psutil.Process]:
+    """This job's processes in one node's namespace (or those with the given names)."""
+    out = []
+    for pid in subprocess.run(
+        ["ip", "netns", "pids", f"rbtb-{node}"], capture_output=True, text=True
+    ).stdout.split():
+        try:
+            p = psutil.Process(int(pid))
+            env = p.environ()
+            if (env.get("SLURM_JOB_ID") == job or env.get("RAYBRIDGE_JOB_ID") == job) and (
+                names is None or p.name() in names
+            ):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def slurm(*argv: str) -> str:
+    return subprocess.run([TESTBED, "exec", "login", "--", *argv], capture_output=True, text=True).stdout
+
+
+def one_run(profile: str, shared: str, steps: int, every: int, case: str) -> dict:
+    workers = "3" if case == "raylet" else "2"
+    example = ("--steps", str(steps), "--every", str(every), "--workers", workers, "--step-sleep", "0.05")
+    argv = train_run_argv(profile, 3 if case != "requeue" else 2, *example)
+    if case == "requeue":
+        argv[argv.index("--") : argv.index("--")] = ["--requeue"]
+    p = subprocess.Popen(
+        [TESTBED, "exec", "login", "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     job = None
     while job is None:
         m = re.search(r"submitted job (\d+)", p.stderr.readline())
@@ -62,30 +98,36 @@ def one_run(profile: str, shared: str, steps: int, every: int) -> dict:
         if p.poll() is not None:
             raise RuntimeError(f"job {job} ended before the kill:\n" + p.stderr.read()[-3000:])
         time.sleep(0.05)
-    victim = sorted(h.read_text() for h in (run / "hosts").glob("attempt0-rank*") if h.read_text() != "n1")[0]
-    pids = subprocess.run(
-        ["ip", "netns", "pids", f"rbtb-{victim}"], capture_output=True, text=True
-    ).stdout.split()
-    raylet = [psutil.Process(int(x)) for x in pids if psutil.Process(int(x)).name() == "raylet"]
-    t_kill = time.time()
+    head = cluster(shared, job)["head"]["hostname"]
+    victim = {"raylet": ({"n1", "n2", "n3"} - {"n1", head}).pop(), "head": head, "requeue": "n1"}[case]
     lost_at = high_water(run)
-    for r in raylet:
-        r.kill()
-    while not any(e["event"] == "loop_start" and e["t"] > t_kill for e in events(run)):
-        if p.poll() is not None:
-            raise RuntimeError(
-                f"job {job} ended without restarting the training:\n" + p.stderr.read()[-3000:]
-            )
-        time.sleep(0.1)
-    dead_at = node_dead_at(job)
-    out, err = p.communicate(timeout=600)
+    if case == "raylet":
+        t_kill = time.time()
+        for r in in_node(victim, job, ("raylet",)):
+            r.kill()
+    else:
+        slurm("scontrol", "update", f"NodeName={victim}", "State=DOWN", "Reason=bench-recovery")
+        t_kill = time.time()
+        for r in in_node(victim, job):
+            r.kill()
+    try:
+        while not any(e["event"] == "loop_start" and e["t"] > t_kill for e in events(run)):
+            if p.poll() is not None:
+                raise RuntimeError(
+                    f"job {job} ended without restarting the training:\n" + p.stderr.read()[-3000:]
+                )
+            time.sleep(0.1)
+        out, err = p.communicate(timeout=600)
+    finally:
+        if case != "raylet":
+            slurm("scontrol", "update", f"NodeName={victim}", "State=RESUME")
     res = result(out)
+    info = cluster(shared, job)
     ev = [e for e in events(run) if e["t"] > t_kill]
     start = next(e["t"] for e in ev if e["event"] == "loop_start")
     restored = next(e for e in ev if e["event"] == "restored")
     first = next(e["t"] for e in ev if e["event"] == "first_step")
-    return {
-        "node_dead_s": dead_at - t_kill,
+    row = {
         "detect_and_restart_s": start - t_kill,
         "checkpoint_load_s": restored["t"] - start,
         "first_step_s": first - restored["t"],
@@ -93,6 +135,26 @@ def one_run(profile: str, shared: str, steps: int, every: int) -> dict:
         "redone_steps": lost_at - restored["step"],
         "final_step": res["final_step"],
     }
+    if case == "raylet":
+        row["node_dead_s"] = node_dead_at(job, head) - t_kill
+    elif case == "head":
+        at = {e["event"]: e["at"] for e in info["events"]}
+        row["head_lost_s"] = at["head_lost"] - t_kill
+        row["new_head_ready_s"] = at["head_replaced"] - t_kill
+    else:
+        row["job_running_again_s"] = info["started_at"] - t_kill
+        # What Slurm would have held it for (`raybridge run` moved the begin time to now).
+        m = re.search(r"requeued and held until (\S+) for", err)
+        held = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").timestamp() if m else float("nan")
+        row["slurm_hold_s"] = held - t_kill
+    return row
+
+
+LABELS = {
+    "raylet": "kill -9 of a worker node's raylet (3 nodes, 3 training workers)",
+    "head": "crash of the head node (Slurm down + SIGKILL of the job's processes; 3 nodes, 2 workers)",
+    "requeue": "crash of the batch host with --requeue (2 nodes, 2 workers)",
+}
 
 
 def main() -> int:
@@ -102,27 +164,38 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=40)
+    ap.add_argument("--cases", default="raylet,head,requeue")
     args = ap.parse_args()
-    rows = []
-    for i in range(args.runs):
-        rows.append(one_run(args.profile, args.shared, args.steps, args.every))
-        print(
-            f"run {i + 1}/{args.runs}: "
-            + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
-            file=sys.stderr,
-            flush=True,
-        )
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(
-        f"Recovery from kill -9 of a worker node's raylet, 3 nodes, 2 training workers, median of {args.runs}"
-    )
-    print(f"  failure detected + new worker group started  {med['detect_and_restart_s']:6.1f} s")
-    print(f"    of which: node declared dead               {med['node_dead_s']:6.1f} s")
-    print(f"  checkpoint loaded                            {med['checkpoint_load_s']:6.1f} s")
-    print(f"  first step completed after restore           {med['first_step_s']:6.1f} s")
-    print(f"  kill → first completed step (target ≤ 20 s)  {med['total_s']:6.1f} s")
-    print(f"  steps redone (checkpoint every {args.every})           {med['redone_steps']:6.0f}")
-    print(f"  final step                                    {med['final_step']:6.0f} of {args.steps}")
+    for case in args.cases.split(","):
+        rows = []
+        for i in range(args.runs):
+            rows.append(one_run(args.profile, args.shared, args.steps, args.every, case))
+            print(
+                f"{case} run {i + 1}/{args.runs}: "
+                + ", ".join(
+                    f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(f"Recovery from {LABELS[case]}, median of {args.runs}")
+        for key, label in (
+            ("node_dead_s", "node declared dead by the GCS"),
+            ("head_lost_s", "head declared lost by the agents"),
+            ("new_head_ready_s", "new head ready, all nodes rejoined"),
+            ("job_running_again_s", "requeued job running again"),
+            ("detect_and_restart_s", "new training loop started"),
+            ("checkpoint_load_s", "checkpoint loaded (after loop start)"),
+            ("first_step_s", "first step completed (after load)"),
+            ("total_s", "failure → first completed step"),
+        ):
+            if key in med:
+                print(f"  {label:42} {med[key]:6.1f} s")
+        if "slurm_hold_s" in med:
+            print(f"  {'Slurm would have held it until (skipped)':42} {med['slurm_hold_s']:6.1f} s")
+        print(f"  {f'steps redone (checkpoint every {args.every})':42} {med['redone_steps']:6.0f}")
+        print(f"  {'final step':42} {med['final_step']:6.0f} of {args.steps}\n")
     return 0
 
 

@@ -40,7 +40,9 @@ def setup_logging(settings: AgentSettings) -> None:
     sys.stdout to its log meanwhile); Ray's loggers are left alone."""
     host = short_hostname()
     handler = logging.StreamHandler(sys.__stdout__ or sys.stdout)
-    handler.setFormatter(NodeFormatter(f"{host}/{'head' if settings.rank == 0 else 'worker'}"))
+    handler.setFormatter(
+        NodeFormatter(f"{host}/{'head' if settings.rank == settings.head_rank else 'worker'}")
+    )
     logger = logging.getLogger("raybridge")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)

@@ -12,7 +12,13 @@ Ray. Here both happen while the cluster forms:
   exit code, uncaught exceptions, signals), after `import ray` was done while waiting. Ray is imported
   early only when the program's first statements are imports (or a docstring): a program that sets Ray's
   environment variables before `import ray` gets a fresh import at its own time.
-- Any other command is exec'd, with the same environment, when the nodes are alive.
+- Any other command runs as a child process, with the same environment, when the nodes are alive
+  (signals are passed on; its exit code or death by a signal is the launcher's).
+
+When the Ray head is lost and another node takes over (agent/node.py), the cluster record says
+`recovering`: the launcher stops the program at once, leaves the driver-restart flag and exits, and the
+batch script starts it again; it then runs once the new head's nodes are alive (a program written with
+raybridge.train resumes from its newest complete checkpoint).
 
 The driver sees RAY_ADDRESS, RAYBRIDGE_JOB_DIR and the auth settings: `ray.init()` with no arguments
 joins the cluster. Its stdout and stderr are line-buffered (a Python program in process; PYTHONUNBUFFERED
@@ -22,11 +28,14 @@ for other commands) so each line reaches the job log, and `raybridge run`'s term
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +45,9 @@ from raybridge import jobdir as jd
 from raybridge.settings import AgentSettings
 
 POLL = 0.05  # the cluster record is one small file; the driver waits a few seconds at most
+WATCH = 0.5  # seconds between looks at the cluster record while the program runs
+RESTART = 75  # exit code with the driver-restart flag (EX_TEMPFAIL)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,79 @@ def report(kind, value, tb) -> None:  # type: ignore[no-untyped-def]
     sys.excepthook(kind, value, tb)
 
 
+def head_lost(folder: jd.JobDir, generation: int) -> jd.ClusterRecord | None:
+    """The cluster record when the head this driver started with has been lost, else None."""
+    try:
+        info = jd.read(folder.cluster, jd.ClusterRecord)
+    except jd.RecordError:
+        return None
+    if info and info.generation > generation:  # bumped, with state `recovering`, by the new head
+        return info
+    return None
+
+
+def flag_restart(folder: jd.JobDir, info: jd.ClusterRecord) -> None:
+    lost = next((e for e in reversed(info.events) if e.get("event") == "head_lost"), {})
+    say(
+        f"the Ray head {lost.get('node', '')} was lost; stopping the driver to start it again on the new head"
+    )
+    with open(folder.driver_restart, "w"):
+        pass
+
+
+def watch_in_process(folder: jd.JobDir, generation: int) -> None:
+    """A thread beside the program: on a lost head, end the whole process (its Ray connection is
+    to a cluster that is gone) with the restart flag set."""
+
+    def loop() -> None:
+        while (info := head_lost(folder, generation)) is None:
+            time.sleep(WATCH)
+        flag_restart(folder, info)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(RESTART)
+
+    threading.Thread(target=loop, name="raybridge-head-watch", daemon=True).start()
+
+
+def run_child(command: list[str], folder: jd.JobDir, generation: int) -> int:
+    """COMMAND as a child: signals passed on, its exit status returned as the launcher's own."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        child = subprocess.Popen(command)
+    except OSError as e:
+        print(f"raybridge: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, _f: child.send_signal(signum))
+    while True:
+        try:
+            code = child.wait(timeout=WATCH)
+            break
+        except subprocess.TimeoutExpired:
+            info = head_lost(folder, generation)
+            if info is None:
+                continue
+            flag_restart(folder, info)
+            child.terminate()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return RESTART
+    if code < 0:  # died of a signal: so does the launcher, for whoever waits on it
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def say(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+    print(f"raybridge[driver] {stamp} {message}", file=sys.stderr, flush=True)
+
+
 def main(settings: AgentSettings, argv: list[str]) -> int:
     """argv: [AGENTS_PID] -- COMMAND..."""
     if "--" not in argv or argv.index("--") == len(argv) - 1:
@@ -225,20 +310,13 @@ def main(settings: AgentSettings, argv: list[str]) -> int:
         print(f"raybridge: {e}; the driver did not run", file=sys.stderr)
         return 1
     os.environ["RAY_ADDRESS"] = info.address or ""
-    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
-    how = "in process, Ray imported early" if preloaded else ("in process" if program else "exec")
-    print(
-        f"raybridge[driver] {stamp} all {info.expected_nodes} nodes alive "
-        f"(waited {time.monotonic() - started:.1f}s); running ({how}): {' '.join(command)}",
-        file=sys.stderr,
-        flush=True,
+    how = "in process, Ray imported early" if preloaded else ("in process" if program else "child process")
+    head = f" on head {info.head.hostname}" if info.head else ""
+    say(
+        f"all {len(info.nodes) or info.expected_nodes} nodes alive{head} (waited "
+        f"{time.monotonic() - started:.1f}s); running ({how}): {' '.join(command)}"
     )
     if program:
+        watch_in_process(folder, info.generation)
         return run_in_process(program)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        os.execvp(command[0], command)
-    except OSError as e:
-        print(f"raybridge: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
-        return 127
-    return 0  # not reached
+    return run_child(command, folder, info.generation)

@@ -12,6 +12,7 @@ this job's Ray processes, never another job's (unlike `ray stop`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,32 @@ from raybridge.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3
+MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
+CLAIM_STEP = 1.5  # seconds between head candidates: the next in line claims only if the one before did not
+
+
+class Abdicate(Exception):
+    """This node stops being the head; the others choose a new one (the cluster is not failed)."""
+
+
+class HeadLost(Exception):
+    def __init__(self, head: jd.HeadRecord, why: str):
+        super().__init__(why)
+        self.head = head
 
 
 class Agent:
     def __init__(self, settings: AgentSettings, env: Mapping[str, str]):
         self.settings = settings
         self.host = netinfo.short_hostname()
-        self.role = "head" if settings.rank == 0 else "worker"
+        self.role = "head" if settings.rank == settings.head_rank else "worker"
         self.stopping = False
         self.restarts = 0
+        self.generation = 0
+        self.head_losses = 0
+        self.iface: netinfo.Iface | None = None
+        # Ray's own node failure detection time (the script sets it): a head is lost after as long.
+        self.detect_s = float(env.get("RAY_health_check_failure_threshold") or 3)
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.rendezvous = Rendezvous(settings)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
@@ -72,28 +90,58 @@ class Agent:
             private_dir(self.settings.temp_dir)
         except RuntimeError as e:  # nothing of Ray started: report and leave
             self.say(f"error: {e}")
-            if self.settings.rank == 0:
+            if self.role == "head":
                 with contextlib.suppress(Exception):
                     self.rendezvous.update_cluster(state="failed", error=str(e))
             return 1
         Path(self.rendezvous.dir.logs).mkdir(exist_ok=True)
         try:
-            return self.head() if self.settings.rank == 0 else self.worker()
+            return self.lifecycle()
         except StopRequested:
             return 0
+        except Abdicate as e:
+            self.say(f"{e}; leaving the cluster to the other nodes")
+            self.role = "former head"  # the cluster record is the new head's to write now
+            return 1
         except Exception as e:  # report, then tear down: never leave Ray running
             self.say(f"error: {e}")
-            if self.settings.rank == 0:
+            if self.role == "head":
                 with contextlib.suppress(Exception):
                     self.rendezvous.update_cluster(state="failed", error=str(e))
             return 1
         finally:
             self.teardown()
 
-    def head(self) -> int:
-        # Import Ray while Slurm starts the step and the interfaces are read, not after.
-        threading.Thread(target=ray_internals.preload, daemon=True).start()
-        iface = netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces())
+    def lifecycle(self) -> int:
+        """Head or worker; a worker whose head is lost takes part in choosing the next one and
+        either becomes it or joins it."""
+        if self.role == "head":
+            # Import Ray while Slurm starts the step and the interfaces are read, not after.
+            threading.Thread(target=ray_internals.preload, daemon=True).start()
+            return self.watch(self.become_head(0, in_process=True, expected=lambda: self.settings.nodes))
+        threading.Thread(target=ray_internals.preload, daemon=True).start()  # while the head starts
+        head = self.rendezvous.wait_for_head(self.stop_requested)
+        if head is None:
+            return 0
+        self.iface = netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces(), head.ip)
+        plan = self.ray.start(self.iface, head)
+        self.write_node(self.iface, plan)
+        self.say(f"joined head {head.ip}")
+        while True:
+            try:
+                return self.watch(None, head=head)
+            except HeadLost as lost:
+                outcome = self.recover(lost)
+                if isinstance(outcome, GcsView):
+                    return self.watch(outcome)
+                head = outcome
+
+    def become_head(self, generation: int, in_process: bool, expected: Callable[[], int]) -> GcsView:
+        """Start Ray's head here, publish it, and wait until the expected nodes are in."""
+        self.role = "head"
+        self.generation = generation
+        iface = self.iface or netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces())
+        self.iface = iface
         published: dict[str, jd.HeadRecord] = {}
 
         def publish(plan: ports.PortPlan, ray_dirs: dict[str, str] | None) -> None:
@@ -105,16 +153,17 @@ class Agent:
                 ports=plan.as_dict(),
                 gcs_up_at=jd.now(),
                 ray_dirs=ray_dirs,
+                rank=self.settings.rank,
+                generation=generation,
             )
             self.rendezvous.publish_head(published["head"])
 
-        plan = self.ray.start(iface, None, on_gcs_up=publish)
+        plan = self.ray.start(iface, None, in_process=in_process, on_gcs_up=publish)
         head_up = jd.now()
-        head = jd.HeadRecord(**{**published["head"].__dict__, "up_at": head_up})
+        head = dataclasses.replace(published["head"], up_at=head_up)
         self.write_node(iface, plan)
-        self.say(f"head up at {iface.ip}:{plan.gcs}; waiting for {self.settings.nodes} nodes")
+        self.say(f"head up at {iface.ip}:{plan.gcs}; waiting for {expected()} nodes")
         self.rendezvous.update_cluster(
-            state="starting",
             head=head,
             address=head.gcs_address,
             ports=plan.as_dict(),
@@ -122,16 +171,63 @@ class Agent:
             head_up_at=head_up,
         )
         gcs = GcsView(head.gcs_address)
-        self.wait_until_ready(gcs)
-        self.rendezvous.update_cluster(
-            state="ready", ready_at=jd.now(), nodes=self.rendezvous.node_records(gcs.nodes())
-        )
+        self.wait_until_ready(gcs, expected)
+        nodes = self.rendezvous.node_records(gcs.nodes())
+        if generation:
+            self.rendezvous.log_event(
+                "head_replaced", self.host, f"generation {generation}, {len(nodes)} nodes"
+            )
+        self.rendezvous.update_cluster(state="ready", ready_at=jd.now(), nodes=nodes)
         if self.ray.started:
             self.ray.started.start_background()
-        self.say(f"all {self.settings.nodes} nodes alive; cluster ready")
-        return self.watch(gcs)
+        self.say(f"all {len(nodes)} nodes alive; cluster ready")
+        return gcs
 
-    def wait_until_ready(self, gcs: GcsView) -> None:
+    def recover(self, lost: HeadLost) -> GcsView | jd.HeadRecord:
+        """The head is gone: stop Ray here, say that this node takes part, and claim the head if this
+        node is the next in line (rank order, the batch host last) and nobody claimed it first."""
+        old = lost.head
+        self.head_losses += 1
+        if self.head_losses > MAX_HEAD_LOSSES:
+            raise RuntimeError(f"the Ray head was lost {self.head_losses} times; giving up")
+        generation = old.generation + 1
+        self.say(
+            f"the Ray head {old.hostname} is lost ({lost}); choosing a new head (generation {generation})"
+        )
+        self.kill_ray()
+        self.ray.started = None
+        self.watched.clear()
+        folder = Path(self.rendezvous.dir.generation(generation))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank-{self.settings.rank}").touch()
+        order = [r for r in self.settings.head_order if r != old.rank]
+        wait_until = time.monotonic() + order.index(self.settings.rank) * CLAIM_STEP
+        claim = folder / "head"
+        while time.monotonic() < wait_until and not claim.exists():
+            if self.stop_requested():
+                raise StopRequested()
+            time.sleep(0.1)
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            head = self.rendezvous.wait_for_head(self.stop_requested, generation)
+            if head is None:
+                raise StopRequested() from None
+            assert self.iface is not None
+            plan = self.ray.start(self.iface, head, in_process=False)
+            self.generation = generation
+            self.write_node(self.iface, plan)
+            self.say(f"joined the new head {head.hostname} {head.ip}")
+            return head
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{self.settings.rank}\n")
+        self.say(f"taking over as head (generation {generation})")
+        self.rendezvous.new_generation(generation, old)
+        return self.become_head(
+            generation, in_process=False, expected=lambda: len(list(folder.glob("rank-*")))
+        )
+
+    def wait_until_ready(self, gcs: GcsView, expected: Callable[[], int]) -> None:
         """Ready = every raylet alive in the GCS (what `ray.nodes()` reports), every agent has
         recorded its node (interface, resources), so status is complete from the first moment, and
         the head's services answer (dashboard/Jobs API, Ray Client): what `up` prints works."""
@@ -145,7 +241,8 @@ class Agent:
             except GcsUnavailable as e:  # not up yet or busy: the next poll may get through
                 gcs_error = str(e)
             joined = self.rendezvous.joined()
-            if alive_at is None and alive >= self.settings.nodes and joined >= self.settings.nodes:
+            want = expected()
+            if alive_at is None and alive >= want and joined >= want:
                 alive_at = jd.now()
                 self.rendezvous.update_cluster(nodes_alive_at=alive_at)
                 if started:
@@ -157,23 +254,12 @@ class Agent:
                 raise StopRequested()
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {alive} of {self.settings.nodes} Ray nodes alive after "
+                    f"only {alive} of {want} Ray nodes alive after "
                     f"{self.settings.ready_timeout}s ({joined} agents reported)"
                     + (f"; still waiting for {waiting}" if waiting else "")
                     + (f"; the GCS did not answer: {gcs_error}" if gcs_error else "")
                 )
             time.sleep(0.1)
-
-    def worker(self) -> int:
-        threading.Thread(target=ray_internals.preload, daemon=True).start()  # while the head starts
-        head = self.rendezvous.wait_for_head(self.stop_requested)
-        if head is None:
-            return 0
-        iface = netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces(), head.ip)
-        plan = self.ray.start(iface, head)
-        self.write_node(iface, plan)
-        self.say(f"joined head {head.ip}")
-        return self.watch(None, iface=iface, head=head)
 
     def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
         res, how = self.ray.resources, self.ray.how
@@ -194,17 +280,19 @@ class Agent:
                 ray_started_by=how.by,
                 ray_start_reason=how.reason or None,
                 temp_dir=self.settings.temp_dir,
+                generation=self.generation,
             )
         )
 
     # ------------------------------------------------------------ supervision
 
-    def watch(
-        self, gcs: GcsView | None, iface: netinfo.Iface | None = None, head: jd.HeadRecord | None = None
-    ) -> int:
-        """Until stop: reap orphans, keep cluster.json current (head), restart a dead raylet (worker)."""
-        last_refresh = 0.0
+    def watch(self, gcs: GcsView | None, head: jd.HeadRecord | None = None) -> int:
+        """Until stop: reap orphans. The head keeps cluster.json current (and leaves if another node
+        took over as head); a worker restarts a dead raylet, and raises HeadLost when its head's GCS
+        has not answered for Ray's failure detection time or a newer head was published."""
+        last_refresh = last_head_check = 0.0
         missing_since: float | None = None
+        head_down_since: float | None = None
         background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
         while not self.stop_requested():
             procs.reap()
@@ -216,15 +304,33 @@ class Agent:
                     started.start_background()
             if gcs is not None and now - last_refresh > 2:
                 last_refresh = now
+                newer = self.rendezvous.head()
+                if newer and newer.generation > self.generation:
+                    raise Abdicate(f"{newer.hostname} took over as head")
                 if not self.has_process("gcs_server"):
+                    if self.settings.nodes > 1:
+                        raise Abdicate("the GCS server on this node died")
                     raise RuntimeError("the GCS server on the head node died")
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
-            if gcs is None and not self.has_process("raylet"):
+            if gcs is None and head is not None and now - last_head_check >= 0.5:
+                last_head_check = now
+                newer = self.rendezvous.head()
+                if newer and newer.generation > head.generation:
+                    raise HeadLost(head, f"{newer.hostname} took over")
+                if port_open(head.ip, head.ports["gcs"]):
+                    head_down_since = None
+                else:
+                    head_down_since = head_down_since or now
+                    if now - head_down_since >= self.detect_s:
+                        raise HeadLost(
+                            head, f"its GCS {head.gcs_address} did not answer for {self.detect_s:.0f}s"
+                        )
+            if gcs is None and head_down_since is None and not self.has_process("raylet"):
                 missing_since = missing_since or now
-                if now - missing_since > 1 and iface and head:
-                    self.restart_worker(iface, head)
+                if now - missing_since > 1 and self.iface and head:
+                    self.restart_worker(self.iface, head)
                     missing_since = None
             time.sleep(0.2)
         return 0
@@ -271,12 +377,23 @@ class Agent:
         if kept:
             self.say(f"kept {kept} Ray log files in {self.rendezvous.dir.kept_logs(self.host)}")
         shutil.rmtree(self.settings.temp_dir, ignore_errors=True)
-        if self.settings.rank == 0:
+        if self.role == "head":
             with contextlib.suppress(Exception):
                 rec = self.rendezvous.cluster()
                 if rec and rec.state != "failed":
                     self.rendezvous.update_cluster(state="stopped", stopped_at=jd.now())
         self.say("stopped this job's Ray processes")
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """A TCP connect: refused at once when the process is gone, times out when the node is."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def private_dir(path: str) -> None:

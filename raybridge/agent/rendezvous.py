@@ -34,9 +34,18 @@ class Rendezvous:
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
         # A requeued job keeps its id and folder: drop the previous start's rendezvous state.
-        for stale in (self.dir.head, self.dir.stop, self.dir.token, self.dir.preempt):
+        for stale in (
+            self.dir.head,
+            self.dir.stop,
+            self.dir.token,
+            self.dir.preempt,
+            self.dir.driver_restart,
+        ):
             Path(stale).unlink(missing_ok=True)
         shutil.rmtree(self.dir.nodes, ignore_errors=True)
+        shutil.rmtree(self.dir.join("generations"), ignore_errors=True)
+        for old in Path(self.dir.path).glob("nodes-gen*"):
+            shutil.rmtree(old, ignore_errors=True)
         Path(self.dir.nodes).mkdir()
         Path(self.dir.logs).mkdir(exist_ok=True)
         if self.settings.auth:
@@ -65,10 +74,14 @@ class Rendezvous:
     def publish_head(self, head: jd.HeadRecord) -> None:
         jd.write(self.dir.head, head)
 
-    def wait_for_head(self, stop_requested: Any) -> jd.HeadRecord | None:
-        """The head's record once published; None if the job is stopped first."""
+    def head(self) -> jd.HeadRecord | None:
+        return jd.read(self.dir.head, jd.HeadRecord)
+
+    def wait_for_head(self, stop_requested: Any, generation: int = 0) -> jd.HeadRecord | None:
+        """The head's record (of this generation or a later one) once published; None if the job is
+        stopped first."""
         deadline = time.monotonic() + self.settings.ready_timeout
-        while (head := jd.read(self.dir.head, jd.HeadRecord)) is None:
+        while (head := self.head()) is None or head.generation < generation:
             if stop_requested():
                 return None
             if time.monotonic() > deadline:
@@ -114,6 +127,22 @@ class Rendezvous:
         new = rec.with_changes(**changes)
         if new != rec:
             jd.write(self.dir.cluster, new)
+
+    def new_generation(self, generation: int, lost: jd.HeadRecord) -> None:
+        """A new head takes over: what the old cluster's nodes recorded is kept aside, the loss is
+        recorded, and clients see `recovering` (a batch driver stops, to start again on the new head)."""
+        nodes = Path(self.dir.nodes)
+        if nodes.exists():
+            nodes.rename(self.dir.join(f"nodes-gen{generation - 1}"))
+        nodes.mkdir()
+        self.log_event("head_lost", lost.hostname, f"rank {lost.rank}, generation {lost.generation}")
+        self.update_cluster(state="recovering", generation=generation, nodes_alive_at=None, ready_at=None)
+
+    def log_event(self, event: str, node: str, detail: str = "") -> None:
+        rec = self.cluster()
+        if rec is not None:
+            entry = {"at": jd.now(), "event": event, "node": node, "detail": detail}
+            self.update_cluster(events=(*rec.events, entry))
 
     def stop_flagged(self) -> bool:
         return os.path.exists(self.dir.stop)

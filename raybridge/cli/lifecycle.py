@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import posixpath
+import shlex
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from raybridge import checkpoints as ck
 from raybridge import cluster as lib
 from raybridge import jobdir as jd
 from raybridge.cli.common import (
@@ -28,6 +33,7 @@ from raybridge.errors import RaybridgeError
 from raybridge.profile import ClusterSpec, list_profiles
 from raybridge.render import render
 from raybridge.runner import Runner
+from raybridge.train import MARKER, RUN_NAME_VAR
 
 
 @contextlib.contextmanager
@@ -118,18 +124,68 @@ def run_cmd(
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
     timeout: Timeout = 900,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume", metavar="RUN", help="Continue this training run (raybridge.train) in the new job."
+        ),
+    ] = None,
 ) -> None:
-    """Bring up a cluster, run COMMAND on the head node with RAY_ADDRESS set, tear down.
+    """Bring up a cluster, run COMMAND with RAY_ADDRESS set, tear down.
     Exits with the command's exit code."""
     spec = spec_from(ctx, command)
+    if resume is not None:
+        if not ck.safe_name(resume):
+            raise RaybridgeError(f"not a run name: {resume[:100]!r}")
+        spec = dataclasses.replace(spec, env=(*spec.env, (RUN_NAME_VAR, resume)))
     warn_if_open(spec.auth)
     with connected(spec) as runner, submitted(spec, runner) as c:
         c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True, until="alive")
         say(f"all nodes alive; running: {' '.join(command)}")
-        job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()), on_requeue=say)
         code = job.exit_code if job and job.exit_code is not None else 1
-        say(f"job {c.job_id} finished: {job.slurm_state if job else 'unknown'}, exit code {code}")
+        state = job.slurm_state if job else "unknown"
+        say(f"job {c.job_id} finished: {state}, exit code {code}")
+        if code != 0 and state in LOST:
+            say(lost_run_line(spec, runner, c.job_id, state, resume, command))
         raise typer.Exit(code)
+
+
+# Slurm states of a job that ended because a node or the job itself was lost, not because of the driver.
+LOST = {"NODE_FAIL", "BOOT_FAIL", "DEADLINE", "TIMEOUT", "PREEMPTED", "CANCELLED", "FAILED"}
+
+
+def lost_run_line(
+    spec: ClusterSpec, runner: Runner, job_id: str, state: str, resume: str | None, command: list[str]
+) -> str:
+    """One line: where the training run stands and the command that continues it in a new job."""
+    shared = spec.with_home(runner.home()).shared_dir
+    name = resume or f"{spec.job_name}-{job_id}"
+    run_dir = posixpath.join(ck.runs_dir(shared), name)
+    try:
+        cps = ck.list_checkpoints(runner, run_dir)
+    except RaybridgeError:
+        cps = []
+    step = None
+    for cp in reversed(cps):  # the newest with its completion marker (written last)
+        meta = runner.read_text(posixpath.join(cp.path, MARKER))
+        with contextlib.suppress(ValueError, TypeError):
+            step = json.loads(meta or "")["step"]
+            break
+    where = (
+        f"its newest complete checkpoint is at step {step}"
+        if step is not None
+        else "it has no complete checkpoint"
+    )
+    again = shlex.join(["raybridge", "run", "--resume", name, *ctx_args(spec), "--", *command])
+    return f"job {job_id} ended ({state}); training run {name}: {where}; continue it with: {again}"
+
+
+def ctx_args(spec: ClusterSpec) -> list[str]:
+    out = ["--nodes", str(spec.nodes)]
+    if spec.profile and spec.profile != "(none)":
+        out += ["--profile", spec.profile]
+    return out
 
 
 def status_cmd(
@@ -168,6 +224,9 @@ def status_cmd(
             print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:
             print("  " + node_line(n))
+        for e in r["events"]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at") or 0))
+            print(f"  {stamp} {e.get('event', '?')} {e.get('node', '')} {e.get('detail', '')}".rstrip())
 
 
 def down_cmd(

@@ -96,11 +96,34 @@ def kill_in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> l
     return killed
 
 
+def head_host(testbed, job) -> str:
+    return testbed.cluster_json(job)["head"]["hostname"]
+
+
+def crash(testbed, node: str, job: str) -> list[str]:
+    """What a node crash is: Slurm marks the node down and every process of the job on it dies."""
+    testbed.exec(
+        "login", "scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=crash-test", check=True
+    )
+    return kill_in_node(node, job)
+
+
+@pytest.fixture
+def crashed_nodes(testbed):
+    """Nodes a test crashed come back (State=RESUME) when it ends, whatever happened."""
+    nodes: list[str] = []
+    yield nodes
+    for node in nodes:
+        testbed.exec("login", "scontrol", "update", f"NodeName={node}", "State=RESUME")
+
+
 def test_raylet_killed_on_a_worker_node_training_completes(testbed):
-    proc, job = start_training(testbed, nodes=3)
+    # Three workers on three nodes: the node that is neither the batch host (n1) nor the head has one.
+    proc, job = start_training(testbed, "--workers", "3", nodes=3)
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
-    victim = sorted(h for h in hosts(run, 0) if h != "n1")[0]
+    victim = ({"n1", "n2", "n3"} - {"n1", head_host(testbed, job)}).pop()
+    assert victim in hosts(run, 0)
     assert kill_in_node(victim, job, ("raylet",)) == ["raylet"]
     rc, result, out, err = finish(proc)
     assert rc == 0, out[-3000:] + err[-2000:]
@@ -116,6 +139,7 @@ def test_spare_node_takes_over_from_a_dead_node(testbed):
     wait_progress(testbed, run, EVERY + 15, proc)
     before = hosts(run, 0)
     assert len(before) == 2
+    # A training node other than the batch host; it may be the head (then a new head takes over too).
     victim = sorted(h for h in before if h != "n1")[0]
     # The whole node goes: its raybridge agent (no self-healing), raylet and training worker.
     assert "raylet" in kill_in_node(victim, job)
@@ -125,7 +149,9 @@ def test_spare_node_takes_over_from_a_dead_node(testbed):
     after = hosts(run, result["restores"])
     assert victim not in after and len(after) == 2  # the spare replaced the dead node
     status = testbed.cluster_json(job)
-    assert any(not n["alive"] and n["hostname"] == victim for n in status["nodes"])  # recorded as failed
+    dead = {n["hostname"] for n in status["nodes"] if not n["alive"]}
+    lost_heads = {e["node"] for e in status["events"] if e["event"] == "head_lost"}
+    assert victim in dead | lost_heads  # recorded as failed
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(testbed):
@@ -193,3 +219,91 @@ def test_resume_skips_a_corrupt_newest_checkpoint(testbed):
     starts = json.loads((run / "progress.json").read_text())
     assert starts["high_water"] == 4 * EVERY
     assert f"resumed from step {2 * EVERY} " in out
+
+
+def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, crashed_nodes):
+    """The head runs on the second node; its crash leaves the batch host, which goes on: the other
+    agents choose a new head, the driver starts again and resumes from the newest checkpoint."""
+    proc, job = start_training(testbed, nodes=3)
+    run = run_dir(testbed, job)
+    wait_progress(testbed, run, EVERY + 15, proc)
+    head = head_host(testbed, job)
+    assert head != "n1"
+    crashed_nodes.append(head)
+    crashed_at = time.time()
+    assert crash(testbed, head, job)
+    rc, result, out, err = finish(proc)
+    assert rc == 0, out[-3000:] + err[-2000:]
+    assert result["final_step"] == STEPS
+    assert result["restores"] >= 1 and 0 <= result["redone_steps"] <= EVERY
+    assert "starting the driver again on the new head (1 of 3)" in out
+    info = testbed.cluster_json(job)
+    assert info["generation"] == 1 and info["head"]["hostname"] not in (head, "n1")
+    events = [(e["event"], e["node"]) for e in info["events"]]
+    assert ("head_lost", head) in events and ("head_replaced", info["head"]["hostname"]) in events
+    lost = next(e for e in info["events"] if e["event"] == "head_lost")
+    assert lost["at"] >= crashed_at
+    assert_no_leaks(job)
+
+
+def test_worker_node_crash_is_survived(testbed, crashed_nodes):
+    proc, job = start_training(testbed, "--workers", "3", nodes=3)
+    run = run_dir(testbed, job)
+    wait_progress(testbed, run, EVERY + 15, proc)
+    victim = ({"n1", "n2", "n3"} - {"n1", head_host(testbed, job)}).pop()
+    crashed_nodes.append(victim)
+    assert "raylet" in crash(testbed, victim, job)
+    rc, result, out, err = finish(proc)
+    assert rc == 0, out[-3000:] + err[-2000:]
+    assert result["final_step"] == STEPS and result["restores"] >= 1
+    assert 0 <= result["redone_steps"] <= EVERY
+    assert testbed.cluster_json(job)["generation"] == 0  # the head stayed
+    assert_no_leaks(job)
+
+
+def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashed_nodes):
+    """The batch host carries the batch script: its crash ends this start of the job. Slurm requeues
+    it (--requeue); `raybridge run` lets it start at once and follows it to the end."""
+    proc, job = start_training(testbed, nodes=2, extra=("--requeue",))
+    run = run_dir(testbed, job)
+    wait_progress(testbed, run, EVERY + 15, proc)
+    crashed_nodes.append("n1")
+    assert crash(testbed, "n1", job)
+    rc, result, out, err = finish(proc, timeout=400)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert result["final_step"] == STEPS
+    assert result["restores"] >= 1 and 0 <= result["redone_steps"] <= EVERY
+    assert re.search(
+        rf"job {job} was requeued and held until \S+ for Slurm's credential expiry; starting it now", err
+    )
+    assert testbed.cluster_json(job)["restart_count"] == 1
+    assert_no_leaks(job)
+
+
+def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finishes(testbed, crashed_nodes):
+    proc, job = start_training(testbed, nodes=2)
+    run = run_dir(testbed, job)
+    wait_progress(testbed, run, EVERY + 15, proc)
+    crashed_nodes.append("n1")
+    assert crash(testbed, "n1", job)
+    rc, result, out, err = finish(proc, timeout=200)
+    assert rc != 0 and result is None
+    line = next(x for x in err.splitlines() if "continue it with" in x)
+    m = re.search(rf"training run (raybridge-{job}): its newest complete checkpoint is at step (\d+); ", line)
+    assert m, line
+    step = int(m.group(2))
+    assert step >= EVERY and step % EVERY == 0
+    assert (
+        f"raybridge run --resume raybridge-{job} --nodes 2 --profile {testbed.local_profile} -- python"
+        in line
+    )
+    testbed.wait_job_gone(job)
+    assert_no_leaks(job)
+    testbed.exec("login", "scontrol", "update", "NodeName=n1", "State=RESUME", check=True)
+    crashed_nodes.clear()
+    again, job2 = start_training(testbed, nodes=2, extra=("--resume", f"raybridge-{job}"))
+    rc, result, out, err = finish(again)
+    assert rc == 0, out[-3000:] + err[-2000:]
+    assert result["final_step"] == STEPS and result["run"] == f"raybridge-{job}"
+    assert f"resumed from step {step} " in out
+    assert_no_leaks(job2)

@@ -116,3 +116,11 @@ def test_ray_logs_are_kept_newest_first_within_a_budget(tmp_path):
     text = gzip.decompress((tmp_path / "tail" / "raylet.out.gz").read_bytes())
     assert text.startswith(b"[raybridge: the first 908 bytes were left out]") and text.endswith(b"THE END\n")
     assert keeplogs.keep(str(tmp_path / "missing"), "/proc/no/such/dir") == 0  # never raises
+
+
+def test_the_head_is_not_the_batch_host_while_another_node_is_there():
+    from raybridge.settings import AgentSettings
+
+    assert AgentSettings("/s", nodes=1).head_order == [0]
+    assert AgentSettings("/s", nodes=3).head_order == [1, 2, 0]
+    assert AgentSettings("/s", nodes=3).head_rank == 1

@@ -162,12 +162,12 @@ def test_a_module_runs_with_dash_m_semantics(tmp_path):
     assert seen["name"] == "__main__" and seen["path0"] == str(tmp_path)
 
 
-def test_other_commands_are_execd_with_the_drivers_environment(tmp_path):
+def test_other_commands_run_as_a_child_with_the_drivers_environment(tmp_path):
     cluster(tmp_path, alive=True)
     p = launch(tmp_path, "bash", "-c", 'echo "$RAY_ADDRESS $PYTHONUNBUFFERED"; exit 5')
     out, err = p.communicate(timeout=30)
     assert p.returncode == 5 and out == "10.0.0.1:6379 1\n", err
-    assert "running (exec)" in err
+    assert "running (child process)" in err
 
 
 def test_sigint_kills_the_program_as_it_would_kill_python(tmp_path):
@@ -245,3 +245,29 @@ def test_follow_output_reads_only_new_bytes_and_everything_before_the_end(tmp_pa
     job = Job(Counting(), "1", str(tmp_path)).follow_output(got.append)
     assert job.finished and "".join(got) == "one\ncafé\nlast\n"
     assert reads == sorted(reads) and max(reads) <= len("one\ncafé\nlast\n".encode())
+
+
+@pytest.mark.parametrize("how", ["in-process", "child"])
+def test_a_lost_head_stops_the_program_and_asks_for_a_restart(tmp_path, how):
+    """The new head bumps the generation: the launcher ends the program (whatever it is doing) and
+    exits with the restart flag set, so that the batch script starts it again."""
+    (tmp_path / "forever.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    cluster(tmp_path, alive=True)
+    command = [PY, "forever.py"] if how == "in-process" else ["bash", "-c", "echo up; sleep 120"]
+    p = launch(tmp_path, *command)
+    assert p.stdout.readline() == "up\n"
+    folder = jd.JobDir(str(tmp_path / "shared" / "jobs" / "77"))
+    rec = jd.read(folder.cluster, jd.ClusterRecord)
+    lost = {"at": time.time(), "event": "head_lost", "node": "n2", "detail": ""}
+    jd.write(folder.cluster, rec.with_changes(generation=1, state="recovering", events=(lost,)))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == driver.RESTART, err
+    assert "the Ray head n2 was lost" in err
+    assert Path(folder.driver_restart).exists()
+
+
+def test_a_child_that_dies_of_a_signal_takes_the_launcher_with_it(tmp_path):
+    cluster(tmp_path, alive=True)
+    p = launch(tmp_path, "bash", "-c", "kill -TERM $$")
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGTERM

@@ -58,7 +58,7 @@ def test_ready_waits_for_every_node_then_the_services(tmp_path, monkeypatch):
     agent = head_agent(tmp_path)
     agent.ray.started = FakeStarted(["the dashboard", "the Ray Client server", ""])
     gcs = FakeGcs([GcsUnavailable("not up yet"), 1, 2])
-    agent.wait_until_ready(gcs)
+    agent.wait_until_ready(gcs, lambda: agent.settings.nodes)
     assert agent.ray.started.services_started == 1  # started once, when all nodes were alive
     assert agent.rendezvous.cluster().nodes_alive_at is not None
 
@@ -75,7 +75,7 @@ def test_ready_times_out_with_what_it_was_waiting_for(tmp_path, monkeypatch):
     with pytest.raises(
         RuntimeError, match="only 1 of 2 Ray nodes alive after 1s .*the GCS did not answer: Timed out"
     ):
-        agent.wait_until_ready(gcs)
+        agent.wait_until_ready(gcs, lambda: agent.settings.nodes)
 
 
 def test_a_stop_during_bring_up_ends_the_wait(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_a_stop_during_bring_up_ends_the_wait(tmp_path, monkeypatch):
     agent = head_agent(tmp_path)
     Path(agent.rendezvous.dir.stop).touch()
     with pytest.raises(StopRequested):
-        agent.wait_until_ready(FakeGcs([1]))
+        agent.wait_until_ready(FakeGcs([1]), lambda: agent.settings.nodes)
 
 
 class FakeSlurm:

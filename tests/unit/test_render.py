@@ -122,7 +122,10 @@ def test_spares_signal_and_requeue():
     assert "export RAYBRIDGE_TRAIN_WORKERS=4" in text and "export RAYBRIDGE_NODES=5" in text
     assert "-lt 5 ]; then" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     plain = render(build_spec({"nodes": 2, "command": ["true"]}))
-    assert "#SBATCH --signal" not in plain and "scontrol requeue" not in plain and "--no-kill" not in plain
+    assert "#SBATCH --signal" not in plain and "scontrol requeue" not in plain
+    assert "#SBATCH --no-kill" in plain  # a lost node (the head's too) must not end the allocation
+    alone = render(build_spec({"nodes": 1, "command": ["true"]}))
+    assert "--no-kill" not in alone
 
 
 def test_fill_refuses_missing_or_unused_values():
