@@ -125,7 +125,7 @@ def test_spares_signal_and_requeue():
     assert "#SBATCH --signal" not in plain and "scontrol requeue" not in plain
     assert "#SBATCH --no-kill" in plain  # a lost node (the head's too) must not end the allocation
     alone = render(build_spec({"nodes": 1, "command": ["true"]}))
-    assert "--no-kill" not in alone
+    assert "#SBATCH --no-kill" not in alone
 
 
 def test_fill_refuses_missing_or_unused_values():
