@@ -30,24 +30,30 @@ RUN_BODY = """
 # Slurm signals USR1 before the time limit or on preemption (--signal): the training saves at once
 # (raybridge.train.preempted()), then the job is requeued and the same run resumes.
 trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch "$RAYBRIDGE_JOB_DIR/{preempt}"' USR1
-# The driver, on this node: it starts now, imports Ray while the nodes join, and runs the command once
-# every node is alive, with RAY_ADDRESS and the auth settings set. The Ray head runs on another node:
-# if that node is lost, another agent takes over as head and the driver starts again (it resumes from
-# its newest checkpoint), up to {max_restarts} times.
-set +e
+# The driver runs on the head's node (the second node; the first when alone), as Ray expects: it starts
+# now, imports Ray while the nodes join, and runs the command once every node is alive, with RAY_ADDRESS
+# and the auth settings set. If the head's node is lost, another agent takes over as head and the driver
+# starts again there (it resumes from its newest checkpoint), up to {max_restarts} times.
+hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+driver_host=${{hosts[1]:-${{hosts[0]}}}}
+generation=0
 restarts=0
+set +e
 while :; do
   rm -f "$RAYBRIDGE_JOB_DIR/{restart}"
-  {python} -m raybridge.agent driver "$agents" -- {command} &
+  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {python} -m raybridge.agent driver -- {command} &
   driver=$!
   while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
     wait "$driver"
     rc=$?
     kill -0 "$driver" 2>/dev/null || break
   done
-  [ -e "$RAYBRIDGE_JOB_DIR/{restart}" ] && [ "$restarts" -lt {max_restarts} ] || break
+  # A driver stopped for a lost head (75), or killed with its node (> 128): is there a new head?
+  [ "$restarts" -lt {max_restarts} ] && {{ [ "$rc" = 75 ] || [ "$rc" -gt 128 ]; }} || break
+  next=$({python} -m raybridge.agent new-head "$generation") || break
+  read -r driver_host generation <<<"$next"
   restarts=$((restarts + 1))
-  echo "raybridge: starting the driver again on the new head ($restarts of {max_restarts})"
+  echo "raybridge: starting the driver again on the new head $driver_host ($restarts of {max_restarts})"
 done
 set -e
 echo "raybridge: driver exited with code $rc"

@@ -3,8 +3,10 @@
 python -m raybridge.agent prepare      job folder + auth token (batch step, once)
 python -m raybridge.agent node         the per-node agent (one per node, from srun)
 python -m raybridge.agent wait-ready   block until all nodes joined; print exports for the driver
-python -m raybridge.agent driver PID -- COMMAND
+python -m raybridge.agent driver [PID] -- COMMAND
                                        run the batch driver once every node is alive (driver.py)
+python -m raybridge.agent new-head GEN print "HOST GENERATION" of the head that replaced generation GEN;
+                                       exit 1 if the head was not lost
 python -m raybridge.agent stop         ask every agent to tear down
 """
 
@@ -74,8 +76,31 @@ def wait_ready(settings: AgentSettings, agents_pid: int | None) -> int:
     return 0
 
 
+def new_head(settings: AgentSettings, generation: int) -> int:
+    """After the batch driver died with its node (or stopped for a lost head): the head that took
+    over, once published. Exit 1 when no head loss shows up within the time the agents need to notice
+    one and claim the head (the driver's end was its own), or the cluster failed or stopped."""
+    from raybridge.agent.node import CLAIM_STEP, detect_seconds
+
+    folder = jd.JobDir(settings.job_dir)
+    noticed_by = time.monotonic() + detect_seconds(os.environ) + CLAIM_STEP * settings.nodes + 3
+    started_by = noticed_by + settings.ready_timeout
+    while True:
+        head = jd.read(folder.head, jd.HeadRecord)
+        info = jd.read(folder.cluster, jd.ClusterRecord)
+        if head and head.generation > generation:
+            print(f"{head.hostname} {head.generation}")
+            return 0
+        if info and info.state in ("failed", "stopped"):
+            return 1
+        recovering = bool(info and info.generation > generation)
+        if time.monotonic() > (started_by if recovering else noticed_by):
+            return 1
+        time.sleep(0.1)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "stop"):
+    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "new-head", "stop"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -101,6 +126,11 @@ def main(argv: list[str]) -> int:
         from raybridge.agent import driver
 
         return driver.main(settings, argv[1:])
+    if argv[0] == "new-head":
+        if len(argv) != 2 or not argv[1].isdigit():
+            print("raybridge agent: usage: new-head GENERATION", file=sys.stderr)
+            return 2
+        return new_head(settings, int(argv[1]))
     if argv[0] == "wait-ready":
         pid = int(argv[1]) if len(argv) > 1 else None
         return wait_ready(settings, pid)

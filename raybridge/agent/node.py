@@ -39,6 +39,12 @@ MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
 CLAIM_STEP = 1.5  # seconds between head candidates: the next in line claims only if the one before did not
 
 
+def detect_seconds(env: Mapping[str, str]) -> float:
+    """Ray's own node failure detection time (the script sets it: checks 1 s apart): a head is
+    declared lost after as long."""
+    return float(env.get("RAY_health_check_failure_threshold") or 3)
+
+
 class Abdicate(Exception):
     """This node stops being the head; the others choose a new one (the cluster is not failed)."""
 
@@ -59,8 +65,7 @@ class Agent:
         self.generation = 0
         self.head_losses = 0
         self.iface: netinfo.Iface | None = None
-        # Ray's own node failure detection time (the script sets it): a head is lost after as long.
-        self.detect_s = float(env.get("RAY_health_check_failure_threshold") or 3)
+        self.detect_s = detect_seconds(env)
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.rendezvous = Rendezvous(settings)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)

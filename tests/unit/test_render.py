@@ -87,22 +87,15 @@ def test_script_is_valid_bash_and_hostile_values_survive_quoting(tmp_path):
 def test_driver_command_is_quoted_word_by_word(tmp_path):
     spec = build_spec(dict(CASES["batch-hostile"]))
     line = next(x for x in render(spec).splitlines() if "-m raybridge.agent driver" in x)
-    assert line.endswith(" &")
+    assert line.strip().startswith("srun ") and line.endswith(" &")
+    words = line.strip()[: -len(" &")]
     out = subprocess.run(
-        ["bash", "-c", f"agents=7; printf '%s\\n' {line[: -len(' &')]}"], capture_output=True, text=True
+        ["bash", "-c", f"driver_host=n2; printf '%s\\n' {words}"], capture_output=True, text=True
     )
     assert out.stdout.splitlines() == [
-        "/opt/py 3/bin/python",
-        "-m",
-        "raybridge.agent",
-        "driver",
-        "7",
-        "--",
-        "python",
-        "train.py",
-        "--name",
-        "it's a; $(rm -rf /)",
-        "--lr=1e-3",
+        *("srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", "n2"),
+        *("/opt/py 3/bin/python", "-m", "raybridge.agent", "driver", "--"),
+        *("python", "train.py", "--name", "it's a; $(rm -rf /)", "--lr=1e-3"),
     ]
 
 
