@@ -36,6 +36,7 @@ CLUSTER = "cluster.json"
 STOP = "stop"
 PREEMPT = "preempt"
 DRIVER_RESTART = "driver-restart"
+DRIVER_EXIT = "driver-exit"
 MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
 LOGS = "logs"
 
@@ -102,6 +103,11 @@ class JobDir:
     def driver_restart(self) -> str:
         """Flag: the driver stopped because its head was lost; the batch script starts it again."""
         return self.join(DRIVER_RESTART)
+
+    @property
+    def driver_exit(self) -> str:
+        """The batch driver's exit code, when it ended on its own (absent: it was killed)."""
+        return self.join(DRIVER_EXIT)
 
     def start_log(self, host: str) -> str:
         return self.join(LOGS, f"ray-start-{host}.log")

@@ -7,7 +7,7 @@ import shlex
 from functools import cache
 from pathlib import Path
 
-from raybridge.jobdir import DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
+from raybridge.jobdir import DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
 from raybridge.profile import ClusterSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
@@ -40,7 +40,7 @@ generation=0
 restarts=0
 set +e
 while :; do
-  rm -f "$RAYBRIDGE_JOB_DIR/{restart}"
+  rm -f "$RAYBRIDGE_JOB_DIR/{restart}" "$RAYBRIDGE_JOB_DIR/{exited}"
   srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {python} -m raybridge.agent driver -- {command} &
   driver=$!
   while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
@@ -48,8 +48,14 @@ while :; do
     rc=$?
     kill -0 "$driver" 2>/dev/null || break
   done
-  # A driver stopped for a lost head (75), or killed with its node (> 128): is there a new head?
-  [ "$restarts" -lt {max_restarts} ] && {{ [ "$rc" = 75 ] || [ "$rc" -gt 128 ]; }} || break
+  # The driver leaves its exit code when it ends on its own (srun says 0 when the node failed). Without
+  # it, or when it stopped for a lost head: start it again if another node took over as head.
+  if [ -e "$RAYBRIDGE_JOB_DIR/{exited}" ] && [ ! -e "$RAYBRIDGE_JOB_DIR/{restart}" ]; then
+    rc=$(cat "$RAYBRIDGE_JOB_DIR/{exited}")
+    break
+  fi
+  [ "$rc" = 0 ] && rc=1  # killed: not a success, whatever srun says
+  [ "$restarts" -lt {max_restarts} ] || break
   next=$({python} -m raybridge.agent new-head "$generation") || break
   read -r driver_host generation <<<"$next"
   restarts=$((restarts + 1))
@@ -147,6 +153,7 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
             requeue=requeue,
             preempt=PREEMPT,
             restart=DRIVER_RESTART,
+            exited=DRIVER_EXIT,
             max_restarts=MAX_HEAD_LOSSES,
         )
         if spec.command

@@ -198,6 +198,7 @@ def run_in_process(program: Program) -> int:
     except KeyboardInterrupt:
         report(*sys.exc_info())
         # As Python does: die of SIGINT, so the parent sees the signal.
+        record_exit(128 + signal.SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         return 130
@@ -280,6 +281,7 @@ def run_child(command: list[str], folder: jd.JobDir, generation: int) -> int:
                 child.wait()
             return RESTART
     if code < 0:  # died of a signal: so does the launcher, for whoever waits on it
+        record_exit(128 - code)
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
@@ -290,8 +292,30 @@ def say(message: str) -> None:
     print(f"raybridge[driver] {stamp} {message}", file=sys.stderr, flush=True)
 
 
+def record_exit(code: int) -> None:
+    """The driver ended on its own, with this code (no file: it was killed, e.g. with its node)."""
+    if _exit_record:
+        with contextlib.suppress(OSError), open(_exit_record, "w") as f:
+            f.write(f"{code}\n")
+
+
+_exit_record: str | None = None
+
+
 def main(settings: AgentSettings, argv: list[str]) -> int:
-    """argv: [AGENTS_PID] -- COMMAND..."""
+    """argv: [AGENTS_PID] -- COMMAND...; leaves the exit code in the job folder (driver-exit)."""
+    global _exit_record
+    _exit_record = jd.JobDir(settings.job_dir).driver_exit
+    try:
+        code = launch(settings, argv)
+    except SystemExit as e:
+        record_exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
+    record_exit(code)
+    return code
+
+
+def launch(settings: AgentSettings, argv: list[str]) -> int:
     if "--" not in argv or argv.index("--") == len(argv) - 1:
         print("raybridge driver: usage: driver [AGENTS_PID] -- COMMAND...", file=sys.stderr)
         return 2

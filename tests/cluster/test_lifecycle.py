@@ -161,7 +161,7 @@ def test_run_propagates_the_driver_exit_code(testbed, how):
         assert "args [\"it's a; $(x)\", '3'] __main__" in r.stdout
         assert "running (in process, Ray imported early)" in r.stdout
     else:
-        assert "running (exec)" in r.stdout
+        assert "running (child process)" in r.stdout
     job = job_id_from(r.stderr)
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
