@@ -199,7 +199,7 @@ class Agent:
         self.say(
             f"the Ray head {old.hostname} is lost ({lost}); choosing a new head (generation {generation})"
         )
-        self.kill_ray()
+        self.kill_ray(grace=0.3)  # a node of a cluster that is gone: nothing to shut down gracefully
         self.ray.started = None
         self.watched.clear()
         folder = Path(self.rendezvous.dir.generation(generation))
@@ -365,11 +365,11 @@ class Agent:
 
     # ------------------------------------------------------------ teardown
 
-    def kill_ray(self) -> None:
+    def kill_ray(self, grace: float = 3) -> None:
         self.ray.spawns.stop()  # Ray may be starting something in a thread (a node, the dashboard)
         # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
         # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
-        left = procs.stop(self.own_processes, first={"raylet"}, last={"gcs_server"})
+        left = procs.stop(self.own_processes, grace=grace, first={"raylet"}, last={"gcs_server"})
         if left:
             self.say(f"could not stop {', '.join(left)}")
 
