@@ -1,6 +1,7 @@
 """Fault-tolerant training on the real test bed: node loss, spares, time-limit signal + requeue,
 scancel, and corrupt checkpoints. Each test asserts exact step counts."""
 
+import contextlib
 import json
 import re
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.bed import REPO, assert_no_leaks
+from tests.cluster.bed import REPO, TESTBED, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 EXAMPLE = str(REPO / "examples" / "train_mlp.py")
@@ -100,21 +101,33 @@ def head_host(testbed, job) -> str:
     return testbed.cluster_json(job)["head"]["hostname"]
 
 
-def crash(testbed, node: str, job: str) -> list[str]:
-    """What a node crash is: Slurm marks the node down and every process of the job on it dies."""
-    testbed.exec(
-        "login", "scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=crash-test", check=True
-    )
-    return kill_in_node(node, job)
+def crash(node: str, job: str) -> list[str]:
+    """What a node crash is (scripts/testbed crash): the node's slurmd and every process on it die
+    with SIGKILL at once, and Slurm marks the node down. Returns the names of the job's processes
+    that were running there (for the test to check it hit something)."""
+    names = [p.name() for p in job_procs_in(node, job)]
+    subprocess.run([TESTBED, "crash", node], check=True, capture_output=True)
+    return names
+
+
+def job_procs_in(node: str, job: str) -> list[psutil.Process]:
+    out = []
+    pids = subprocess.run(["ip", "netns", "pids", f"rbtb-{node}"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(int(pid))
+            if p.environ().get("SLURM_JOB_ID") == job or p.environ().get("RAYBRIDGE_JOB_ID") == job:
+                out.append(p)
+    return out
 
 
 @pytest.fixture
-def crashed_nodes(testbed):
-    """Nodes a test crashed come back (State=RESUME) when it ends, whatever happened."""
+def crashed_nodes():
+    """Nodes a test crashed come back (slurmd started, node resumed) when it ends, whatever happened."""
     nodes: list[str] = []
     yield nodes
     for node in nodes:
-        testbed.exec("login", "scontrol", "update", f"NodeName={node}", "State=RESUME")
+        subprocess.run([TESTBED, "revive", node], capture_output=True)
 
 
 def test_raylet_killed_on_a_worker_node_training_completes(testbed):
@@ -231,7 +244,7 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
     assert head != "n1"
     crashed_nodes.append(head)
     crashed_at = time.time()
-    assert crash(testbed, head, job)
+    assert crash(head, job)
     rc, result, out, err = finish(proc)
     assert rc == 0, out[-3000:] + err[-2000:]
     assert result["final_step"] == STEPS
@@ -252,7 +265,7 @@ def test_worker_node_crash_is_survived(testbed, crashed_nodes):
     wait_progress(testbed, run, EVERY + 15, proc)
     victim = ({"n1", "n2", "n3"} - {"n1", head_host(testbed, job)}).pop()
     crashed_nodes.append(victim)
-    assert "raylet" in crash(testbed, victim, job)
+    assert "raylet" in crash(victim, job)
     rc, result, out, err = finish(proc)
     assert rc == 0, out[-3000:] + err[-2000:]
     assert result["final_step"] == STEPS and result["restores"] >= 1
@@ -268,7 +281,7 @@ def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashe
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     crashed_nodes.append("n1")
-    assert crash(testbed, "n1", job)
+    assert crash("n1", job)
     rc, result, out, err = finish(proc, timeout=400)
     assert rc == 0, out[-3000:] + err[-3000:]
     assert result["final_step"] == STEPS
@@ -285,7 +298,7 @@ def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finish
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     crashed_nodes.append("n1")
-    assert crash(testbed, "n1", job)
+    assert crash("n1", job)
     rc, result, out, err = finish(proc, timeout=200)
     assert rc != 0 and result is None
     line = next(x for x in err.splitlines() if "continue it with" in x)
@@ -299,7 +312,7 @@ def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finish
     )
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
-    testbed.exec("login", "scontrol", "update", "NodeName=n1", "State=RESUME", check=True)
+    subprocess.run([TESTBED, "revive", "n1"], check=True, capture_output=True)
     crashed_nodes.clear()
     again, job2 = start_training(testbed, nodes=2, extra=("--resume", f"raybridge-{job}"))
     rc, result, out, err = finish(again)
