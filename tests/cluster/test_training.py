@@ -101,6 +101,12 @@ def head_host(testbed, job) -> str:
     return testbed.cluster_json(job)["head"]["hostname"]
 
 
+def job_hosts(testbed, job) -> list[str]:
+    """The job's nodes in Slurm's order: the first one runs the batch script."""
+    nodelist = testbed.exec("login", "squeue", "-h", "-j", job, "-o", "%N", check=True).stdout.strip()
+    return testbed.exec("login", "scontrol", "show", "hostnames", nodelist, check=True).stdout.split()
+
+
 def crash(node: str, job: str) -> list[str]:
     """What a node crash is (scripts/testbed crash): the node's slurmd and every process on it die
     with SIGKILL at once, and Slurm marks the node down. Returns the names of the job's processes
@@ -135,7 +141,8 @@ def test_raylet_killed_on_a_worker_node_training_completes(testbed):
     proc, job = start_training(testbed, "--workers", "3", nodes=3)
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
-    victim = ({"n1", "n2", "n3"} - {"n1", head_host(testbed, job)}).pop()
+    batch, *others = job_hosts(testbed, job)
+    victim = (set(others) - {head_host(testbed, job)}).pop()
     assert victim in hosts(run, 0)
     assert kill_in_node(victim, job, ("raylet",)) == ["raylet"]
     rc, result, out, err = finish(proc)
@@ -153,7 +160,7 @@ def test_spare_node_takes_over_from_a_dead_node(testbed):
     before = hosts(run, 0)
     assert len(before) == 2
     # A training node other than the batch host; it may be the head (then a new head takes over too).
-    victim = sorted(h for h in before if h != "n1")[0]
+    victim = sorted(h for h in before if h != job_hosts(testbed, job)[0])[0]
     # The whole node goes: its raybridge agent (no self-healing), raylet and training worker.
     assert "raylet" in kill_in_node(victim, job)
     rc, result, out, err = finish(proc)
@@ -241,7 +248,8 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     head = head_host(testbed, job)
-    assert head != "n1"
+    batch = job_hosts(testbed, job)[0]
+    assert head != batch
     crashed_nodes.append(head)
     crashed_at = time.time()
     assert crash(head, job)
@@ -251,7 +259,7 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
     assert result["restores"] >= 1 and 0 <= result["redone_steps"] <= EVERY
     assert re.search(r"starting the driver again on the new head n\d \(1 of 3\)", out)
     info = testbed.cluster_json(job)
-    assert info["generation"] == 1 and info["head"]["hostname"] not in (head, "n1")
+    assert info["generation"] == 1 and info["head"]["hostname"] not in (head, batch)
     events = [(e["event"], e["node"]) for e in info["events"]]
     assert ("head_lost", head) in events and ("head_replaced", info["head"]["hostname"]) in events
     lost = next(e for e in info["events"] if e["event"] == "head_lost")
@@ -260,10 +268,13 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
 
 
 def test_worker_node_crash_is_survived(testbed, crashed_nodes):
-    proc, job = start_training(testbed, "--workers", "3", nodes=3)
+    # Three workers on four nodes: two nodes are neither the batch host nor the head, and at least
+    # one of them has a worker; the three that stay can hold the three workers again.
+    proc, job = start_training(testbed, "--workers", "3", nodes=3, extra=("--spare-nodes", "1"))
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
-    victim = ({"n1", "n2", "n3"} - {"n1", head_host(testbed, job)}).pop()
+    batch, *others = job_hosts(testbed, job)
+    victim = sorted((set(others) - {head_host(testbed, job)}) & hosts(run, 0))[0]
     crashed_nodes.append(victim)
     assert "raylet" in crash(victim, job)
     rc, result, out, err = finish(proc)
@@ -280,8 +291,9 @@ def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashe
     proc, job = start_training(testbed, nodes=2, extra=("--requeue",))
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
-    crashed_nodes.append("n1")
-    assert crash("n1", job)
+    batch = job_hosts(testbed, job)[0]
+    crashed_nodes.append(batch)
+    assert crash(batch, job)
     rc, result, out, err = finish(proc, timeout=400)
     assert rc == 0, out[-3000:] + err[-3000:]
     assert result["final_step"] == STEPS
@@ -297,8 +309,9 @@ def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finish
     proc, job = start_training(testbed, nodes=2)
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
-    crashed_nodes.append("n1")
-    assert crash("n1", job)
+    batch = job_hosts(testbed, job)[0]
+    crashed_nodes.append(batch)
+    assert crash(batch, job)
     rc, result, out, err = finish(proc, timeout=200)
     assert rc != 0 and result is None
     line = next(x for x in err.splitlines() if "continue it with" in x)
@@ -312,7 +325,7 @@ def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finish
     )
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
-    subprocess.run([TESTBED, "revive", "n1"], check=True, capture_output=True)
+    subprocess.run([TESTBED, "revive", batch], check=True, capture_output=True)
     crashed_nodes.clear()
     again, job2 = start_training(testbed, nodes=2, extra=("--resume", f"raybridge-{job}"))
     rc, result, out, err = finish(again)
