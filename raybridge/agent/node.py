@@ -36,6 +36,7 @@ from raybridge.settings import AgentSettings
 log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3
 MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
+BATCH_CHECK_S = 5.0  # how often the head asks Slurm whether the batch host is still in the job
 CLAIM_STEP = 1.5  # seconds between head candidates: the next in line claims only if the one before did not
 
 
@@ -296,6 +297,7 @@ class Agent:
         took over as head); a worker restarts a dead raylet, and raises HeadLost when its head's GCS
         has not answered for Ray's failure detection time or a newer head was published."""
         last_refresh = last_head_check = 0.0
+        batch_check = time.monotonic()
         missing_since: float | None = None
         head_down_since: float | None = None
         background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
@@ -319,6 +321,9 @@ class Agent:
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
+            if gcs is not None and self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
+                batch_check = now
+                self.check_batch_host()
             if gcs is None and head is not None and now - last_head_check >= 0.5:
                 last_head_check = now
                 newer = self.rendezvous.head()
@@ -339,6 +344,29 @@ class Agent:
                     missing_since = None
             time.sleep(0.2)
         return 0
+
+    def check_batch_host(self) -> None:
+        """With --no-kill, Slurm removes a failed batch host from the job, kills the batch script and
+        lets the job run on (until its time limit) with nobody to run or restart the driver. The head
+        notices (the batch host is no longer in the job's node list) and ends this start of the job:
+        a requeue if the job may be requeued, else a cancel with the reason recorded."""
+        from raybridge.agent import slurmjob
+
+        lost = slurmjob.batch_host_lost(self.settings.job_id)
+        if lost is None:
+            return
+        host, requeue = lost
+        self.rendezvous.log_event("batch_host_lost", host, "requeue" if requeue else "no requeue: job ends")
+        if requeue:
+            self.say(f"the batch host {host} was lost; requeueing the job")
+            slurmjob.requeue(self.settings.job_id)
+        else:
+            error = f"the batch host {host} was lost (the job was not submitted with --requeue)"
+            self.say(f"{error}; ending the job")
+            self.rendezvous.update_cluster(state="failed", error=error)
+            self.role = "former head"  # keep that record as it is
+            slurmjob.cancel(self.settings.job_id)
+        raise StopRequested()
 
     def restart_worker(self, iface: netinfo.Iface, head: jd.HeadRecord) -> None:
         if self.restarts >= MAX_RAY_RESTARTS:
