@@ -51,7 +51,7 @@ class JobInfo:
     exit_code: int | None
     comment: str
     command: str = ""
-    start_time: str = ""  # when it started, or (pending) the earliest it may: Slurm's ISO time
+    eligible_time: str = ""  # the earliest it may start (a requeued job's hold ends then): ISO time
 
     @property
     def state(self) -> str:
@@ -90,7 +90,7 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
         exit_code=exit_code,
         comment=f.get("Comment", "(null)"),
         command=f.get("Command", ""),
-        start_time=f.get("StartTime", ""),
+        eligible_time=f.get("EligibleTime", ""),
     )
 
 

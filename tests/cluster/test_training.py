@@ -306,7 +306,10 @@ def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashe
 
 
 def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finishes(testbed, crashed_nodes):
-    proc, job = start_training(testbed, nodes=2)
+    # Slurm requeues batch jobs by default (JobRequeue=1); this job asks not to be.
+    profile = Path(testbed.shared) / "no-requeue.yaml"
+    profile.write_text(Path(testbed.local_profile).read_text() + "sbatch_args:\n  - --no-requeue\n")
+    proc, job = start_training(testbed, nodes=2, profile=str(profile))
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     batch = job_hosts(testbed, job)[0]
@@ -327,7 +330,9 @@ def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finish
     assert_no_leaks(job)
     subprocess.run([TESTBED, "revive", batch], check=True, capture_output=True)
     crashed_nodes.clear()
-    again, job2 = start_training(testbed, nodes=2, extra=("--resume", f"raybridge-{job}"))
+    again, job2 = start_training(
+        testbed, nodes=2, profile=str(profile), extra=("--resume", f"raybridge-{job}")
+    )
     rc, result, out, err = finish(again)
     assert rc == 0, out[-3000:] + err[-2000:]
     assert result["final_step"] == STEPS and result["run"] == f"raybridge-{job}"
