@@ -119,6 +119,8 @@ def directives(spec: ClusterSpec) -> list[str]:
         d.append(f"--signal=B:USR1@{spec.signal_seconds}")  # time to checkpoint before the end
     if spec.requeue:
         d += ["--requeue", "--open-mode=append"]  # one log across restarts
+    else:
+        d.append("--no-requeue")  # whatever the site's default: a lost batch host ends the job
     d.append("--comment=raybridge")
     d.extend(spec.sbatch_args)
     return [f"#SBATCH {x}" for x in d]

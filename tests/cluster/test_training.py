@@ -306,10 +306,8 @@ def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashe
 
 
 def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finishes(testbed, crashed_nodes):
-    # Slurm requeues batch jobs by default (JobRequeue=1); this job asks not to be.
-    profile = Path(testbed.shared) / "no-requeue.yaml"
-    profile.write_text(Path(testbed.local_profile).read_text() + "sbatch_args:\n  - --no-requeue\n")
-    proc, job = start_training(testbed, nodes=2, profile=str(profile))
+    profile = testbed.local_profile  # no `requeue: true`: the job is submitted with --no-requeue
+    proc, job = start_training(testbed, nodes=2, profile=profile)
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     batch = job_hosts(testbed, job)[0]
