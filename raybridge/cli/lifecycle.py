@@ -145,6 +145,8 @@ def run_cmd(
         job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()), on_requeue=say)
         code = job.exit_code if job and job.exit_code is not None else 1
         state = job.slurm_state if job else "unknown"
+        if code == 0 and state != "COMPLETED":
+            code = 1  # cancelled or failed from outside (a lost batch host): not the driver's success
         say(f"job {c.job_id} finished: {state}, exit code {code}")
         if code != 0 and state in LOST:
             say(lost_run_line(spec, runner, c.job_id, state, resume, command))
