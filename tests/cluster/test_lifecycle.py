@@ -54,7 +54,10 @@ def test_up_status_down_three_nodes(testbed):
         assert len(ips) == 3 and len(hosts) == 3
         assert all(ipaddress.ip_address(ip) in FABRIC for ip in ips)  # ib0, not eth0
         assert all(n["interface"] == "ib0" for n in rec["nodes"])
-        assert rec["address"].startswith(rec["nodes"][0]["ip"] + ":")
+        # The head runs on the second node (the first runs the batch script), on its fabric address.
+        head = testbed.cluster_json(job)["head"]
+        assert rec["address"] == f"{head['ip']}:{head['ports']['gcs']}" and head["ip"] in ips
+        assert head["rank"] == 1 and head["generation"] == 0
         # The token and the cluster record are private to the user.
         info = testbed.cluster_json(job)
         token = testbed.job_dir(job) / "token"
