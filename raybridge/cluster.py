@@ -32,6 +32,7 @@ POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
 FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log or record
 JOB_EVERY = 1.0  # seconds between Slurm queries while following a log
 CHUNK = 1 << 20
+REQUEUE_MARGIN = 3.0  # seconds after a requeue before moving the job's begin time to now
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class Cluster:
         every = FOLLOW_EVERY["ssh" if self.runner.host else "local"]
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         offset, path, job, asked, ran = 0, "", None, -1e9, False
+        held_since: float | None = None
         while True:
             ended = False
             if time.monotonic() - asked >= JOB_EVERY:
@@ -234,11 +236,17 @@ class Cluster:
                 path = self.log_path(job) or path
                 ended = job is None or job.finished or not until_done
                 ran = ran or bool(job and job.state == "running")
-                if ran and job and job.state == "pending" and job.reason == "BeginTime" and on_requeue:
-                    ran = False
+                requeued = bool(ran and job and job.state == "pending" and job.reason == "BeginTime")
+                held_since = (held_since or time.monotonic()) if requeued else None
+                # Not in the second of the requeue: Slurm revoked the previous start's credential then,
+                # and refuses a start whose new credential carries that same second.
+                if job and held_since and on_requeue and time.monotonic() - held_since >= REQUEUE_MARGIN:
+                    ran, held_since = False, None
+                    held = f" until {job.eligible_time}" if job.eligible_time[:1].isdigit() else ""
                     if self.slurm.start_now(self.job_id):
                         on_requeue(
-                            f"job {self.job_id} was requeued and held for Slurm's credential expiry; starting it now"
+                            f"job {self.job_id} was requeued and held{held} for Slurm's credential expiry; "
+                            "starting it now"
                         )
             while path and (data := self.runner.read_from(path, offset, CHUNK)):
                 offset += len(data)
