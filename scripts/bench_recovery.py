@@ -76,10 +76,6 @@ def in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> list[p
     return out
 
 
-def slurm(*argv: str) -> str:
-    return subprocess.run([TESTBED, "exec", "login", "--", *argv], capture_output=True, text=True).stdout
-
-
 def one_run(profile: str, shared: str, steps: int, every: int, case: str) -> dict:
     workers = "3" if case == "raylet" else "2"
     example = ("--steps", str(steps), "--every", str(every), "--workers", workers, "--step-sleep", "0.05")
@@ -106,10 +102,8 @@ def one_run(profile: str, shared: str, steps: int, every: int, case: str) -> dic
         for r in in_node(victim, job, ("raylet",)):
             r.kill()
     else:
-        slurm("scontrol", "update", f"NodeName={victim}", "State=DOWN", "Reason=bench-recovery")
-        t_kill = time.time()
-        for r in in_node(victim, job):
-            r.kill()
+        t_kill = time.time()  # what a crash is: slurmd and every process of the node SIGKILLed, node down
+        subprocess.run([TESTBED, "crash", victim], check=True, capture_output=True)
     try:
         while not any(e["event"] == "loop_start" and e["t"] > t_kill for e in events(run)):
             if p.poll() is not None:
@@ -120,7 +114,7 @@ def one_run(profile: str, shared: str, steps: int, every: int, case: str) -> dic
         out, err = p.communicate(timeout=600)
     finally:
         if case != "raylet":
-            slurm("scontrol", "update", f"NodeName={victim}", "State=RESUME")
+            subprocess.run([TESTBED, "revive", victim], capture_output=True)
     res = result(out)
     info = cluster(shared, job)
     ev = [e for e in events(run) if e["t"] > t_kill]
