@@ -247,31 +247,18 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
         byte = f.read(1)
         f.seek(offsets[0] + 10)
         f.write(bytes([byte[0] ^ 0xFF]))
-    r = testbed.raybridge(
-        "laptop",
-        "checkpoints",
-        "pull",
-        "pull-test",
-        str(dest),
-        "--profile",
-        testbed.remote_profile,
-        timeout=300,
-    )
+
+    def pull_again():
+        prof = ("--profile", testbed.remote_profile)
+        return testbed.raybridge("laptop", "checkpoints", "pull", "pull-test", str(dest), *prof, timeout=300)
+
+    r = pull_again()
     assert r.returncode == 1, r.stderr
     assert f"{name}: copy does not match the source (sha256)" in r.stderr
     assert "(1 file(s) to copy again, the others are kept)" in r.stderr
     assert not (dest / "checkpoint_000001").exists()
     # ...and the next pull copies that one file again and completes.
-    r = testbed.raybridge(
-        "laptop",
-        "checkpoints",
-        "pull",
-        "pull-test",
-        str(dest),
-        "--profile",
-        testbed.remote_profile,
-        timeout=300,
-    )
+    r = pull_again()
     assert r.returncode == 0, r.stderr
     assert "sha256 verified" in r.stderr
     assert not partial.exists()
