@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import posixpath
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raybridge import envcheck
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
@@ -80,6 +83,7 @@ class Cluster:
         self.dir = jd.JobDir(job_dir)
         self.expected = expected
         self.submitted_at = submitted_at  # set by submit(): older records are a previous job's
+        self.python: str | None = None  # the job's interpreter, when submit() knows it
 
     def info(self) -> jd.ClusterRecord | None:
         """The cluster record, or None before the job wrote it (or when it is a previous job's with
@@ -147,6 +151,8 @@ class Cluster:
             if state == "failed" or job.finished:
                 why = (info.error if info else None) or f"job ended ({job.slurm_state}, reason {job.reason})"
                 self._cancel_quietly(job)
+                if env := self.environment_error(job):  # the nodes' Python: one line with the fix
+                    raise ClusterError(f"cluster {self.job_id} failed: {env}")
                 raise ClusterError(
                     f"cluster {self.job_id} failed: {why}\n--- job output (tail) ---\n{self.log_tail()}"
                 )
@@ -171,6 +177,12 @@ class Cluster:
                 )
             last = self._report(on_progress, last, p)
             time.sleep(POLL if p.phase == "queued" else every)
+
+    def environment_error(self, job: JobInfo | None) -> str | None:
+        """The job's own line saying its Python cannot run raybridge, if it wrote one."""
+        path = self.log_path(job)
+        text = self.runner.read_text(path) if path else None
+        return envcheck.find_error(text or "", self.python)
 
     @staticmethod
     def _report(cb: Callable[[Progress], None] | None, last: Progress | None, p: Progress) -> Progress:
@@ -271,9 +283,21 @@ def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | N
     return candidate
 
 
+def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
+    """What only the submitting side knows: which Python the job runs when the profile does not say
+    (on the login node, with no `setup`: the interpreter raybridge itself runs in, e.g. the user's
+    venv), and the versions the nodes must match (the login node's raybridge, Ray and Python; from a
+    laptop, raybridge's own only)."""
+    python = spec.python
+    if python is None and local and not spec.setup:
+        python = sys.executable or None
+    versions = envcheck.encode(envcheck.versions(full=local))
+    return dataclasses.replace(spec, python=python, expect_versions=versions)
+
+
 def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     """Render the script into <shared_dir>/scripts and sbatch it. Returns at once."""
-    spec = spec.with_home(runner.home())
+    spec = complete(spec.with_home(runner.home()), local=not runner.host)
     script = render(spec)
     scripts_dir = posixpath.join(spec.shared_dir, "scripts")
     for d in (spec.shared_dir, scripts_dir, spec.logs_dir, spec.jobs_dir):
@@ -287,7 +311,9 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
         [f"--output={spec.logs_dir}/%x-%j.out"],
         env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"},
     )
-    return Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
+    c = Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
+    c.python = spec.python or "python3"
+    return c
 
 
 def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Cluster:

@@ -89,7 +89,7 @@ class ClusterSpec:
     nccl_ib_hca: str | None = None
     shared_dir: str = "~/raybridge"
     node_tmp: str = AGENT_DEFAULTS["node_tmp"]
-    python: str = "python3"
+    python: str | None = None  # None: raybridge's own interpreter (local, no setup), else python3
     setup: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     sbatch_args: tuple[str, ...] = ()
@@ -106,6 +106,7 @@ class ClusterSpec:
     command: tuple[str, ...] = ()
     login: LoginSpec | None = None
     profile: str = "(none)"
+    expect_versions: str | None = None  # set at submission (cluster.complete); the nodes compare
 
     @property
     def total_nodes(self) -> int:
@@ -138,6 +139,7 @@ class ClusterSpec:
             ray_start=self.ray_start,
             cpus_per_worker=self.cpus_per_node,
             gpus_per_node=self.gpus_per_node,
+            versions=self.expect_versions,
         )
 
     def with_home(self, home: str) -> ClusterSpec:
@@ -147,7 +149,7 @@ class ClusterSpec:
         return self
 
 
-PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {"command", "profile"}
+PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {"command", "profile", "expect_versions"}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClusterSpec)}
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
 
@@ -262,7 +264,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         nccl_ib_hca=v.optional_match("nccl_ib_hca", val("nccl_ib_hca"), SLURM_WORD),
         shared_dir=v.path("shared_dir", val("shared_dir"), allow_home=True),
         node_tmp=v.path("node_tmp", val("node_tmp"), max_len=40),
-        python=v.line("python", val("python")),
+        python=None if val("python") is None else v.line("python", val("python")),
         setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", val("setup")))),
         env=v.env(val("env")),
         sbatch_args=v.sbatch_args(val("sbatch_args")),

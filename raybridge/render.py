@@ -146,7 +146,7 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
     """The complete sbatch script for spec. Runs unchanged under plain `sbatch`."""
     if version is None:
         from raybridge import __version__ as version
-    python = shlex.quote(spec.python)
+    python = shlex.quote(spec.python or "python3")
     requeue = REQUEUE.format(max_requeues=spec.max_requeues, preempt=PREEMPT) if spec.requeue else ""
     body = (
         RUN_BODY.format(

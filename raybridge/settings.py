@@ -43,6 +43,7 @@ class AgentSettings:
     ray_start: str = "agent"  # agent: Ray's launcher inside the agent (fast); command: `ray start`
     cpus_per_worker: int | None = None
     gpus_per_node: int | None = None
+    versions: str | None = None  # "raybridge=.. ray=.. python=..": what submitted; envcheck compares
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0

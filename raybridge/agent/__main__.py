@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 
 from raybridge import jobdir as jd
 from raybridge.agent.driver import pid_alive
-from raybridge.agent.netinfo import short_hostname
 from raybridge.settings import SUBMITTED_AT_VAR, AgentSettings, SettingsError
 
 
@@ -40,7 +40,7 @@ class NodeFormatter(logging.Formatter):
 def setup_logging(settings: AgentSettings) -> None:
     """raybridge's own loggers to the process's real stdout (Ray's start may be redirecting
     sys.stdout to its log meanwhile); Ray's loggers are left alone."""
-    host = short_hostname()
+    host = socket.gethostname().split(".")[0]
     handler = logging.StreamHandler(sys.__stdout__ or sys.stdout)
     handler.setFormatter(
         NodeFormatter(f"{host}/{'head' if settings.rank == settings.head_rank else 'worker'}")
@@ -108,6 +108,12 @@ def main(argv: list[str]) -> int:
     except SettingsError as e:
         print(f"raybridge agent: {e}", file=sys.stderr)
         return 2
+    if argv[0] == "node":  # every node: one line, not a traceback, when its Python cannot run us
+        from raybridge import envcheck
+
+        if why := envcheck.problem(settings.versions):
+            print(envcheck.ERROR_MARK + why, flush=True)
+            return 3
     setup_logging(settings)
     if argv[0] == "prepare":
         from raybridge.agent.rendezvous import Rendezvous

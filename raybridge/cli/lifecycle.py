@@ -85,7 +85,7 @@ def render_cmd(
     spec = spec_from(ctx, command)
     if spec.shared_dir.startswith("~"):
         spec = spec.with_home(str(Path.home()))
-    text = render(spec)
+    text = render(lib.complete(spec, local=spec.login is None))
     if output:
         try:
             output.write_text(text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import REPO, assert_no_leaks
+from tests.cluster.bed import PYTHON, REPO, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -111,5 +111,24 @@ def test_two_node_cluster(testbed, venv):
     finally:
         down = testbed.exec("login", str(rb), "down", job, "--profile", str(profile))
     assert down.returncode == 0, down.stderr
+    testbed.wait_job_gone(job)
+    assert_no_leaks(job)
+
+
+def test_a_job_python_with_other_versions_is_refused_in_one_line(testbed, venv):
+    """raybridge (this checkout's venv) submits; the profile points the job at another venv's Python."""
+    ours = subprocess.run(
+        [PYTHON, "-c", "import ray; print(ray.__version__)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if venv["version"] == ours:
+        pytest.skip(f"this venv runs raybridge's own Ray {ours}")
+    profile = Path(testbed.shared) / f"mismatch-{venv['which']}.yaml"
+    profile.write_text(Path(testbed.local_profile).read_text() + f"python: {venv['path']}/bin/python\n")
+    r = testbed.raybridge("login", "up", "--nodes", "1", "--profile", str(profile), timeout=300)
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"runs ray {venv['version']} (login node: {ours})" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
