@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import envcheck
+from raybridge import envcheck, timeline
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
@@ -363,4 +363,5 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "timestamps": info.timestamps if info else {},
         "generation": info.generation if info else 0,
         "events": list(info.events) if info else [],
+        "timeline": timeline.build(info, timeline.side_events(cluster.runner, cluster.dir)),
     }

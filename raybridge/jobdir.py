@@ -8,6 +8,8 @@
     stop               flag: please tear down (`raybridge down`, the driver's end)
     preempt            flag: Slurm warned of the time limit or preemption; training checkpoints now
     logs/              Ray's start logs per node; logs/ray/<host>/ Ray's session logs, kept at teardown
+    events/            one small JSON file per event written outside the head (driver start and end,
+                       checkpoint restores): no two writers share a file; kept across requeues
 
 Records carry a schema version; a reader meets a newer one with one clear line, not a KeyError.
 Records are written atomically (temp file + rename): a reader never sees half a file.
@@ -15,6 +17,7 @@ Records are written atomically (temp file + rename): a reader never sees half a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +42,7 @@ DRIVER_RESTART = "driver-restart"
 DRIVER_EXIT = "driver-exit"
 MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
 LOGS = "logs"
+EVENTS = "events"
 
 R = TypeVar("R", bound="Record")
 
@@ -108,6 +112,10 @@ class JobDir:
     def driver_exit(self) -> str:
         """The batch driver's exit code, when it ended on its own (absent: it was killed)."""
         return self.join(DRIVER_EXIT)
+
+    @property
+    def events(self) -> str:
+        return self.join(EVENTS)
 
     def start_log(self, host: str) -> str:
         return self.join(LOGS, f"ray-start-{host}.log")
@@ -246,6 +254,15 @@ class ClusterRecord(Record):
 
 
 # ------------------------------------------------------------------ local files (on the nodes)
+
+
+def add_event(folder: JobDir, event: str, node: str, detail: str = "") -> None:
+    """Record an event from outside the head (the driver, a training worker): a file of its own, so
+    that no writer races another or the head's cluster.json. Never fails the caller."""
+    entry = {"at": now(), "event": event, "node": node, "detail": detail[:300]}
+    name = f"{entry['at']:.3f}-{os.getpid()}-{event}.json"
+    with contextlib.suppress(OSError):
+        write_json(posixpath.join(folder.events, name), entry)
 
 
 def write(path: str | Path, record: Record, mode: int = 0o600) -> None:

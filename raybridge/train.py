@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import stat
 import tempfile
 import time
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raybridge.jobdir import JobDir
+from raybridge.jobdir import JobDir, add_event
 from raybridge.settings import JOB_DIR_VAR, env_name
 
 RUN_NAME_VAR = "RAYBRIDGE_RUN_NAME"  # `raybridge run --resume RUN` sets it: continue that run
@@ -192,12 +193,27 @@ def load() -> dict[str, Any] | None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if is_complete(Path(d)):
-                return read_checkpoint_dir(Path(d))
+                return _restored(read_checkpoint_dir(Path(d)), "Ray Train's checkpoint")
     for folder in checkpoints_newest_first(run_dir):
         if is_complete(folder):
             check_private(folder)
-            return read_checkpoint_dir(folder)
+            return _restored(read_checkpoint_dir(folder), f"{folder.name} on shared storage")
     return None
+
+
+def _restored(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """On the job's timeline (`raybridge status --timeline`): once per restore, by world rank 0."""
+    import ray.train
+
+    job_dir = os.environ.get(JOB_DIR_VAR)
+    if job_dir and ray.train.get_context().get_world_rank() == 0:
+        add_event(
+            JobDir(job_dir),
+            "restored",
+            socket.gethostname().split(".")[0],
+            f"step {state.get('step')} from {source}",
+        )
+    return state
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:

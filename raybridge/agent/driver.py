@@ -33,6 +33,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,6 +298,8 @@ def record_exit(code: int) -> None:
     if _exit_record:
         with contextlib.suppress(OSError), open(_exit_record, "w") as f:
             f.write(f"{code}\n")
+        folder = jd.JobDir(os.path.dirname(_exit_record))
+        jd.add_event(folder, "driver_ended", socket.gethostname().split(".")[0], f"exit code {code}")
 
 
 _exit_record: str | None = None
@@ -340,6 +343,7 @@ def launch(settings: AgentSettings, argv: list[str]) -> int:
         f"all {len(info.nodes) or info.expected_nodes} nodes alive{head} (waited "
         f"{time.monotonic() - started:.1f}s); running ({how}): {' '.join(command)}"
     )
+    jd.add_event(folder, "driver_started", socket.gethostname().split(".")[0], " ".join(command))
     if program:
         watch_in_process(folder, info.generation)
         return run_in_process(program)

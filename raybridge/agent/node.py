@@ -320,6 +320,8 @@ class Agent:
                     raise RuntimeError("the GCS server on the head node died")
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
+                    if before := self.rendezvous.cluster():
+                        self.rendezvous.node_changes(before.nodes, nodes)
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
             if gcs is not None and self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
                 batch_check = now

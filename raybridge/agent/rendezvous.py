@@ -48,6 +48,8 @@ class Rendezvous:
             shutil.rmtree(old, ignore_errors=True)
         Path(self.dir.nodes).mkdir()
         Path(self.dir.logs).mkdir(exist_ok=True)
+        Path(self.dir.events).mkdir(exist_ok=True)
+        history = self.history(restart_count)
         if self.settings.auth:
             # Created 0600 from the start: the token is never readable by others, even briefly.
             fd = os.open(self.dir.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -66,6 +68,7 @@ class Rendezvous:
                 submitted_at=float(submitted_at) if submitted_at else None,
                 started_at=jd.now(),
                 restart_count=restart_count,
+                events=history,
             ),
         )
 
@@ -113,6 +116,28 @@ class Rendezvous:
             out.append(jd.NodeRecord.from_dict(data))
         big = 1 << 30
         return tuple(sorted(out, key=lambda r: (not r.alive, r.rank if r.rank is not None else big, r.ip)))
+
+    def history(self, restart_count: int) -> tuple[dict[str, Any], ...]:
+        """A requeued job starts a fresh record; what the earlier starts went through stays as events."""
+        old = self.cluster() if restart_count else None
+        if old is None:
+            return ()
+        past = [
+            {"at": at, "event": key.removesuffix("_at"), "node": "", "detail": f"start {old.restart_count}"}
+            for key, at in old.timestamps.items()
+            if key not in ("submitted_at", "updated_at")
+        ]
+        requeued = {"at": jd.now(), "event": "requeued", "node": "", "detail": f"start {restart_count}"}
+        return (*sorted([*old.events, *past], key=lambda e: e.get("at") or 0), requeued)
+
+    def node_changes(self, before: tuple[jd.NodeRecord, ...], after: tuple[jd.NodeRecord, ...]) -> None:
+        """Events for nodes that died or came (back) since the last look."""
+        was = {n.ip: n.alive for n in before}
+        for n in after:
+            if was.get(n.ip) and not n.alive:
+                self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead")
+            elif n.alive and n.ip in was and not was[n.ip]:
+                self.log_event("node_alive", n.hostname or n.ip, "alive again")
 
     # ------------------------------------------------------------ the cluster record
 

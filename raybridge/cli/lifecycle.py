@@ -18,6 +18,7 @@ import typer
 from raybridge import checkpoints as ck
 from raybridge import cluster as lib
 from raybridge import jobdir as jd
+from raybridge import timeline
 from raybridge.cli.common import (
     AcceptKey,
     Json,
@@ -197,6 +198,9 @@ def status_cmd(
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
     json_out: Json = False,
+    show_timeline: Annotated[
+        bool, typer.Option("--timeline", help="Every phase of the job with its time (also in --json).")
+    ] = False,
 ) -> None:
     """Slurm state and Ray state (nodes, addresses, dashboard) of your raybridge jobs."""
     spec = spec_from(ctx)
@@ -226,6 +230,11 @@ def status_cmd(
             print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:
             print("  " + node_line(n))
+        if show_timeline:
+            print("  timeline:")
+            for line in timeline.lines(r["timeline"]):
+                print("    " + line)
+            continue
         for e in r["events"]:
             stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at") or 0))
             print(f"  {stamp} {e.get('event', '?')} {e.get('node', '')} {e.get('detail', '')}".rstrip())

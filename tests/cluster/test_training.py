@@ -283,6 +283,20 @@ def test_worker_node_crash_is_survived(testbed, crashed_nodes):
     assert 0 <= result["redone_steps"] <= EVERY
     assert testbed.cluster_json(job)["generation"] == 0  # the head stayed
     assert_no_leaks(job)
+    # The job's timeline has every phase in order, the node's death and the restore after it.
+    st = testbed.raybridge("login", "status", job, "--json", "--profile", testbed.local_profile)
+    tl = json.loads(st.stdout)["timeline"]
+    at = {}
+    for e in tl:
+        at.setdefault((e["event"], e["node"] if e["event"] in ("node_dead", "node_joined") else ""), e["at"])
+    joined = [t for (ev, _), t in at.items() if ev == "node_joined"]
+    assert len(joined) == 4, tl
+    order = [at[("queued", "")], at[("started", "")], at[("head_up", "")], max(joined), at[("all_alive", "")]]
+    order += [at[("driver_started", "")], at[("node_dead", victim)], at[("restored", "")]]
+    order += [at[("driver_ended", "")], at[("stopped", "")]]
+    assert order == sorted(order), tl
+    text = testbed.raybridge("login", "status", job, "--timeline", "--profile", testbed.local_profile).stdout
+    assert re.search(rf"node_dead +{victim} ", text) and "restored" in text, text
 
 
 def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashed_nodes):
@@ -303,6 +317,10 @@ def test_batch_host_crash_with_requeue_resumes_in_the_next_start(testbed, crashe
     )
     assert testbed.cluster_json(job)["restart_count"] == 1
     assert_no_leaks(job)
+    st = testbed.raybridge("login", "status", job, "--json", "--profile", testbed.local_profile)
+    events = [e["event"] for e in json.loads(st.stdout)["timeline"]]
+    # The first start, the requeue, the second start and the restore in it, in that order.
+    assert events.index("started") < events.index("requeued") < events.index("restored"), events
 
 
 def test_batch_host_crash_without_requeue_says_how_to_continue_and_resume_finishes(testbed, crashed_nodes):
