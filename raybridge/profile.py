@@ -263,7 +263,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         interface=v.interfaces(val("interface")),
         nccl_ib_hca=v.optional_match("nccl_ib_hca", val("nccl_ib_hca"), SLURM_WORD),
         shared_dir=v.path("shared_dir", val("shared_dir"), allow_home=True),
-        node_tmp=v.path("node_tmp", val("node_tmp"), max_len=40),
+        node_tmp=v.path("node_tmp", val("node_tmp"), max_len=200),  # doctor.temp_path: the real limit
         python=None if val("python") is None else v.line("python", val("python")),
         setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", val("setup")))),
         env=v.env(val("env")),

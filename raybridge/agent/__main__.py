@@ -8,6 +8,8 @@ python -m raybridge.agent driver [PID] -- COMMAND
 python -m raybridge.agent new-head GEN print "HOST GENERATION" of the head that replaced generation GEN;
                                        exit 1 if the head was not lost
 python -m raybridge.agent stop         ask every agent to tear down
+python -m raybridge.agent doctor FOLDER NODES MARK
+                                       `raybridge doctor`'s checks on this node (agent/doctor.py)
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def new_head(settings: AgentSettings, generation: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "new-head", "stop"):
+    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "new-head", "stop", "doctor"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -128,6 +130,10 @@ def main(argv: list[str]) -> int:
         from raybridge.agent.node import Agent
 
         return Agent(settings, os.environ).run()
+    if argv[0] == "doctor":
+        from raybridge.agent import doctor
+
+        return doctor.main(settings, argv[1:])
     if argv[0] == "driver":
         from raybridge.agent import driver
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from raybridge import __version__
-from raybridge.cli import ckpt, lifecycle, remote
+from raybridge.cli import ckpt, diagnose, lifecycle, remote
 from raybridge.cli.errors import run_app
 
 
@@ -41,6 +41,7 @@ app.command("run", context_settings={"allow_interspersed_args": False})(lifecycl
 app.command("status")(lifecycle.status_cmd)
 app.command("down")(lifecycle.down_cmd)
 app.command("profiles")(lifecycle.profiles_cmd)
+app.command("doctor")(diagnose.doctor_cmd)
 app.command("tunnel")(remote.tunnel_cmd)
 app.command("submit", context_settings={"allow_interspersed_args": False})(remote.submit_cmd)
 app.command("jobs")(remote.jobs_cmd)

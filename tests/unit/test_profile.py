@@ -51,7 +51,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"memory_per_node": "lots"}, "memory_per_node must look like"),
         ({"shared_dir": "relative/dir"}, "must be an absolute path"),
         ({"shared_dir": "/a\nb"}, "must not contain newlines"),
-        ({"node_tmp": "/" + "x" * 60}, "at most 40 characters"),
+        ({"node_tmp": "/" + "x" * 260}, "at most 200 characters"),
         ({"job_name": "a b"}, "job_name has characters"),
         ({"job_name": "x'; rm -rf /"}, "job_name has characters"),
         ({"job_name": "$(reboot)"}, "job_name has characters"),
