@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import doctor, envcheck, timeline
+from raybridge import doctor, envcheck, metrics, timeline
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
@@ -204,6 +204,7 @@ class Cluster:
         """Ask the agents to tear down (they stop only this job's Ray), then make sure the job is
         gone. Idempotent. Returns what happened, for the CLI."""
         job = self.job()
+        self._forget_targets()
         if job is None or job.finished:
             return "already stopped"
         if job.state == "pending":
@@ -223,6 +224,12 @@ class Cluster:
                 cancelled = True
             time.sleep(POLL)
         raise ClusterError(f"job {self.job_id} did not end within {timeout:.0f}s of the stop request")
+
+    def _forget_targets(self) -> None:
+        """Prometheus stops scraping a stopped cluster even when its head could not say so (crashed)."""
+        shared = posixpath.dirname(posixpath.dirname(self.job_dir))
+        with contextlib.suppress(Exception):
+            self.runner.run(["rm", "-f", "--", metrics.sd_file(shared, self.job_id)], check=False)
 
     def follow_output(
         self,

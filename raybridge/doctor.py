@@ -9,9 +9,11 @@ the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import posixpath
+import re
 import secrets
 import shlex
 import time
@@ -32,6 +34,7 @@ SOCKET_SUFFIX = (
     len("/rb-") + 10 + len("/session_2026-01-01_00-00-00_000000_") + 7 + len("/sockets/plasma_store")
 )
 TOKEN_AUTH_RAY = (2, 52)
+LABEL = re.compile(r"^\s*(\d+): ?(.*)$")
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ def mebibytes(memory: str | None) -> int | None:
 
 
 def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
-    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
+    cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
     cmd += ["--job-name=raybridge-doctor", "--comment=raybridge-doctor", "--time=5", "--kill-on-bad-exit=0"]
     for flag, value in (("partition", spec.partition), ("account", spec.account), ("qos", spec.qos)):
         if value:
@@ -178,14 +181,12 @@ def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 
     finally:
         runner.run(["rm", "-rf", folder], check=False)
     results, rows = [], []
-    for line in r.stdout.splitlines():
-        if line.startswith(MARK):
-            try:
-                results.append(json.loads(line[len(MARK) :]))
-            except ValueError:
-                continue
-        elif line.startswith(envcheck.ERROR_MARK):
-            why = line[len(envcheck.ERROR_MARK) :]
+    for text in by_task(r.stdout).values():
+        if MARK in text:
+            with contextlib.suppress(ValueError):
+                results.append(json.JSONDecoder().raw_decode(text, text.index(MARK) + len(MARK))[0])
+        elif envcheck.ERROR_MARK in text:
+            why = text[text.index(envcheck.ERROR_MARK) + len(envcheck.ERROR_MARK) :]
             host, _, rest = why.partition(": ")
             rows.append(Check("environment", host, "fail", rest.split("; ")[0], envcheck.FIX))
     if not results and not rows:
@@ -200,6 +201,17 @@ def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 
             Check("report", "?", "fail", f"{missing} node(s) did not report (srun: {said or 'nothing'})", "")
         )
     return rows + judge(results, reference(not runner.host))
+
+
+def by_task(output: str) -> dict[str, str]:
+    """srun --label output, each task's text put back together: srun forwards a long line in pieces
+    and may interleave the pieces of several tasks."""
+    out: dict[str, str] = {}
+    for line in output.splitlines():
+        m = LABEL.match(line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), "") + m.group(2)
+    return out
 
 
 def reference(local: bool) -> dict[str, str]:

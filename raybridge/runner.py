@@ -6,11 +6,12 @@ interface.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from raybridge.errors import CommandError
 from raybridge.profile import LoginSpec
@@ -57,6 +58,10 @@ class Runner(Protocol):
         ...
 
     def home(self) -> str: ...
+
+    def connect_tcp(self, ip: str, port: int, timeout: float = 5) -> Any:
+        """A stream to ip:port as the login node reaches it (a socket, or an SSH channel)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -137,6 +142,9 @@ class LocalRunner:
 
     def home(self) -> str:
         return str(Path.home())
+
+    def connect_tcp(self, ip: str, port: int, timeout: float = 5) -> Any:
+        return socket.create_connection((ip, port), timeout=timeout)
 
     def close(self) -> None:
         pass

@@ -415,6 +415,18 @@ class SSHRunner:
     def home(self) -> str:
         return self.sftp.normalize(".")
 
+    def connect_tcp(self, ip: str, port: int, timeout: float = 5) -> paramiko.Channel:
+        """A direct-tcpip channel: the login node connects to ip:port for us."""
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SSHError(f"the SSH connection to {self.host} is closed")
+        try:
+            chan = transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
+        except (paramiko.SSHException, OSError) as e:
+            raise OSError(f"{ip}:{port} via {self.host}: {e}") from None
+        chan.settimeout(timeout)
+        return chan
+
     def close(self) -> None:
         for f, _ in self._reading.values():
             with contextlib.suppress(Exception):

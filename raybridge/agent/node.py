@@ -184,6 +184,7 @@ class Agent:
                 "head_replaced", self.host, f"generation {generation}, {len(nodes)} nodes"
             )
         self.rendezvous.update_cluster(state="ready", ready_at=jd.now(), nodes=nodes)
+        self.rendezvous.publish_targets()
         if self.ray.started:
             self.ray.started.start_background()
         self.say(f"all {len(nodes)} nodes alive; cluster ready")
@@ -323,6 +324,7 @@ class Agent:
                     if before := self.rendezvous.cluster():
                         self.rendezvous.node_changes(before.nodes, nodes)
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
+                    self.rendezvous.publish_targets()
             if gcs is not None and self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
                 batch_check = now
                 self.check_batch_host()
@@ -417,6 +419,9 @@ class Agent:
                 rec = self.rendezvous.cluster()
                 if rec and rec.state != "failed":
                     self.rendezvous.update_cluster(state="stopped", stopped_at=jd.now())
+                rec = self.rendezvous.cluster()
+                if rec and rec.state in ("stopped", "failed"):  # not when handing over to a new head
+                    self.rendezvous.withdraw_targets()
         self.say("stopped this job's Ray processes")
 
 

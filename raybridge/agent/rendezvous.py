@@ -6,6 +6,7 @@ only decides what the agents write and when.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -168,6 +169,21 @@ class Rendezvous:
         if rec is not None:
             entry = {"at": jd.now(), "event": event, "node": node, "detail": detail}
             self.update_cluster(events=(*rec.events, entry))
+
+    def publish_targets(self) -> None:
+        """Prometheus service discovery for this cluster (metrics.py): the alive nodes' endpoints."""
+        from raybridge import metrics
+
+        rec = self.cluster()
+        if rec is not None:
+            with contextlib.suppress(OSError):
+                metrics.write_sd(self.settings.shared_dir, rec)
+
+    def withdraw_targets(self) -> None:
+        from raybridge import metrics
+
+        with contextlib.suppress(OSError):
+            metrics.remove_sd(self.settings.shared_dir, self.settings.job_id)
 
     def stop_flagged(self) -> bool:
         return os.path.exists(self.dir.stop)

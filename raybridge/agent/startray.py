@@ -61,6 +61,8 @@ class RayStarter:
         env["GLOO_SOCKET_IFNAME"] = iface.name
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["TMPDIR"] = self.settings.temp_dir  # Python's scratch files go where teardown cleans
+        # The head's dashboard writes Grafana dashboards for this Ray version: kept with the job.
+        env["RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR"] = self.dir.join("grafana", "dashboards")
         if self.settings.auth:
             env["RAY_AUTH_MODE"] = "token"
             env["RAY_AUTH_TOKEN_PATH"] = self.dir.token

@@ -1,4 +1,4 @@
-"""doctor."""
+"""doctor, metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,19 @@ import typer
 
 from raybridge import cluster as lib
 from raybridge import doctor
-from raybridge.cli.common import AcceptKey, Json, Login, Profile, connected, say, spec_from, with_spec_options
+from raybridge import metrics as rbm
+from raybridge.cli.common import (
+    AcceptKey,
+    JobArg,
+    Json,
+    Login,
+    Profile,
+    connected,
+    say,
+    spec_from,
+    with_spec_options,
+)
+from raybridge.errors import ClusterError
 
 
 @with_spec_options
@@ -43,3 +55,31 @@ def doctor_cmd(
         print(f"{len(checks)} checks: {fails} failed, {warns} warnings")
     if any(c.status == "fail" for c in checks):
         raise typer.Exit(1)
+
+
+def metrics_cmd(
+    ctx: typer.Context,
+    job: JobArg = None,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+    json_out: Json = False,
+) -> None:
+    """Ray's metrics of every alive node now (scraped from the nodes' Prometheus endpoints), and
+    the service-discovery file that points Prometheus at them."""
+    spec = spec_from(ctx)
+    with connected(spec) as runner:
+        c = lib.attach(spec, runner, job)
+        info = c.info()
+        if info is None or not info.nodes:
+            raise ClusterError(f"job {c.job_id} has no Ray nodes yet")
+        nodes = rbm.scrape(runner, info)
+        shared = spec.with_home(runner.home()).shared_dir
+    sd = rbm.sd_file(shared, c.job_id)
+    if json_out:
+        print(
+            json.dumps({"job_id": c.job_id, "sd_file": sd, "nodes": [m.as_dict() for m in nodes]}, indent=2)
+        )
+        return
+    print("\n".join(rbm.lines(nodes)))
+    print(f"Prometheus targets: {sd}")

@@ -27,3 +27,12 @@ def testbed() -> Iterator[Testbed]:
     # A failed test must not leave jobs that block the nodes for the rest of a run.
     if subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0:
         bed.exec("login", "scancel", "--user=root")
+
+
+@pytest.fixture
+def crashed_nodes() -> Iterator[list[str]]:
+    """Nodes a test crashed come back (slurmd started, node resumed) when it ends, whatever happened."""
+    nodes: list[str] = []
+    yield nodes
+    for node in nodes:
+        subprocess.run([TESTBED, "revive", node], capture_output=True)

@@ -1,12 +1,17 @@
 """What a user sees of a cluster, against the real test bed: the first contact of a new user (the job
 runs raybridge's own environment; a node Python that cannot run it is one line with the fix)."""
 
+import json
 import re
+import shutil
+import subprocess
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import REPO, assert_no_leaks
+from tests.cluster.bed import REPO, TESTBED, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -55,3 +60,100 @@ def test_a_node_python_without_raybridges_dependencies_is_one_line(testbed):
     assert "set `python:` in the profile" in last, last
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
+
+
+PROMETHEUS_CONF = """
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: ray
+    file_sd_configs:
+      - files: ["{sd_dir}/*.json"]
+        refresh_interval: 1s
+"""
+
+
+def wait_until(what, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return result
+
+
+def prometheus_up(testbed, job):
+    """{instance: value of `up`} for the job's targets, from the real Prometheus on the login node."""
+    q = urllib.parse.quote(f'up{{raybridge_job="{job}"}}')
+    r = testbed.exec("login", "curl", "-s", f"http://127.0.0.1:9099/api/v1/query?query={q}")
+    try:
+        data = json.loads(r.stdout)["data"]["result"]
+    except (ValueError, KeyError):
+        return {}
+    return {s["metric"]["instance"]: s["value"][1] for s in data}
+
+
+def test_metrics_service_discovery_and_a_real_prometheus(testbed, crashed_nodes, tmp_path):
+    sd_dir = Path(testbed.shared) / "raybridge" / "prometheus"
+    sd_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(testbed.shared) / "prometheus-test"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    (work / "prometheus.yml").write_text(PROMETHEUS_CONF.format(sd_dir=sd_dir))
+    prom = subprocess.Popen(
+        [
+            TESTBED,
+            "exec",
+            "login",
+            "--",
+            "prometheus",
+            f"--config.file={work}/prometheus.yml",
+            f"--storage.tsdb.path={work}/data",
+            "--web.listen-address=127.0.0.1:9099",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "prometheus.log", "w"),
+    )
+    r = testbed.raybridge("login", "up", "--nodes", "3", "--profile", testbed.local_profile)
+    job = job_id_from(r.stderr)
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        info = testbed.cluster_json(job)
+        sd = sd_dir / f"{job}.json"
+        groups = wait_until("the SD file", lambda: sd.exists() and json.loads(sd.read_text()))
+        want = {f"{n['ip']}:{n['ports']['metrics']}" for n in info["nodes"]}
+        assert {g["targets"][0] for g in groups} == want and len(want) == 3
+        assert oct(sd.stat().st_mode & 0o777) == "0o644"
+        # `raybridge metrics`: real values from every node.
+        m = testbed.raybridge("login", "metrics", job, "--json", "--profile", testbed.local_profile)
+        nodes = json.loads(m.stdout)["nodes"]
+        assert len(nodes) == 3 and not any(n["error"] for n in nodes), nodes
+        assert all(
+            n["mem_total"] > 1 << 30 and n["cpu_percent"] is not None and n["series"] > 50 for n in nodes
+        )
+        text = testbed.raybridge("login", "metrics", job, "--profile", testbed.local_profile).stdout
+        assert f"Prometheus targets: {sd}" in text
+        # The real Prometheus scrapes every node (up == 1).
+        wait_until(
+            "Prometheus to scrape all nodes", lambda: prometheus_up(testbed, job) == dict.fromkeys(want, "1")
+        )
+        # A node's death removes its target.
+        head = info["head"]["hostname"]
+        batch = testbed.exec("login", "squeue", "-h", "-j", job, "-o", "%B", check=True).stdout.strip()
+        victim = next(n for n in info["nodes"] if n["hostname"] not in (head, batch))
+        crashed_nodes.append(victim["hostname"])
+        subprocess.run([TESTBED, "crash", victim["hostname"]], check=True, capture_output=True)
+        gone = f"{victim['ip']}:{victim['ports']['metrics']}"
+        wait_until(
+            "the dead node's target to go",
+            lambda: {g["targets"][0] for g in json.loads(sd.read_text())} == want - {gone},
+        )
+        # Ray's Grafana dashboards are kept with the job.
+        dashboards = testbed.job_dir(job) / "grafana" / "dashboards"
+        assert (dashboards / "default_grafana_dashboard.json").is_file(), list(testbed.job_dir(job).iterdir())
+    finally:
+        testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+        prom.terminate()
+        prom.wait(timeout=30)
+    testbed.wait_job_gone(job)
+    assert not (sd_dir / f"{job}.json").exists()

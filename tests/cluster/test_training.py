@@ -127,15 +127,6 @@ def job_procs_in(node: str, job: str) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture
-def crashed_nodes():
-    """Nodes a test crashed come back (slurmd started, node resumed) when it ends, whatever happened."""
-    nodes: list[str] = []
-    yield nodes
-    for node in nodes:
-        subprocess.run([TESTBED, "revive", node], capture_output=True)
-
-
 def test_raylet_killed_on_a_worker_node_training_completes(testbed):
     # Three workers on three nodes: the node that is neither the batch host (n1) nor the head has one.
     proc, job = start_training(testbed, "--workers", "3", nodes=3)
