@@ -242,3 +242,25 @@ def pull(
 def inside(path: Path, root: Path) -> bool:
     """path, with every link on the way resolved, is root or below it."""
     return path.resolve().is_relative_to(root)
+
+
+def newest_complete(runner: Runner, run_dir: str) -> tuple[CheckpointInfo, int | None] | None:
+    """The run's newest checkpoint with its completion marker (written last), and its step."""
+    import json
+
+    from raybridge.train import MARKER
+
+    try:
+        cps = list_checkpoints(runner, run_dir)
+    except RaybridgeError:
+        return None
+    for cp in reversed(cps):
+        meta = runner.read_text(posixpath.join(cp.path, MARKER))
+        if meta is None:
+            continue
+        try:
+            step = json.loads(meta).get("step")
+        except (ValueError, AttributeError):
+            continue
+        return cp, step if isinstance(step, int) else None
+    return None

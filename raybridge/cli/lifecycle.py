@@ -34,7 +34,7 @@ from raybridge.errors import RaybridgeError
 from raybridge.profile import ClusterSpec, list_profiles
 from raybridge.render import render
 from raybridge.runner import Runner
-from raybridge.train import MARKER, RUN_NAME_VAR
+from raybridge.train import RUN_NAME_VAR
 
 
 @contextlib.contextmanager
@@ -165,16 +165,8 @@ def lost_run_line(
     shared = spec.with_home(runner.home()).shared_dir
     name = resume or f"{spec.job_name}-{job_id}"
     run_dir = posixpath.join(ck.runs_dir(shared), name)
-    try:
-        cps = ck.list_checkpoints(runner, run_dir)
-    except RaybridgeError:
-        cps = []
-    step = None
-    for cp in reversed(cps):  # the newest with its completion marker (written last)
-        meta = runner.read_text(posixpath.join(cp.path, MARKER))
-        with contextlib.suppress(ValueError, TypeError):
-            step = json.loads(meta or "")["step"]
-            break
+    newest = ck.newest_complete(runner, run_dir)
+    step = newest[1] if newest else None
     where = (
         f"its newest complete checkpoint is at step {step}"
         if step is not None
@@ -201,9 +193,24 @@ def status_cmd(
     show_timeline: Annotated[
         bool, typer.Option("--timeline", help="Every phase of the job with its time (also in --json).")
     ] = False,
+    live: Annotated[
+        bool, typer.Option("--watch", help="A live view of the job, refreshed until it ends (Ctrl-C leaves).")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes of --watch.")] = 2.0,
 ) -> None:
     """Slurm state and Ray state (nodes, addresses, dashboard) of your raybridge jobs."""
     spec = spec_from(ctx)
+    if live:
+        from raybridge.cli.watch import watch
+
+        if json_out or show_timeline:
+            raise RaybridgeError("--watch shows one live view: leave out --json and --timeline")
+        if interval < 0.5:
+            raise RaybridgeError("--interval must be at least 0.5 seconds")
+        with connected(spec) as runner:
+            last = watch(lib.attach(spec, runner, job), spec, interval)
+        say(f"job {last.job_id}: Slurm {last.slurm}")
+        return
     with connected(spec) as runner:
         if job:
             clusters = [lib.attach(spec, runner, job)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import REPO, TESTBED, assert_no_leaks
+from tests.cluster.bed import RAYBRIDGE, REPO, TESTBED, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -157,3 +157,69 @@ def test_metrics_service_discovery_and_a_real_prometheus(testbed, crashed_nodes,
         prom.wait(timeout=30)
     testbed.wait_job_gone(job)
     assert not (sd_dir / f"{job}.json").exists()
+
+
+def tmux(*args):
+    return subprocess.run(["tmux", "-L", "rbtest", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_status_watch_renders_live_in_a_terminal(testbed):
+    r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", testbed.local_profile)
+    job = job_id_from(r.stderr)
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        sub = testbed.raybridge(
+            "login",
+            "submit",
+            "--job",
+            job,
+            "--profile",
+            testbed.local_profile,
+            "--",
+            "python",
+            "-c",
+            "import time; time.sleep(120)",
+        )
+        assert sub.returncode == 0, sub.stderr
+        ray_job = sub.stdout.strip()
+        watch = f"{TESTBED} exec login -- {RAYBRIDGE} status {job} --watch --interval 1 --profile {testbed.local_profile}"
+        tmux("kill-server")
+        assert (
+            tmux(
+                "new-session", "-d", "-s", "watch", "-x", "150", "-y", "30", f"{watch}; sleep 600"
+            ).returncode
+            == 0
+        )
+
+        def screen_with_everything():
+            screen = tmux("capture-pane", "-p", "-t", "watch").stdout
+            rows = re.findall(r"^(n\d+) +alive +(\d+)% +([\d.]+)/([\d.]+) ", screen, re.M)
+            ok = (
+                f"job {job}  Slurm RUNNING  Ray ready  2/2 nodes alive" in screen
+                and len(rows) == 2
+                and re.search(rf"{ray_job} +RUNNING +python -c", screen)
+                and "last checkpoint: none yet" in screen
+            )
+            return screen if ok else None
+
+        screen = wait_until("the live view", screen_with_everything, timeout=60)
+        assert all(
+            float(total) > 1
+            for *_, total in re.findall(r"^(n\d+) +alive +(\d+)% +([\d.]+)/([\d.]+) ", screen, re.M)
+        )
+        # It follows the job to its end and says so.
+        testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+        end = wait_until(
+            "the view's end",
+            lambda: (
+                "Slurm" in (t := tmux("capture-pane", "-p", "-t", "watch").stdout)
+                and re.search(rf"job {job}: Slurm (COMPLETED|CANCELLED)", t)
+                and t
+            ),
+        )
+        assert "Traceback" not in end
+    finally:
+        tmux("kill-server")
+        testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
+    testbed.wait_job_gone(job)
+    assert_no_leaks(job)
