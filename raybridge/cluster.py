@@ -29,7 +29,7 @@ from raybridge.profile import ClusterSpec
 from raybridge.render import render
 from raybridge.runner import Runner
 from raybridge.settings import SUBMITTED_AT_VAR
-from raybridge.slurm import JobInfo, SlurmClient
+from raybridge.slurm import Accounting, JobInfo, SlurmClient
 
 POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
 FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log or record
@@ -95,6 +95,16 @@ class Cluster:
 
     def job(self) -> JobInfo | None:
         return self.slurm.job(self.job_id)
+
+    def accounting(self, settle: float = 5.0) -> Accounting | None:
+        """sacct's record of the job; after its end, waits up to `settle` s for the final one (the
+        controller hands it to slurmdbd a moment after the job ended)."""
+        deadline = time.monotonic() + settle
+        while True:
+            acct = self.slurm.accounting(self.job_id)
+            if acct is None or not acct.running or time.monotonic() > deadline:
+                return acct
+            time.sleep(0.5)
 
     def joined(self) -> int:
         return sum(1 for n in self.runner.listdir(self.dir.nodes) if n.endswith(".json"))
@@ -372,4 +382,5 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "generation": info.generation if info else 0,
         "events": list(info.events) if info else [],
         "timeline": timeline.build(info, timeline.side_events(cluster.runner, cluster.dir)),
+        "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
     }

@@ -94,6 +94,81 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
     )
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """What Slurm's accounting (sacct) knows of a job, summed over its starts (a requeued job has
+    one record per start)."""
+
+    state: str  # of the newest start
+    starts: int
+    elapsed_s: int
+    node_s: int  # elapsed x nodes
+    alloc_cpu_s: int  # elapsed x allocated CPUs
+    total_cpu_s: float  # CPU time used by every step (complete once the steps ended)
+
+    @property
+    def node_hours(self) -> float:
+        return self.node_s / 3600
+
+    @property
+    def cpu_efficiency(self) -> float | None:
+        """Used CPU time / allocated CPU time (None before any time was allocated)."""
+        return self.total_cpu_s / self.alloc_cpu_s if self.alloc_cpu_s else None
+
+    @property
+    def running(self) -> bool:
+        return STATES.get(self.state.split()[0], "unknown") in ("pending", "running", "ending")
+
+    def line(self) -> str:
+        starts = f", {self.starts} starts" if self.starts > 1 else ""
+        text = f"{self.node_hours:.4f} node-hours ({self.node_s} node-seconds{starts})"
+        if self.running:
+            return text + ", CPU efficiency once the job ends (sacct)"
+        eff = self.cpu_efficiency
+        return text + (f", CPU efficiency {eff:.0%}" if eff is not None else "") + " (sacct)"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "starts": self.starts,
+            "elapsed_s": self.elapsed_s,
+            "node_hours": round(self.node_hours, 6),
+            "cpu_efficiency": None if self.cpu_efficiency is None else round(self.cpu_efficiency, 4),
+            "total_cpu_s": self.total_cpu_s,
+            "summary": self.line(),
+        }
+
+
+def parse_duration(text: str) -> float:
+    """sacct's [DD-][HH:]MM:SS[.mmm] as seconds; 0 for anything else."""
+    days, _, rest = text.strip().rpartition("-")
+    try:
+        seconds = sum(float(v) * 60**i for i, v in enumerate(reversed(rest.split(":"))))
+        return seconds + (int(days) * 86400 if days else 0)
+    except ValueError:
+        return 0.0
+
+
+def parse_sacct(text: str, job_id: str) -> Accounting | None:
+    """The job's own lines of `sacct -D -P -n -o JobID,State,ElapsedRaw,NNodes,AllocCPUS,TotalCPU`
+    (one per start; its steps' lines are left out), summed."""
+    rows = []
+    for line in text.splitlines():
+        f = line.split("|")
+        if len(f) == 6 and f[0] == job_id and f[2].isdigit() and f[3].isdigit() and f[4].isdigit():
+            rows.append((f[1], int(f[2]), int(f[3]), int(f[4]), parse_duration(f[5])))
+    if not rows:
+        return None
+    return Accounting(
+        state=rows[-1][0],
+        starts=len(rows),
+        elapsed_s=sum(r[1] for r in rows),
+        node_s=sum(r[1] * r[2] for r in rows),
+        alloc_cpu_s=sum(r[1] * r[3] for r in rows),
+        total_cpu_s=round(sum(r[4] for r in rows), 3),
+    )
+
+
 class SlurmClient:
     def __init__(self, runner: Runner):
         self.runner = runner
@@ -134,6 +209,12 @@ class SlurmClient:
             if info and info.comment == "raybridge":
                 jobs.append(info)
         return jobs
+
+    def accounting(self, job_id: str) -> Accounting | None:
+        """sacct's view of the job; None where accounting is off or does not know the job."""
+        fields = "JobID,State,ElapsedRaw,NNodes,AllocCPUS,TotalCPU"
+        r = self.runner.run(["sacct", "-j", job_id, "-n", "-P", "-D", "-o", fields], check=False, timeout=30)
+        return parse_sacct(r.stdout, job_id) if r.returncode == 0 else None
 
     def start_now(self, job_id: str) -> bool:
         """Let a requeued job start as soon as nodes are free: Slurm holds it (reason BeginTime) for

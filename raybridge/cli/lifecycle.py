@@ -149,6 +149,8 @@ def run_cmd(
         if code == 0 and state != "COMPLETED":
             code = 1  # cancelled or failed from outside (a lost batch host): not the driver's success
         say(f"job {c.job_id} finished: {state}, exit code {code}")
+        if acct := c.accounting():
+            say(f"job {c.job_id} used {acct.line()}")
         if code != 0 and state in LOST:
             say(lost_run_line(spec, runner, c.job_id, state, resume, command))
         raise typer.Exit(code)
@@ -233,6 +235,8 @@ def status_cmd(
         )
         if r["dashboard_url"]:
             print(f"  address {r['address']}  dashboard {r['dashboard_url']}")
+        if r["accounting"]:
+            print(f"  accounting {r['accounting']['summary']}")
         if r["auth"] == "none":
             print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:

@@ -223,3 +223,31 @@ def test_status_watch_renders_live_in_a_terminal(testbed):
         testbed.raybridge("login", "down", job, "--profile", testbed.local_profile)
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
+
+
+def test_accounting_from_slurmdbd_in_run_and_status(testbed):
+    burn = "import ray; ray.init(); f = ray.remote(lambda: sum(i * i for i in range(3 * 10**6))); print(sum(ray.get([f.remote() for _ in range(8)])))"
+    r = testbed.raybridge(
+        "login", "run", "--nodes", "2", "--profile", testbed.local_profile, "--", "python", "-c", burn
+    )
+    job = job_id_from(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(
+        rf"job {job} used ([\d.]+) node-hours \((\d+) node-seconds\), CPU efficiency (\d+)% \(sacct\)",
+        r.stderr,
+    )
+    assert m, r.stderr[-2000:]
+    # Slurm's own accounting knows the job, with what raybridge reported.
+    sacct = testbed.exec(
+        "login", "sacct", "-j", job, "-n", "-P", "-X", "-o", "JobID,State,ElapsedRaw,NNodes", check=True
+    )
+    jid, state, elapsed, nnodes = sacct.stdout.strip().splitlines()[-1].split("|")
+    assert (jid, state, nnodes) == (job, "COMPLETED", "2")
+    assert int(m.group(2)) == int(elapsed) * 2 and int(elapsed) > 0
+    assert 0 < int(m.group(3)) <= 100
+    st = json.loads(
+        testbed.raybridge("login", "status", job, "--json", "--profile", testbed.local_profile).stdout
+    )
+    assert st["accounting"]["node_hours"] == pytest.approx(int(elapsed) * 2 / 3600, abs=1e-6)
+    text = testbed.raybridge("login", "status", job, "--profile", testbed.local_profile).stdout
+    assert f"accounting {m.group(1)} node-hours" in text, text

@@ -201,3 +201,23 @@ def test_a_batch_run_whose_driver_ended_before_it_looked_counts_as_ready(tmp_pat
     (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, state="failed", error="boom")))
     with pytest.raises(ClusterError, match="cluster 42 failed: boom"):
         cluster.wait_ready(ended_ok=True)
+
+
+def test_sacct_is_summed_over_starts_and_leaves_out_steps():
+    from raybridge.slurm import parse_duration, parse_sacct
+
+    text = "7|REQUEUED|100|2|4|01:00.000\n7.batch|CANCELLED|100|1|2|00:10\n7|COMPLETED|50|2|4|00:02:30\n17|COMPLETED|9|1|1|0:01\n"
+    a = parse_sacct(text, "7")
+    assert (a.state, a.starts, a.elapsed_s, a.node_s, a.alloc_cpu_s, a.total_cpu_s) == (
+        "COMPLETED",
+        2,
+        150,
+        300,
+        600,
+        210,
+    )
+    assert a.cpu_efficiency == 210 / 600 and "35%" in a.line() and "2 starts" in a.line()
+    assert parse_sacct("", "7") is None and parse_sacct("junk|x", "7") is None
+    assert parse_duration("1-02:03:04.5") == 93784.5 and parse_duration("bad") == 0.0
+    running = parse_sacct("8|RUNNING|20|1|2|00:00:00\n", "8")
+    assert running.running and "once the job ends" in running.line()
