@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import doctor, envcheck, metrics, timeline
+from raybridge import envcheck, metrics, timeline
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
@@ -315,6 +315,8 @@ def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
 def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     """Render the script into <shared_dir>/scripts and sbatch it. Returns at once."""
     spec = complete(spec.with_home(runner.home()), local=not runner.host)
+    from raybridge import doctor
+
     doctor.refuse(spec, runner)  # the login node's own checks: one line, before Slurm is asked
     script = render(spec)
     scripts_dir = posixpath.join(spec.shared_dir, "scripts")

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 
 from raybridge import envcheck
-from raybridge.agent.doctor import MARK
 from raybridge.errors import RaybridgeError
 from raybridge.profile import ClusterSpec
 from raybridge.runner import Runner
@@ -180,6 +179,8 @@ def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 
         )
     finally:
         runner.run(["rm", "-rf", folder], check=False)
+    from raybridge.agent.doctor import MARK
+
     results, rows = [], []
     for text in by_task(r.stdout).values():
         if MARK in text:

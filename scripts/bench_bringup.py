@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_report
+
 from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
@@ -334,6 +336,13 @@ def main() -> int:
     print(f"raybridge scaling (ready): {counts[-1]} nodes / {counts[0]} node = {last / first:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "median": med}, indent=2))
+    bench_report.save(
+        "bench-bringup",
+        f"sbatch → Ray cluster ready (median of {args.runs}; {os.cpu_count()} cores shared by all nodes)",
+        "seconds (lower is better)",
+        {x: {f"N={n}": med[f"ready:{x}"][n] for n in counts} for x in names},
+        {"runs": results, "median": med, "leftovers": leftovers},
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
 from bench_bringup import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,6 +224,13 @@ def main() -> int:
     if args.json:
         out = args.json.with_name(f"{args.json.stem}-firstline.json")
         out.write_text(json.dumps({"runs": results, "median": med}, indent=2))
+    bench_report.save(
+        "bench-firstline",
+        f"submit → the program's first line on the terminal (median of {args.runs})",
+        "seconds (lower is better)",
+        {x: {f"N={n}": med[x][n] for n in counts} for x in names},
+        {"runs": results, "median": med, "leftovers": leftovers},
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import bench_report
 import psutil
 from bench_common import REPO, result, train_run_argv
 
@@ -160,6 +161,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=40)
     ap.add_argument("--cases", default="raylet,head,requeue")
     args = ap.parse_args()
+    table: dict[str, dict[str, float]] = {}
+    raw: dict[str, list] = {}
     for case in args.cases.split(","):
         rows = []
         for i in range(args.runs):
@@ -190,6 +193,15 @@ def main() -> int:
             print(f"  {'Slurm would have held it until (skipped)':42} {med['slurm_hold_s']:6.1f} s")
         print(f"  {f'steps redone (checkpoint every {args.every})':42} {med['redone_steps']:6.0f}")
         print(f"  {'final step':42} {med['final_step']:6.0f} of {args.steps}\n")
+        table.setdefault("failure → first completed step", {})[case] = med["total_s"]
+        raw[case] = rows
+    bench_report.save(
+        "bench-recovery",
+        f"Recovery: failure → first completed training step (median of {args.runs})",
+        "seconds (lower is better)",
+        table,
+        raw,
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_report
 from bench_common import REPO, result, train_run_argv
 
 TORCHRUN = """#!/bin/bash
@@ -86,6 +87,13 @@ def main() -> int:
     print(
         f"  per-round ratios        {statistics.median(ratios):9.2f} median "
         f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}; each round runs both back to back)"
+    )
+    bench_report.save(
+        "bench-train",
+        f"Training throughput, {args.nodes} nodes (median of {args.runs})",
+        "samples/s (higher is better)",
+        {"raybridge TorchTrainer": {"MLP": a}, "srun torchrun (DDP)": {"MLP": b}},
+        {"raybridge": rb, "torchrun": tr},
     )
     return 0
 

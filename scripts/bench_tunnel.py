@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import bench_report
+
 from raybridge.access import make_forwarder
 from raybridge.cluster import attach
 from raybridge.profile import load_spec
@@ -141,6 +143,13 @@ def main() -> int:
         f"{p90(lat['raybridge']) / p90(lat['openssh']):6.2f}"
     )
     print(f"{'MiB/s':12} | {rt:10.1f} | {ot:10.1f} | {rt / ot:6.2f}")
+    bench_report.save(
+        "bench-tunnel",
+        "Tunnel laptop → login → head: throughput (median)",
+        "MiB/s (higher is better)",
+        {"raybridge": {"throughput": rt}, "OpenSSH -L": {"throughput": ot}},
+        {"latency_ms": lat, "throughput_mib_s": thr},
+    )
     return 0
 
 
@@ -197,6 +206,13 @@ def pull_bench(args: argparse.Namespace) -> None:
     for name, took in best.items():
         print(f"{name:22} | {took:8.2f} | {size / took / 2**20:7.1f} | {base / took:6.2f}")
     print()
+    bench_report.save(
+        "bench-pull",
+        f"Checkpoint pull, {size / 2**30:.1f} GiB, login → laptop (best of {args.pulls})",
+        "MiB/s (higher is better)",
+        {name: {"pull": size / took / 2**20} for name, took in best.items()},
+        best,
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from raybridge import cluster as lib
-from raybridge import doctor
-from raybridge import metrics as rbm
 from raybridge.cli.common import (
     AcceptKey,
     JobArg,
@@ -39,6 +37,8 @@ def doctor_cmd(
     """Check the login node and, through a short Slurm step, --nodes compute nodes: shared storage,
     interface and fabric, ports, temp path, /dev/shm, resources, NCCL/GLOO, versions, token auth.
     Exits 1 when a check fails."""
+    from raybridge import doctor
+
     spec = spec_from(ctx)
     with connected(spec) as runner:
         spec = lib.complete(spec.with_home(runner.home()), local=not runner.host)
@@ -67,6 +67,8 @@ def metrics_cmd(
 ) -> None:
     """Ray's metrics of every alive node now (scraped from the nodes' Prometheus endpoints), and
     the service-discovery file that points Prometheus at them."""
+    from raybridge import metrics as rbm
+
     spec = spec_from(ctx)
     with connected(spec) as runner:
         c = lib.attach(spec, runner, job)
