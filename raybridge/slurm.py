@@ -213,7 +213,12 @@ class SlurmClient:
     def accounting(self, job_id: str) -> Accounting | None:
         """sacct's view of the job; None where accounting is off or does not know the job."""
         fields = "JobID,State,ElapsedRaw,NNodes,AllocCPUS,TotalCPU"
-        r = self.runner.run(["sacct", "-j", job_id, "-n", "-P", "-D", "-o", fields], check=False, timeout=30)
+        try:
+            r = self.runner.run(
+                ["sacct", "-j", job_id, "-n", "-P", "-D", "-o", fields], check=False, timeout=30
+            )
+        except CommandError:  # no sacct on this login node, or it hung
+            return None
         return parse_sacct(r.stdout, job_id) if r.returncode == 0 else None
 
     def start_now(self, job_id: str) -> bool:

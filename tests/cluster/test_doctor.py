@@ -46,6 +46,13 @@ def test_a_healthy_test_bed_passes(testbed):
     assert len([c for c in checks if c["check"] == "fabric"]) == 6  # every pair of the 4 nodes
     text = testbed.raybridge("login", "doctor", "--profile", testbed.local_profile, "--nodes", "2")
     assert text.returncode == 0 and "0 failed" in text.stdout, text.stdout + text.stderr
+    # From the laptop: the same step, started over SSH on the login node.
+    remote = testbed.raybridge(
+        "laptop", "doctor", "--profile", testbed.remote_profile, "--nodes", "2", "--json"
+    )
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    checks = json.loads(remote.stdout)
+    assert not failing(checks) and len([c for c in checks if c["check"] == "fabric"]) == 1
 
 
 def test_interface_down_on_one_node(testbed):
