@@ -15,7 +15,9 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import os
 import posixpath
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -305,11 +307,13 @@ def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
     (on the login node, with no `setup`: the interpreter raybridge itself runs in, e.g. the user's
     venv), and the versions the nodes must match (the login node's raybridge, Ray and Python; from a
     laptop, raybridge's own only)."""
-    python = spec.python
-    if python is None and local and not spec.setup:
-        python = sys.executable or None
+    python, setup = spec.python, spec.setup
+    if python is None and local and not setup and sys.executable:
+        python = sys.executable
+        # What activating the venv does for commands: `python`, `ray` and the driver's own tools.
+        setup = (f'export PATH={shlex.quote(os.path.dirname(python))}:"$PATH"',)
     versions = envcheck.encode(envcheck.versions(full=local))
-    return dataclasses.replace(spec, python=python, expect_versions=versions)
+    return dataclasses.replace(spec, python=python, setup=setup, expect_versions=versions)
 
 
 def submit(spec: ClusterSpec, runner: Runner) -> Cluster:

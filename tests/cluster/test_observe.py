@@ -45,6 +45,11 @@ def test_first_contact_runs_the_clis_own_environment(testbed):
         testbed.raybridge("login", "down", job, "--profile", profile)
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
+    # A batch run's `python` is that environment's too (the job puts its bin folder first on PATH).
+    probe = "import sys, psutil; print('driver python', sys.executable)"
+    r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", profile, "--", "python", "-c", probe)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"driver python {venv_python}" in r.stdout, r.stdout[-2000:]
 
 
 def test_a_node_python_without_raybridges_dependencies_is_one_line(testbed):
