@@ -97,7 +97,12 @@ class Rendezvous:
 
     def write_node(self, node: jd.NodeRecord) -> None:
         Path(self.dir.nodes).mkdir(exist_ok=True)
-        jd.write(self.dir.node(self.settings.rank), node)
+        key = (
+            f"m{self.settings.job_id}-{self.settings.rank}"
+            if self.settings.cluster_job
+            else self.settings.rank
+        )
+        jd.write(self.dir.node(key), node)
 
     def joined(self) -> int:
         return len(list(Path(self.dir.nodes).glob("*.json")))
@@ -184,6 +189,10 @@ class Rendezvous:
 
         with contextlib.suppress(OSError):
             metrics.remove_sd(self.settings.shared_dir, self.settings.job_id)
+
+    def release_flagged(self) -> bool:
+        """This member job was asked to leave (`raybridge scale --remove`)."""
+        return bool(self.settings.cluster_job) and os.path.exists(self.dir.release(self.settings.job_id))
 
     def stop_flagged(self) -> bool:
         return os.path.exists(self.dir.stop)
