@@ -343,6 +343,10 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     )
     c = Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
     c.python = spec.python or "python3"
+    if spec.replace_lost:  # what the head submits when a node dies (agent/replace.py)
+        from raybridge import members
+
+        members.write_replacement_script(spec, runner, job_id)
     return c
 
 

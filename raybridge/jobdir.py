@@ -211,6 +211,7 @@ class NodeRecord(Record):
     ray_start_reason: str | None = None  # why `ray start` was used, when it was
     temp_dir: str | None = None  # Ray's node-local folder (its logs while the job runs)
     generation: int = 0  # the head generation this node joined
+    member_job: str | None = None  # the member job that brought this node (`raybridge scale`)
     # From the GCS (on the head): Ray's view of the node.
     node_id: str | None = None
     alive: bool | None = None

@@ -24,6 +24,7 @@ from raybridge.cluster import Cluster, complete
 from raybridge.errors import ClusterError
 from raybridge.profile import ClusterSpec
 from raybridge.render import render_member
+from raybridge.runner import Runner
 from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import JobInfo, SlurmClient
 
@@ -67,6 +68,30 @@ def listing(cluster: Cluster) -> list[Member]:
     return [Member(r, cluster.slurm.job(r.job_id)) for r in records(cluster)]
 
 
+def member_spec(spec: ClusterSpec, cluster_job: str, time: str | None) -> ClusterSpec:
+    """One worker node that joins cluster_job, labelled with its worker group."""
+    labels = (
+        *spec.labels,
+        f"raybridge.io/partition={spec.partition or 'default'}",
+        f"raybridge.io/cluster={cluster_job}",
+    )
+    if spec.gpus_per_node:
+        labels += (f"raybridge.io/gpus={spec.gpus_per_node}",)
+    return dataclasses.replace(
+        spec, nodes=1, spare_nodes=0, replace_lost=0, member_of=cluster_job, labels=labels, time=time
+    )
+
+
+def write_replacement_script(spec: ClusterSpec, runner: Runner, cluster_job: str) -> str:
+    """The member script the head submits for a node that died (`--replace-lost`); it gets the
+    cluster's remaining time on sbatch's command line."""
+    from raybridge.agent.replace import script_path
+
+    path = script_path(spec.shared_dir, cluster_job)
+    runner.write_text(path, render_member(member_spec(spec, cluster_job, None)), mode=0o700)
+    return path
+
+
 def add(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
     """Submit `count` one-node member jobs that join the cluster; returns their job ids. The cluster
     must be running (its head up); the jobs get the cluster's remaining time."""
@@ -79,16 +104,8 @@ def add(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
     runner = cluster.runner
     spec = complete(spec.with_home(runner.home()), local=not runner.host)
     left = time_left(cluster.slurm, cluster.job_id)
-    labels = (
-        *spec.labels,
-        f"raybridge.io/partition={spec.partition or 'default'}",
-        f"raybridge.io/cluster={cluster.job_id}",
-    )
-    if spec.gpus_per_node:
-        labels += (f"raybridge.io/gpus={spec.gpus_per_node}",)
-    spec = dataclasses.replace(
-        spec, nodes=1, spare_nodes=0, member_of=cluster.job_id, labels=labels, time=left or spec.time
-    )
+    spec = member_spec(spec, cluster.job_id, left or spec.time)
+    labels = spec.labels
     script = render_member(spec)
     scripts_dir = posixpath.join(spec.shared_dir, "scripts")
     runner.makedirs(scripts_dir)

@@ -104,6 +104,7 @@ class ClusterSpec:
     ready_timeout: int = AGENT_DEFAULTS["ready_timeout"]
     auth: bool = AGENT_DEFAULTS["auth"]
     spare_nodes: int = 0
+    replace_lost: int = 0  # member jobs submitted to replace nodes that die, at most this many
     signal_seconds: int | None = None
     requeue: bool = False
     max_requeues: int = 3
@@ -149,6 +150,7 @@ class ClusterSpec:
             versions=self.expect_versions,
             cluster_job=self.member_of,
             labels=self.labels,
+            replace_lost=0 if self.member_of else self.replace_lost,
         )
 
     def with_home(self, home: str) -> ClusterSpec:
@@ -288,6 +290,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         ready_timeout=v.integer("ready_timeout", val("ready_timeout"), minimum=10, maximum=86400),
         auth=v.boolean("auth", val("auth")),
         spare_nodes=v.integer("spare_nodes", val("spare_nodes"), minimum=0, maximum=1000),
+        replace_lost=v.integer("replace_lost", val("replace_lost"), minimum=0, maximum=1000),
         signal_seconds=v.optional_integer("signal_seconds", val("signal_seconds"), 10),
         requeue=v.boolean("requeue", val("requeue")),
         max_requeues=v.integer("max_requeues", val("max_requeues"), minimum=0, maximum=100),

@@ -47,6 +47,7 @@ class AgentSettings:
     # A member job (`raybridge scale --add`): its nodes join the Ray cluster of this job, as workers.
     cluster_job: str | None = None
     labels: tuple[str, ...] = ()  # Ray node labels, "key=value"
+    replace_lost: int = 0  # the head submits a member job for a node that died, this many times
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0

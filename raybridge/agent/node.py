@@ -30,6 +30,7 @@ from raybridge import jobdir as jd
 from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.rendezvous import Rendezvous
+from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import IN_AGENT, RayStarter, StopRequested
 from raybridge.settings import AgentSettings
 
@@ -73,6 +74,7 @@ class Agent:
         self.detect_s = detect_seconds(env)
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.rendezvous = Rendezvous(settings)
+        self.replacer = Replacer(settings, self.rendezvous)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
 
     # ------------------------------------------------------------ plumbing
@@ -355,6 +357,7 @@ class Agent:
                 ray_start_reason=how.reason or None,
                 temp_dir=self.settings.temp_dir,
                 generation=self.generation,
+                member_job=self.settings.job_id if self.settings.cluster_job else None,
             )
         )
 
@@ -389,7 +392,8 @@ class Agent:
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
                     if before := self.rendezvous.cluster():
-                        self.rendezvous.node_changes(before.nodes, nodes)
+                        for node in self.rendezvous.node_changes(before.nodes, nodes):
+                            self.replacer.on_dead(node)
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
                     self.rendezvous.publish_targets()
             if gcs is not None and self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:

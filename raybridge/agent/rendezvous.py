@@ -136,14 +136,19 @@ class Rendezvous:
         requeued = {"at": jd.now(), "event": "requeued", "node": "", "detail": f"start {restart_count}"}
         return (*sorted([*old.events, *past], key=lambda e: e.get("at") or 0), requeued)
 
-    def node_changes(self, before: tuple[jd.NodeRecord, ...], after: tuple[jd.NodeRecord, ...]) -> None:
-        """Events for nodes that died or came (back) since the last look."""
+    def node_changes(
+        self, before: tuple[jd.NodeRecord, ...], after: tuple[jd.NodeRecord, ...]
+    ) -> list[jd.NodeRecord]:
+        """Events for nodes that died or came (back) since the last look; the nodes that died."""
         was = {n.ip: n.alive for n in before}
+        dead = []
         for n in after:
             if was.get(n.ip) and not n.alive:
+                dead.append(n)
                 self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead")
             elif n.alive and n.ip in was and not was[n.ip]:
                 self.log_event("node_alive", n.hostname or n.ip, "alive again")
+        return dead
 
     # ------------------------------------------------------------ the cluster record
 

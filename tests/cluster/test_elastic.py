@@ -127,3 +127,46 @@ def test_scale_add_remove_labels_and_down(testbed):
     assert_no_leaks(job)
     for m in members:
         assert_no_leaks(m)
+
+
+def events(testbed, job, name):
+    return [e for e in status(testbed, job)["events"] if e["event"] == name]
+
+
+def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_nodes):
+    p = testbed.local_profile
+    r = testbed.raybridge("login", "up", "--nodes", "3", "--replace-lost", "1", "--profile", p)
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    members = []
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        info = testbed.cluster_json(job)
+        batch = testbed.exec("login", "squeue", "-h", "-j", job, "-o", "%B", check=True).stdout.strip()
+        victim = next(
+            n["hostname"] for n in info["nodes"] if n["hostname"] not in (batch, info["head"]["hostname"])
+        )
+        crashed_nodes.append(victim)
+        subprocess.run([TESTBED, "crash", victim], check=True, capture_output=True)
+        (sub,) = wait_for("a replacement", lambda: events(testbed, job, "replacement_submitted"))
+        assert sub["node"] == victim
+        rec = wait_for("3 alive nodes again", lambda: (s := status(testbed, job))["alive_nodes"] == 3 and s)
+        (member,) = rec["members"]
+        members.append(member["job_id"])
+        assert member["slurm_state"] == "RUNNING" and member["node"] not in (victim, batch)
+        # A second loss is beyond the bound: reported, not replaced.
+        crashed_nodes.append(member["node"])
+        subprocess.run([TESTBED, "crash", member["node"]], check=True, capture_output=True)
+        (nope,) = wait_for("the refusal", lambda: events(testbed, job, "not_replaced"))
+        assert nope["node"] == member["node"] and "--replace-lost 1" in nope["detail"]
+        time.sleep(3)
+        rec = status(testbed, job)
+        assert len(rec["members"]) == 1 and rec["alive_nodes"] == 2
+        text = testbed.raybridge("login", "status", job, "--profile", p).stdout
+        assert "not_replaced" in text and "replacement_submitted" in text, text
+    finally:
+        down = testbed.raybridge("login", "down", job, "--profile", p)
+    assert down.returncode == 0, down.stderr
+    testbed.wait_job_gone(job)
+    for m in members:
+        testbed.wait_job_gone(m)
+    assert_no_leaks(job)

@@ -45,6 +45,7 @@ EVERYTHING = {
     "failure_detection_s": 4,
     "login": {"host": "hpc", "user": "alice"},
     "labels": ["team=rl", "example.org/gpu=a100"],
+    "replace_lost": 2,
 }
 
 
