@@ -218,7 +218,10 @@ class Cluster:
         job = self.job()
         self._forget_targets()
         if job is None or job.finished:
-            return "already stopped"
+            from raybridge import members
+
+            gone = members.cancel_all(self)
+            return "already stopped" + (f" (cancelled member jobs {', '.join(gone)})" if gone else "")
         if job.state == "pending":
             self.slurm.cancel(self.job_id)
         else:
@@ -230,7 +233,10 @@ class Cluster:
         while time.monotonic() < deadline:
             job = self.job()
             if job is None or job.finished:
-                return "stopped"
+                from raybridge import members
+
+                gone = members.cancel_all(self)  # their agents saw the stop flag; this makes sure
+                return "stopped" + (f" (and member jobs {', '.join(gone)})" if gone else "")
             if not cancelled and time.monotonic() > grace:
                 self.slurm.cancel(self.job_id)  # agents tear down on SIGTERM too
                 cancelled = True
@@ -337,6 +343,10 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     )
     c = Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
     c.python = spec.python or "python3"
+    if spec.replace_lost:  # what the head submits when a node dies (agent/replace.py)
+        from raybridge import members
+
+        members.write_replacement_script(spec, runner, job_id)
     return c
 
 
@@ -389,4 +399,23 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "events": list(info.events) if info else [],
         "timeline": timeline.build(info, timeline.side_events(cluster.runner, cluster.dir)),
         "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
+        "members": member_rows(cluster),
     }
+
+
+def member_rows(cluster: Cluster) -> list[dict[str, Any]]:
+    """The cluster's member jobs (`raybridge scale --add`) with Slurm's view of each."""
+    from raybridge import members
+
+    return [
+        {
+            "job_id": m.record.job_id,
+            "slurm_state": m.state,
+            "reason": m.job.reason if m.job else None,
+            "node": m.job.nodelist if m.job and m.job.state == "running" else None,
+            "partition": m.record.partition,
+            "labels": list(m.record.labels),
+            "submitted_at": m.record.submitted_at,
+        }
+        for m in members.listing(cluster)
+    ]

@@ -10,6 +10,7 @@
     logs/              Ray's start logs per node; logs/ray/<host>/ Ray's session logs, kept at teardown
     events/            one small JSON file per event written outside the head (driver start and end,
                        checkpoint restores): no two writers share a file; kept across requeues
+    members/<job>.json MemberRecord of a worker job added by `raybridge scale`; <job>.release: drain it
 
 Records carry a schema version; a reader meets a newer one with one clear line, not a KeyError.
 Records are written atomically (temp file + rename): a reader never sees half a file.
@@ -43,6 +44,7 @@ DRIVER_EXIT = "driver-exit"
 MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
 LOGS = "logs"
 EVENTS = "events"
+MEMBERS = "members"
 
 R = TypeVar("R", bound="Record")
 
@@ -80,8 +82,21 @@ class JobDir:
     def nodes(self) -> str:
         return self.join(NODES)
 
-    def node(self, rank: int) -> str:
+    def node(self, rank: int | str) -> str:
+        """A node's record: by rank, or "m<member job>-<rank>" for the nodes of a member job."""
         return self.join(NODES, f"{rank}.json")
+
+    @property
+    def members(self) -> str:
+        """Member jobs (`raybridge scale --add`): one MemberRecord each, and their release flags."""
+        return self.join(MEMBERS)
+
+    def member(self, job_id: str) -> str:
+        return self.join(MEMBERS, f"{job_id}.json")
+
+    def release(self, job_id: str) -> str:
+        """Flag: the member job's nodes drain and leave the cluster (`raybridge scale --remove`)."""
+        return self.join(MEMBERS, f"{job_id}.release")
 
     @property
     def cluster(self) -> str:
@@ -196,6 +211,7 @@ class NodeRecord(Record):
     ray_start_reason: str | None = None  # why `ray start` was used, when it was
     temp_dir: str | None = None  # Ray's node-local folder (its logs while the job runs)
     generation: int = 0  # the head generation this node joined
+    member_job: str | None = None  # the member job that brought this node (`raybridge scale`)
     # From the GCS (on the head): Ray's view of the node.
     node_id: str | None = None
     alive: bool | None = None
@@ -253,6 +269,21 @@ class ClusterRecord(Record):
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class MemberRecord(Record):
+    """A worker-only Slurm job whose nodes joined the cluster (written by `raybridge scale --add`)."""
+
+    KIND: ClassVar[str] = "member"
+    job_id: str
+    cluster_job: str
+    nodes: int = 1
+    partition: str | None = None
+    gpus_per_node: int | None = None
+    labels: tuple[str, ...] = ()
+    submitted_at: float | None = None
+    script: str | None = None
+
+
 # ------------------------------------------------------------------ local files (on the nodes)
 
 
@@ -263,6 +294,11 @@ def add_event(folder: JobDir, event: str, node: str, detail: str = "") -> None:
     name = f"{entry['at']:.3f}-{os.getpid()}-{event}.json"
     with contextlib.suppress(OSError):
         write_json(posixpath.join(folder.events, name), entry)
+
+
+def to_text(record: Record) -> str:
+    """A record as written to a file (for writers on the far side of a Runner)."""
+    return json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def write(path: str | Path, record: Record, mode: int = 0o600) -> None:

@@ -40,6 +40,11 @@ SHORT_FLAGS = frozenset("HkOQsvWhVI")
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,-]{0,127}$")
+# A Ray node label (Kubernetes syntax): [prefix/]name=value; Ray keeps ray.io/ for itself.
+LABEL = re.compile(
+    r"^(?!ray\.io/)([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?=([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$"
+)
+LABEL_HELP = "key=value: letters, digits, '-', '_', '.', an optional DNS prefix/ (not ray.io/)"
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -99,6 +104,7 @@ class ClusterSpec:
     ready_timeout: int = AGENT_DEFAULTS["ready_timeout"]
     auth: bool = AGENT_DEFAULTS["auth"]
     spare_nodes: int = 0
+    replace_lost: int = 0  # member jobs submitted to replace nodes that die, at most this many
     signal_seconds: int | None = None
     requeue: bool = False
     max_requeues: int = 3
@@ -107,6 +113,8 @@ class ClusterSpec:
     login: LoginSpec | None = None
     profile: str = "(none)"
     expect_versions: str | None = None  # set at submission (cluster.complete); the nodes compare
+    labels: tuple[str, ...] = ()  # Ray node labels for every node, "key=value"
+    member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
 
     @property
     def total_nodes(self) -> int:
@@ -140,6 +148,9 @@ class ClusterSpec:
             cpus_per_worker=self.cpus_per_node,
             gpus_per_node=self.gpus_per_node,
             versions=self.expect_versions,
+            cluster_job=self.member_of,
+            labels=self.labels,
+            replace_lost=0 if self.member_of else self.replace_lost,
         )
 
     def with_home(self, home: str) -> ClusterSpec:
@@ -149,7 +160,12 @@ class ClusterSpec:
         return self
 
 
-PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {"command", "profile", "expect_versions"}
+PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {
+    "command",
+    "profile",
+    "expect_versions",
+    "member_of",
+}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClusterSpec)}
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
 
@@ -274,6 +290,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
         ready_timeout=v.integer("ready_timeout", val("ready_timeout"), minimum=10, maximum=86400),
         auth=v.boolean("auth", val("auth")),
         spare_nodes=v.integer("spare_nodes", val("spare_nodes"), minimum=0, maximum=1000),
+        replace_lost=v.integer("replace_lost", val("replace_lost"), minimum=0, maximum=1000),
         signal_seconds=v.optional_integer("signal_seconds", val("signal_seconds"), 10),
         requeue=v.boolean("requeue", val("requeue")),
         max_requeues=v.integer("max_requeues", val("max_requeues"), minimum=0, maximum=100),
@@ -281,6 +298,10 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
             "failure_detection_s", val("failure_detection_s"), minimum=1, maximum=300
         ),
         command=tuple(v.line("command", c) for c in v.str_list("command", val("command"))),
+        labels=tuple(
+            v.match(f"labels[{i}]", x, LABEL, LABEL_HELP)
+            for i, x in enumerate(v.str_list("labels", val("labels")))
+        ),
         login=v.login(login) if login is not None else None,
     )
     return spec

@@ -11,6 +11,7 @@ from raybridge.jobdir import DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEM
 from raybridge.profile import ClusterSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
+MEMBER_TEMPLATE = TEMPLATE.with_name("raybridge-member.sbatch.in")
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 UP_BODY = """
@@ -76,8 +77,8 @@ fi
 
 
 @cache
-def _template() -> str:
-    return TEMPLATE.read_text()
+def _template(path: Path = TEMPLATE) -> str:
+    return path.read_text()
 
 
 def fill(template: str, values: dict[str, str]) -> str:
@@ -140,6 +141,48 @@ def exports(spec: ClusterSpec) -> list[str]:
         f"export RAY_health_check_failure_threshold={spec.failure_detection_s}",
     ]
     return lines + [f"export {name}={q(value)}" for name, value in spec.env]
+
+
+def member_directives(spec: ClusterSpec) -> list[str]:
+    """A member job: one worker node, the cluster's remaining time, no requeue (a new one is added
+    instead), marked so that it is never taken for a cluster of its own."""
+    d = [f"--job-name={spec.job_name}-member", "--nodes=1", "--ntasks-per-node=1"]
+    if spec.cpus_per_node:
+        d.append(f"--cpus-per-task={spec.cpus_per_node}")
+    if spec.gpus_per_node:
+        d.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.memory_per_node:
+        d.append(f"--mem={spec.memory_per_node}")
+    if spec.time:
+        d.append(f"--time={spec.time}")
+    for opt in ("partition", "account", "qos"):
+        if getattr(spec, opt):
+            d.append(f"--{opt}={getattr(spec, opt)}")
+    if spec.exclusive:
+        d.append("--exclusive")
+    d += ["--no-requeue", "--comment=raybridge-member"]
+    d.extend(spec.sbatch_args)
+    return [f"#SBATCH {x}" for x in d]
+
+
+def render_member(spec: ClusterSpec, version: str | None = None) -> str:
+    """The sbatch script of a member job (spec.member_of: the cluster it joins)."""
+    if version is None:
+        from raybridge import __version__ as version
+    if not spec.member_of:
+        raise ValueError("render_member needs spec.member_of")
+    return fill(
+        _template(MEMBER_TEMPLATE),
+        {
+            "version": version,
+            "profile": spec.profile.replace("\n", " "),
+            "cluster_job": spec.member_of,
+            "directives": "\n".join(member_directives(spec)),
+            "setup": "\n".join(spec.setup) if spec.setup else "# (none)",
+            "exports": "\n".join(exports(spec)),
+            "python": shlex.quote(spec.python or "python3"),
+        },
+    )
 
 
 def render(spec: ClusterSpec, version: str | None = None) -> str:

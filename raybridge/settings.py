@@ -44,13 +44,18 @@ class AgentSettings:
     cpus_per_worker: int | None = None
     gpus_per_node: int | None = None
     versions: str | None = None  # "raybridge=.. ray=.. python=..": what submitted; envcheck compares
+    # A member job (`raybridge scale --add`): its nodes join the Ray cluster of this job, as workers.
+    cluster_job: str | None = None
+    labels: tuple[str, ...] = ()  # Ray node labels, "key=value"
+    replace_lost: int = 0  # the head submits a member job for a node that died, this many times
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0
 
     @property
     def job_dir(self) -> str:
-        return f"{self.shared_dir.rstrip('/')}/jobs/{self.job_id}"
+        """The cluster's folder: this job's own, or for a member job the folder of the job it joins."""
+        return f"{self.shared_dir.rstrip('/')}/jobs/{self.cluster_job or self.job_id}"
 
     @property
     def head_order(self) -> list[int]:
@@ -84,9 +89,9 @@ class AgentSettings:
         """`export` lines for the batch script, every value shell-quoted. RAYBRIDGE_JOB_DIR (for the
         driver and the training helpers) is derived in the script from the job id."""
         lines = [f"export {name}={shlex.quote(value)}" for name, value in self.to_env().items()]
-        lines.append(
-            f'export RAYBRIDGE_JOB_DIR={shlex.quote(self.shared_dir.rstrip("/") + "/jobs")}/"$SLURM_JOB_ID"'
-        )
+        jobs = shlex.quote(self.shared_dir.rstrip("/") + "/jobs")
+        owner = shlex.quote(self.cluster_job) if self.cluster_job else '"$SLURM_JOB_ID"'
+        lines.append(f"export RAYBRIDGE_JOB_DIR={jobs}/{owner}")
         return lines
 
     @classmethod

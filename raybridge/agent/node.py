@@ -30,6 +30,7 @@ from raybridge import jobdir as jd
 from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.rendezvous import Rendezvous
+from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import IN_AGENT, RayStarter, StopRequested
 from raybridge.settings import AgentSettings
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3
 MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
 BATCH_CHECK_S = 5.0  # how often the head asks Slurm whether the batch host is still in the job
+DRAIN_GRACE_S = 3.0  # a released member node's work gets this long after Ray's drain notice
 CLAIM_STEP = 1.5  # seconds between head candidates: the next in line claims only if the one before did not
 
 
@@ -60,7 +62,10 @@ class Agent:
     def __init__(self, settings: AgentSettings, env: Mapping[str, str]):
         self.settings = settings
         self.host = netinfo.short_hostname()
-        self.role = "head" if settings.rank == settings.head_rank else "worker"
+        if settings.cluster_job:  # a member job's node: a worker that never becomes the head
+            self.role = "member"
+        else:
+            self.role = "head" if settings.rank == settings.head_rank else "worker"
         self.stopping = False
         self.restarts = 0
         self.generation = 0
@@ -69,6 +74,7 @@ class Agent:
         self.detect_s = detect_seconds(env)
         self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
         self.rendezvous = Rendezvous(settings)
+        self.replacer = Replacer(settings, self.rendezvous)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
 
     # ------------------------------------------------------------ plumbing
@@ -137,6 +143,9 @@ class Agent:
             try:
                 return self.watch(None, head=head)
             except HeadLost as lost:
+                if self.role == "member":
+                    head = self.rejoin(lost)
+                    continue
                 outcome = self.recover(lost)
                 if isinstance(outcome, GcsView):
                     return self.watch(outcome)
@@ -234,6 +243,66 @@ class Agent:
             generation, in_process=False, expected=lambda: len(list(folder.glob("rank-*")))
         )
 
+    def rejoin(self, lost: HeadLost) -> jd.HeadRecord:
+        """A member node whose head was lost: the allocation's own nodes choose the next head; this
+        node waits for it and joins it."""
+        self.head_losses += 1
+        if self.head_losses > MAX_HEAD_LOSSES:
+            raise RuntimeError(f"the Ray head was lost {self.head_losses} times; giving up")
+        self.say(f"the Ray head {lost.head.hostname} is lost ({lost}); waiting for the next one")
+        self.kill_ray(grace=0.3)
+        self.ray.started = None
+        self.watched.clear()
+        head = self.rendezvous.wait_for_head(self.stop_requested, lost.head.generation + 1)
+        if head is None:
+            raise StopRequested()
+        assert self.iface is not None
+        plan = self.ray.start(self.iface, head, in_process=False)
+        self.generation = head.generation
+        self.write_node(self.iface, plan)
+        self.say(f"joined the new head {head.hostname} {head.ip}")
+        return head
+
+    def drain(self, head: jd.HeadRecord) -> None:
+        """Ray's drain notice for this node (`ray drain-node`, reason preemption): the scheduler stops
+        placing work here and tells what runs here that the node goes; the work is retried elsewhere
+        when the node's Ray stops. A Ray without the command: the node just leaves."""
+        import shutil
+        import subprocess
+        import sys
+
+        node_id = self.own_node_id(head)
+        ray = shutil.which(
+            "ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        )
+        if not (ray and node_id):
+            self.say("released: no drain notice (no node id or no `ray` command); leaving")
+            return
+        cmd = [
+            ray,
+            "drain-node",
+            f"--address={head.gcs_address}",
+            f"--node-id={node_id}",
+            "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=raybridge scale --remove",
+            f"--deadline-remaining-seconds={int(DRAIN_GRACE_S)}",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        if r.returncode != 0:
+            self.say(f"released: Ray refused the drain ({(r.stderr or r.stdout).strip()[-200:]}); leaving")
+            return
+        self.say(f"released: drain notice given to Ray; leaving in {DRAIN_GRACE_S:.0f}s")
+        deadline = time.monotonic() + DRAIN_GRACE_S
+        while time.monotonic() < deadline and not self.stopping:
+            time.sleep(0.2)
+
+    def own_node_id(self, head: jd.HeadRecord) -> str | None:
+        with contextlib.suppress(GcsUnavailable, Exception):
+            for n in GcsView(head.gcs_address).nodes():
+                if n.get("ip") == (self.iface.ip if self.iface else None) and n.get("alive"):
+                    return n.get("node_id")
+        return None
+
     def wait_until_ready(self, gcs: GcsView, expected: Callable[[], int]) -> None:
         """Ready = every raylet alive in the GCS (what `ray.nodes()` reports), every agent has
         recorded its node (interface, resources), so status is complete from the first moment, and
@@ -288,6 +357,7 @@ class Agent:
                 ray_start_reason=how.reason or None,
                 temp_dir=self.settings.temp_dir,
                 generation=self.generation,
+                member_job=self.settings.job_id if self.settings.cluster_job else None,
             )
         )
 
@@ -322,12 +392,16 @@ class Agent:
                 with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
                     nodes = self.rendezvous.node_records(gcs.nodes())
                     if before := self.rendezvous.cluster():
-                        self.rendezvous.node_changes(before.nodes, nodes)
+                        for node in self.rendezvous.node_changes(before.nodes, nodes):
+                            self.replacer.on_dead(node)
                     self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
                     self.rendezvous.publish_targets()
             if gcs is not None and self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
                 batch_check = now
                 self.check_batch_host()
+            if self.role == "member" and head is not None and self.rendezvous.release_flagged():
+                self.drain(head)
+                raise StopRequested()
             if gcs is None and head is not None and now - last_head_check >= 0.5:
                 last_head_check = now
                 newer = self.rendezvous.head()

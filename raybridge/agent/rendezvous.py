@@ -97,7 +97,12 @@ class Rendezvous:
 
     def write_node(self, node: jd.NodeRecord) -> None:
         Path(self.dir.nodes).mkdir(exist_ok=True)
-        jd.write(self.dir.node(self.settings.rank), node)
+        key = (
+            f"m{self.settings.job_id}-{self.settings.rank}"
+            if self.settings.cluster_job
+            else self.settings.rank
+        )
+        jd.write(self.dir.node(key), node)
 
     def joined(self) -> int:
         return len(list(Path(self.dir.nodes).glob("*.json")))
@@ -131,14 +136,19 @@ class Rendezvous:
         requeued = {"at": jd.now(), "event": "requeued", "node": "", "detail": f"start {restart_count}"}
         return (*sorted([*old.events, *past], key=lambda e: e.get("at") or 0), requeued)
 
-    def node_changes(self, before: tuple[jd.NodeRecord, ...], after: tuple[jd.NodeRecord, ...]) -> None:
-        """Events for nodes that died or came (back) since the last look."""
+    def node_changes(
+        self, before: tuple[jd.NodeRecord, ...], after: tuple[jd.NodeRecord, ...]
+    ) -> list[jd.NodeRecord]:
+        """Events for nodes that died or came (back) since the last look; the nodes that died."""
         was = {n.ip: n.alive for n in before}
+        dead = []
         for n in after:
             if was.get(n.ip) and not n.alive:
+                dead.append(n)
                 self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead")
             elif n.alive and n.ip in was and not was[n.ip]:
                 self.log_event("node_alive", n.hostname or n.ip, "alive again")
+        return dead
 
     # ------------------------------------------------------------ the cluster record
 
@@ -184,6 +194,10 @@ class Rendezvous:
 
         with contextlib.suppress(OSError):
             metrics.remove_sd(self.settings.shared_dir, self.settings.job_id)
+
+    def release_flagged(self) -> bool:
+        """This member job was asked to leave (`raybridge scale --remove`)."""
+        return bool(self.settings.cluster_job) and os.path.exists(self.dir.release(self.settings.job_id))
 
     def stop_flagged(self) -> bool:
         return os.path.exists(self.dir.stop)

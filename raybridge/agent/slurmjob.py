@@ -28,6 +28,25 @@ def batch_host_lost(job_id: str) -> tuple[str, bool] | None:
     return host, fields.get("Requeue") == "1"
 
 
+def time_left(job_id: str) -> str | None:
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=30)
+    text = r.stdout.strip()
+    return text if r.returncode == 0 and text[:1].isdigit() else None
+
+
+def submit(script: str, output: str, time: str | None) -> str:
+    """sbatch a member script from inside the job; the new job's id. RuntimeError with Slurm's words."""
+    argv = ["sbatch", "--parsable", f"--output={output}"] + ([f"--time={time}"] if time else []) + [script]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"sbatch failed: {e}") from None
+    job = r.stdout.strip().split(";")[0]
+    if r.returncode != 0 or not job.isdigit():
+        raise RuntimeError(f"sbatch refused the replacement: {(r.stderr or r.stdout).strip()[-300:]}")
+    return job
+
+
 def requeue(job_id: str) -> None:
     _scontrol("requeue", job_id)
 

@@ -107,6 +107,11 @@ class RayStarter:
             ]
         else:
             cmd.append(f"--address={head.gcs_address}")
+        labels = list(self.settings.labels)
+        if self.settings.cluster_job:  # a member job's node: which job brought it
+            labels.append(f"raybridge.io/job={self.settings.job_id}")
+        if labels:  # (the fast start does not pass labels: `ray start` does it)
+            cmd.append(f"--labels={','.join(labels)}")
         self.resources = res
         return cmd + list(self.settings.ray_args)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from raybridge import __version__
-from raybridge.cli import ckpt, diagnose, lifecycle, remote
+from raybridge.cli import ckpt, diagnose, elastic, lifecycle, remote
 from raybridge.cli.errors import run_app
 
 
@@ -42,6 +42,7 @@ app.command("status")(lifecycle.status_cmd)
 app.command("down")(lifecycle.down_cmd)
 app.command("profiles")(lifecycle.profiles_cmd)
 app.command("doctor")(diagnose.doctor_cmd)
+app.command("scale")(elastic.scale_cmd)
 app.command("metrics")(diagnose.metrics_cmd)
 app.command("tunnel")(remote.tunnel_cmd)
 app.command("submit", context_settings={"allow_interspersed_args": False})(remote.submit_cmd)

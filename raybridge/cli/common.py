@@ -48,6 +48,12 @@ SignalSeconds = Annotated[
     int | None,
     typer.Option("--signal-before", help="Seconds before the time limit to ask training to checkpoint."),
 ]
+ReplaceLost = Annotated[
+    int | None,
+    typer.Option(
+        "--replace-lost", help="Submit a replacement node job when a node dies (at most this many)."
+    ),
+]
 Requeue = Annotated[
     bool | None,
     typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
@@ -67,6 +73,7 @@ SPEC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("job_name", JobName),
     ("sbatch_args", SbatchArgs),
     ("spare_nodes", Spare),
+    ("replace_lost", ReplaceLost),
     ("signal_seconds", SignalSeconds),
     ("requeue", Requeue),
 )

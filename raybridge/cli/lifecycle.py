@@ -241,6 +241,11 @@ def status_cmd(
             print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:
             print("  " + node_line(n))
+        for m in r["members"]:
+            where = m["node"] or f"reason {m['reason']}"
+            print(
+                f"  member job {m['job_id']} ({m['partition'] or 'default'}): Slurm {m['slurm_state']}, {where}"
+            )
         if show_timeline:
             print("  timeline:")
             for line in timeline.lines(r["timeline"]):

@@ -44,6 +44,8 @@ EVERYTHING = {
     "max_requeues": 5,
     "failure_detection_s": 4,
     "login": {"host": "hpc", "user": "alice"},
+    "labels": ["team=rl", "example.org/gpu=a100"],
+    "replace_lost": 2,
 }
 
 

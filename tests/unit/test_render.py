@@ -53,6 +53,42 @@ CASES = {
 }
 
 
+MEMBER = {
+    "partition": "shared",
+    "gpus_per_node": 2,
+    "time": "0:42:00",
+    "shared_dir": "/shared/my dir/it's",
+    "setup": ["source /shared/venv/bin/activate"],
+    "labels": ["raybridge.io/partition=shared", "raybridge.io/cluster=12"],
+}
+
+
+def test_member_golden_and_its_agent_joins_the_clusters_folder():
+    import dataclasses
+
+    from raybridge.render import render_member
+    from raybridge.settings import AgentSettings
+    from tests.unit.test_contract import exported_env
+
+    spec = dataclasses.replace(build_spec(dict(MEMBER)), member_of="12")
+    text = render_member(spec, version="TEST")
+    path = GOLDEN / "member.sbatch"
+    if os.environ.get("RAYBRIDGE_REGEN_GOLDEN") == "1":
+        assert not os.environ.get("CI"), "RAYBRIDGE_REGEN_GOLDEN=1 is refused under CI"
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; RAYBRIDGE_REGEN_GOLDEN=1 regenerates on purpose"
+    assert "raybridge.agent prepare" not in text  # never resets the cluster's folder
+    assert "#SBATCH --nodes=1" in text and "#SBATCH --comment=raybridge-member" in text
+    env = exported_env(text, job_id="20", rank="0")
+    got = AgentSettings.from_env(env)
+    assert got.cluster_job == "12" and got.job_id == "20"
+    assert got.job_dir == "/shared/my dir/it's/jobs/12" == env["RAYBRIDGE_JOB_DIR"]
+    assert got.labels == ("raybridge.io/partition=shared", "raybridge.io/cluster=12")
+    assert got.temp_dir.endswith("/rb-20")  # its own node folder and port block: its own job id
+    r = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name):
     text = render(build_spec(dict(CASES[name])), version="TEST")

@@ -1,0 +1,48 @@
+"""scale."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from raybridge import cluster as lib
+from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from, with_spec_options
+from raybridge.errors import RaybridgeError
+
+
+@with_spec_options
+def scale_cmd(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="The cluster's job id.")],
+    add: Annotated[
+        int | None, typer.Option("--add", help="Add this many nodes (one member job each).")
+    ] = None,
+    remove: Annotated[
+        int | None, typer.Option("--remove", help="Drain and release this many added nodes, newest first.")
+    ] = None,
+    profile: Profile = None,
+    login: Login = None,
+    accept_new_host_key: AcceptKey = False,
+) -> None:
+    """Grow or shrink a running cluster with member jobs: --add K submits K one-node worker jobs that
+    join its head (with --partition, --gpus, --cpus, --mem for another worker group); --remove K
+    releases the newest added nodes (Ray's drain notice first). The cluster's own allocation stays."""
+    from raybridge import members
+
+    if (add is None) == (remove is None):
+        raise RaybridgeError("say --add K or --remove K")
+    if not job.isdigit():
+        raise RaybridgeError(f"not a Slurm job id: {job!r}")
+    spec = spec_from(ctx)
+    with connected(spec) as runner:
+        c = lib.attach(spec, runner, job)
+        if add is not None:
+            ids = members.add(c, spec, add)
+            say(
+                f"job {job}: submitted member job(s) {', '.join(ids)}; `raybridge status {job}` shows them join"
+            )
+            return
+        assert remove is not None
+        for member, what in members.remove(c, remove):
+            say(f"job {job}: member job {member}: {what}")
