@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--elastic", default=None, help="MIN,MAX workers: grow when nodes join (raybridge scale)")
+    ap.add_argument("--resize-check", type=float, default=None, help="seconds between elastic resize checks")
     ap.add_argument("--max-failures", type=int, default=3)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = Ray's choice)")
@@ -153,8 +155,13 @@ def main() -> None:
     config["step_sleep"] = args.step_sleep
     config["threads"] = args.threads
     t0 = time.time()
+    workers = tuple(int(x) for x in args.elastic.split(",")) if args.elastic else args.workers
     result = rbt.make_trainer(
-        train_loop, config, num_workers=args.workers, max_failures=args.max_failures
+        train_loop,
+        config,
+        num_workers=workers,
+        max_failures=args.max_failures,
+        resize_check_s=args.resize_check,
     ).fit()
     metrics = result.metrics or {}
     summary = {

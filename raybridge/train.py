@@ -22,11 +22,13 @@ the same run instead of starting over. Checkpoints live on shared storage: <shar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,8 +45,18 @@ STATE = "state.pt"
 
 
 def run_name() -> str:
+    """The training run's name: `--resume`'s, else the trainer's own inside a training worker (a worker
+    on a node added by `raybridge scale` runs in another Slurm job), else <job name>-<job id>."""
     if os.environ.get(RUN_NAME_VAR):
         return os.environ[RUN_NAME_VAR]
+    if "ray.train" in sys.modules:
+        with contextlib.suppress(Exception):  # the driver, or a Ray without it: the names below
+            name = sys.modules["ray.train"].get_context().get_experiment_name()
+            if name:
+                return str(name)
+    if os.environ.get("RAYBRIDGE_CLUSTER_JOB"):  # a member job's node: the cluster's job
+        name = (os.environ.get("SLURM_JOB_NAME") or "run").removesuffix("-member")
+        return f"{name}-{os.environ['RAYBRIDGE_CLUSTER_JOB']}"
     job = os.environ.get("SLURM_JOB_ID", "local")
     return f"{os.environ.get('SLURM_JOB_NAME') or 'run'}-{job}"
 
@@ -68,7 +80,7 @@ def make_trainer(
     train_loop: Callable[[dict[str, Any]], None],
     config: dict[str, Any] | None = None,
     *,
-    num_workers: int | None = None,
+    num_workers: int | tuple[int, int] | None = None,
     cpus_per_worker: float | None = None,
     use_gpu: bool | None = None,
     max_failures: int = 3,
@@ -76,15 +88,21 @@ def make_trainer(
     name: str | None = None,
     storage: str | None = None,
     placement_strategy: str = "SPREAD",
+    resize_check_s: float | None = None,
 ) -> Any:
     """A TorchTrainer on shared storage with a requeue-stable run name and failure handling.
-    One worker per training node by default; gloo on CPU, NCCL on GPU (follows the allocation)."""
+    One worker per training node by default; gloo on CPU, NCCL on GPU (follows the allocation).
+    num_workers=(min, max): elastic (Ray Train V2): starts with what fits, grows when nodes join (e.g.
+    `raybridge scale --add`), checked every resize_check_s (Ray's default: 60 s)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if use_gpu is None:
         use_gpu = int(os.environ.get(env_name("gpus_per_node")) or 0) > 0
     cpus = cpus_per_worker or float(os.environ.get(env_name("cpus_per_worker")) or 1)
+    elastic = {}
+    if isinstance(num_workers, tuple) and resize_check_s:
+        elastic["elastic_resize_monitor_interval_s"] = resize_check_s
     return TorchTrainer(
         train_loop,
         train_loop_config=dict(config or {}),
@@ -94,6 +112,7 @@ def make_trainer(
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus},
             placement_strategy=placement_strategy,  # one worker per node where possible
+            **elastic,
         ),
         run_config=RunConfig(
             name=name or run_name(),

@@ -170,3 +170,59 @@ def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_node
     for m in members:
         testbed.wait_job_gone(m)
     assert_no_leaks(job)
+
+
+def test_elastic_training_grows_when_a_node_is_added(testbed):
+    from pathlib import Path
+
+    from tests.cluster.bed import REPO
+
+    example = str(REPO / "examples" / "train_mlp.py")
+    p = testbed.local_profile
+    args = [
+        "--steps",
+        "240",
+        "--every",
+        "20",
+        "--elastic",
+        "2,3",
+        "--resize-check",
+        "3",
+        "--step-sleep",
+        "0.1",
+    ]
+    proc = testbed.start_raybridge(
+        "login", "run", "--nodes", "2", "--profile", p, "--", "python", example, *args
+    )
+    job = None
+    while job is None:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "no job id"
+        if m := re.search(r"submitted job (\d+)", line):
+            job = m.group(1)
+    run = Path(testbed.shared) / "raybridge" / "runs" / f"raybridge-{job}"
+
+    def progressed():
+        try:
+            return json.loads((run / "progress.json").read_text())["high_water"] >= 30
+        except (OSError, ValueError):
+            return False
+
+    wait_for("training to get going", progressed, timeout=180)
+    a = testbed.raybridge("login", "scale", job, "--add", "1", "--profile", p)
+    assert a.returncode == 0, a.stderr
+    member = re.search(r"submitted member job\(s\) (\d+);", a.stderr).group(1)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    result = json.loads(re.findall(r"RESULT: (\{.*\})", out)[-1])
+    assert result["final_step"] == 240
+    # It ran with two workers, then with three (the added node's) from a checkpoint.
+    ranks = {f.name for f in (run / "hosts").iterdir()}
+    assert any(r.endswith("-rank1") for r in ranks) and any(r.endswith("-rank2") for r in ranks), ranks
+    hosts3 = {(run / "hosts" / r).read_text() for r in ranks if r.startswith(f"attempt{result['restores']}-")}
+    assert len(hosts3) == 3, hosts3  # every worker, the added node's too, writes into the cluster's run
+    assert not list(run.parent.glob("*member*"))
+    testbed.wait_job_gone(job)
+    testbed.wait_job_gone(member)
+    assert_no_leaks(job)
+    assert_no_leaks(member)
