@@ -148,20 +148,11 @@ def mebibytes(memory: str | None) -> int | None:
 
 
 def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
+    from raybridge.render import resources
+
     cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
     cmd += ["--job-name=raybridge-doctor", "--comment=raybridge-doctor", "--time=5", "--kill-on-bad-exit=0"]
-    for flag, value in (("partition", spec.partition), ("account", spec.account), ("qos", spec.qos)):
-        if value:
-            cmd.append(f"--{flag}={value}")
-    if spec.cpus_per_node:
-        cmd.append(f"--cpus-per-task={spec.cpus_per_node}")
-    if spec.memory_per_node:
-        cmd.append(f"--mem={spec.memory_per_node}")
-    if spec.gpus_per_node:
-        cmd.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.exclusive:
-        cmd.append("--exclusive")
-    return [*cmd, "bash", "-c", script]
+    return [*cmd, *resources(spec, time=False), "bash", "-c", script]
 
 
 def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 300) -> list[Check]:

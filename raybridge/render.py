@@ -92,26 +92,33 @@ def fill(template: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def directives(spec: ClusterSpec) -> list[str]:
-    """#SBATCH lines. Values were validated to a safe character set by the profile layer."""
-    d = [
-        f"--job-name={spec.job_name}",
-        f"--nodes={spec.total_nodes}",
-        "--ntasks-per-node=1",
-    ]
+def resources(spec: ClusterSpec, time: bool = True) -> list[str]:
+    """What each node gets and where, as sbatch/srun options (the same for both)."""
+    d = []
     if spec.cpus_per_node:
         d.append(f"--cpus-per-task={spec.cpus_per_node}")
     if spec.gpus_per_node:
         d.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.memory_per_node:
         d.append(f"--mem={spec.memory_per_node}")
-    if spec.time:
+    if time and spec.time:
         d.append(f"--time={spec.time}")
     for opt in ("partition", "account", "qos"):
         if getattr(spec, opt):
             d.append(f"--{opt}={getattr(spec, opt)}")
     if spec.exclusive:
         d.append("--exclusive")
+    return d
+
+
+def directives(spec: ClusterSpec) -> list[str]:
+    """#SBATCH lines. Values were validated to a safe character set by the profile layer."""
+    d = [
+        f"--job-name={spec.job_name}",
+        f"--nodes={spec.total_nodes}",
+        "--ntasks-per-node=1",
+        *resources(spec),
+    ]
     if spec.total_nodes > 1:
         # A failed node must not end the allocation: Ray Train replaces a lost worker (from the
         # spares, if any) and another agent takes over a lost head.
@@ -146,20 +153,7 @@ def exports(spec: ClusterSpec) -> list[str]:
 def member_directives(spec: ClusterSpec) -> list[str]:
     """A member job: one worker node, the cluster's remaining time, no requeue (a new one is added
     instead), marked so that it is never taken for a cluster of its own."""
-    d = [f"--job-name={spec.job_name}-member", "--nodes=1", "--ntasks-per-node=1"]
-    if spec.cpus_per_node:
-        d.append(f"--cpus-per-task={spec.cpus_per_node}")
-    if spec.gpus_per_node:
-        d.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.memory_per_node:
-        d.append(f"--mem={spec.memory_per_node}")
-    if spec.time:
-        d.append(f"--time={spec.time}")
-    for opt in ("partition", "account", "qos"):
-        if getattr(spec, opt):
-            d.append(f"--{opt}={getattr(spec, opt)}")
-    if spec.exclusive:
-        d.append("--exclusive")
+    d = [f"--job-name={spec.job_name}-member", "--nodes=1", "--ntasks-per-node=1", *resources(spec)]
     d += ["--no-requeue", "--comment=raybridge-member"]
     d.extend(spec.sbatch_args)
     return [f"#SBATCH {x}" for x in d]
