@@ -96,11 +96,12 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
 
 @dataclass(frozen=True)
 class Accounting:
-    """What Slurm's accounting (sacct) knows of a job, summed over its starts (a requeued job has
-    one record per start)."""
+    """What Slurm's accounting (sacct) knows of a job, summed over its records (a requeued job has
+    one per start; a job that lost a node and went on has one per size)."""
 
-    state: str  # of the newest start
+    state: str  # of the newest record
     starts: int
+    resizes: int
     elapsed_s: int
     node_s: int  # elapsed x nodes
     alloc_cpu_s: int  # elapsed x allocated CPUs
@@ -121,6 +122,9 @@ class Accounting:
 
     def line(self) -> str:
         starts = f", {self.starts} starts" if self.starts > 1 else ""
+        starts += (
+            f", {self.resizes} resize{'s' if self.resizes > 1 else ''} (a lost node)" if self.resizes else ""
+        )
         text = f"{self.node_hours:.4f} node-hours ({self.node_s} node-seconds{starts})"
         if self.running:
             return text + ", CPU efficiency once the job ends (sacct)"
@@ -131,6 +135,7 @@ class Accounting:
         return {
             "state": self.state,
             "starts": self.starts,
+            "resizes": self.resizes,
             "elapsed_s": self.elapsed_s,
             "node_hours": round(self.node_hours, 6),
             "cpu_efficiency": None if self.cpu_efficiency is None else round(self.cpu_efficiency, 4),
@@ -161,7 +166,8 @@ def parse_sacct(text: str, job_id: str) -> Accounting | None:
         return None
     return Accounting(
         state=rows[-1][0],
-        starts=len(rows),
+        starts=1 + sum(1 for r in rows[:-1] if r[0].startswith("REQUEUE")),
+        resizes=sum(1 for r in rows[:-1] if r[0].startswith("RESIZING")),
         elapsed_s=sum(r[1] for r in rows),
         node_s=sum(r[1] * r[2] for r in rows),
         alloc_cpu_s=sum(r[1] * r[3] for r in rows),

@@ -217,6 +217,12 @@ def test_sacct_is_summed_over_starts_and_leaves_out_steps():
         210,
     )
     assert a.cpu_efficiency == 210 / 600 and "35%" in a.line() and "2 starts" in a.line()
+    # A job that lost a node and went on (--no-kill): Slurm keeps one record per size.
+    resized = parse_sacct(
+        "9|RESIZING|30|3|6|00:00:00\n9.0|RESIZING|29|3|6|0:01\n9|COMPLETED|52|2|4|00:03.800\n", "9"
+    )
+    assert (resized.starts, resized.resizes, resized.node_s) == (1, 1, 30 * 3 + 52 * 2)
+    assert "1 resize (a lost node)" in resized.line() and "starts" not in resized.line()
     assert parse_sacct("", "7") is None and parse_sacct("junk|x", "7") is None
     assert parse_duration("1-02:03:04.5") == 93784.5 and parse_duration("bad") == 0.0
     running = parse_sacct("8|RUNNING|20|1|2|00:00:00\n", "8")
