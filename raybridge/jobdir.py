@@ -311,7 +311,7 @@ def read(path: str | Path, kind: type[R]) -> R | None:
     return None if data is None else kind.from_dict(data, str(path))
 
 
-def write_json(path: str | Path, data: dict[str, Any], mode: int = 0o600) -> None:
+def write_json(path: str | Path, data: dict[str, Any] | list[Any], mode: int = 0o600) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -10,9 +10,7 @@ targets appear when nodes join and go when they die or the job ends.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,15 +56,7 @@ def write_sd(shared_dir: str, info: jd.ClusterRecord) -> None:
     except OSError:
         pass
     path.parent.mkdir(mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    jd.write_json(path, groups, mode=0o644)
 
 
 def remove_sd(shared_dir: str, job_id: str) -> None:
