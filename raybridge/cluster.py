@@ -343,7 +343,8 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     )
     c = Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
     c.python = spec.python or "python3"
-    if spec.replace_lost:  # what the head submits when a node dies (agent/replace.py)
+    # What the head submits when a node dies (agent/replace.py) or Ray's autoscaler wants one.
+    if spec.replace_lost or spec.autoscaling:
         from raybridge import members
 
         members.write_replacement_script(spec, runner, job_id)
@@ -375,8 +376,12 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
     job = cluster.job()
     info = cluster.info()
     nodes = [n.to_dict() for n in info.nodes] if info else []
+    # Nodes of member jobs that were released (scale --remove, the autoscaler) left on purpose.
+    released = {n[:-8] for n in cluster.runner.listdir(cluster.dir.members) if n.endswith(".release")}
     for n in nodes:
         n.pop("schema", None)
+        n["left"] = not n.get("alive") and n.get("member_job") in released
+    side = timeline.side_events(cluster.runner, cluster.dir)
     return {
         "job_id": cluster.job_id,
         "name": job.name if job else (info.job_name if info else None),
@@ -396,8 +401,9 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "log": job.stdout if job else None,
         "timestamps": info.timestamps if info else {},
         "generation": info.generation if info else 0,
-        "events": list(info.events) if info else [],
-        "timeline": timeline.build(info, timeline.side_events(cluster.runner, cluster.dir)),
+        # The head's events and those written elsewhere (driver, training, the autoscaler).
+        "events": sorted([*(info.events if info else ()), *side], key=lambda e: e.get("at") or 0),
+        "timeline": timeline.build(info, side),
         "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
         "members": member_rows(cluster),
     }
@@ -414,6 +420,8 @@ def member_rows(cluster: Cluster) -> list[dict[str, Any]]:
             "reason": m.job.reason if m.job else None,
             "node": m.job.nodelist if m.job and m.job.state == "running" else None,
             "partition": m.record.partition,
+            "autoscaled": m.record.tags is not None,
+            "released_at": m.record.released_at,
             "labels": list(m.record.labels),
             "submitted_at": m.record.submitted_at,
         }

@@ -282,6 +282,8 @@ class MemberRecord(Record):
     labels: tuple[str, ...] = ()
     submitted_at: float | None = None
     script: str | None = None
+    tags: dict[str, str] | None = None  # Ray's autoscaler's tags; None: not added by the autoscaler
+    released_at: float | None = None  # the autoscaler released it (idle, or it did not join in time)
 
 
 # ------------------------------------------------------------------ local files (on the nodes)

@@ -78,7 +78,15 @@ def member_spec(spec: ClusterSpec, cluster_job: str, time: str | None) -> Cluste
     if spec.gpus_per_node:
         labels += (f"raybridge.io/gpus={spec.gpus_per_node}",)
     return dataclasses.replace(
-        spec, nodes=1, spare_nodes=0, replace_lost=0, member_of=cluster_job, labels=labels, time=time
+        spec,
+        nodes=1,
+        spare_nodes=0,
+        replace_lost=0,
+        min_nodes=None,
+        max_nodes=None,
+        member_of=cluster_job,
+        labels=labels,
+        time=time,
     )
 
 

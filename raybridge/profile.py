@@ -115,6 +115,14 @@ class ClusterSpec:
     expect_versions: str | None = None  # set at submission (cluster.complete); the nodes compare
     labels: tuple[str, ...] = ()  # Ray node labels for every node, "key=value"
     member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
+    min_nodes: int | None = None  # autoscaling: member jobs keep the cluster at least this big
+    max_nodes: int | None = None  # autoscaling on: Ray's autoscaler adds member jobs up to this many nodes
+    idle_timeout: int = AGENT_DEFAULTS["idle_timeout"]
+    join_timeout: int = AGENT_DEFAULTS["join_timeout"]
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_nodes is not None and not self.member_of
 
     @property
     def total_nodes(self) -> int:
@@ -151,6 +159,10 @@ class ClusterSpec:
             cluster_job=self.member_of,
             labels=self.labels,
             replace_lost=0 if self.member_of else self.replace_lost,
+            min_nodes=self.min_nodes if self.autoscaling else None,
+            max_nodes=self.max_nodes if self.autoscaling else None,
+            idle_timeout=self.idle_timeout,
+            join_timeout=self.join_timeout,
         )
 
     def with_home(self, home: str) -> ClusterSpec:
@@ -303,7 +315,12 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
             for i, x in enumerate(v.str_list("labels", val("labels")))
         ),
         login=v.login(login) if login is not None else None,
+        min_nodes=v.optional_integer("min_nodes", val("min_nodes"), 1),
+        max_nodes=v.optional_integer("max_nodes", val("max_nodes"), 1),
+        idle_timeout=v.integer("idle_timeout", val("idle_timeout"), minimum=5, maximum=7 * 86400),
+        join_timeout=v.integer("join_timeout", val("join_timeout"), minimum=10, maximum=7 * 86400),
     )
+    v.autoscaling(spec)
     return spec
 
 
@@ -348,6 +365,24 @@ class _Validator:
 
     def optional_integer(self, key: str, value: Any, minimum: int) -> int | None:
         return None if value is None else self.integer(key, value, minimum)
+
+    def autoscaling(self, spec: ClusterSpec) -> None:
+        """allocation <= min_nodes <= max_nodes: the allocation's own nodes are never released, so
+        the cluster is never smaller than the allocation."""
+        low, high, static = spec.min_nodes, spec.max_nodes, spec.total_nodes
+        if high is None:
+            if low is not None:
+                raise self.fail("min_nodes", "needs max_nodes (autoscaling is on with max_nodes)")
+            return
+        if high < static:
+            raise self.fail("max_nodes", f"is {high}, below the allocation's {static} nodes")
+        if high > static + 1000:
+            raise self.fail("max_nodes", f"may add at most 1000 nodes to the allocation's {static}")
+        if low is not None and not static <= low <= high:
+            raise self.fail(
+                "min_nodes",
+                f"must be between the allocation's {static} nodes and max_nodes {high}, got {low}",
+            )
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):

@@ -48,6 +48,11 @@ class AgentSettings:
     cluster_job: str | None = None
     labels: tuple[str, ...] = ()  # Ray node labels, "key=value"
     replace_lost: int = 0  # the head submits a member job for a node that died, this many times
+    # Ray's autoscaler on the head adds member jobs up to max_nodes in all (None: no autoscaling).
+    min_nodes: int | None = None
+    max_nodes: int | None = None
+    idle_timeout: int = 60  # seconds an added node may be idle before it is released
+    join_timeout: int = 600  # seconds from an added node's submission until its Ray must have joined
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0

@@ -82,6 +82,7 @@ PARAMS: dict[str, tuple[str, type]] = {
     "min-worker-port": ("min_worker_port", int),
     "max-worker-port": ("max_worker_port", int),
     "ray-client-server-port": ("ray_client_server_port", int),
+    "autoscaling-config": ("autoscaling_config", str),
     "include-dashboard": ("include_dashboard", lambda v: v.lower() == "true"),
     "dashboard-host": ("dashboard_host", str),
     "dashboard-port": ("dashboard_port", int),

@@ -144,6 +144,9 @@ class Rendezvous:
         dead = []
         for n in after:
             if was.get(n.ip) and not n.alive:
+                if n.member_job and os.path.exists(self.dir.release(n.member_job)):
+                    self.log_event("node_left", n.hostname or n.ip, f"member job {n.member_job} released")
+                    continue
                 dead.append(n)
                 self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead")
             elif n.alive and n.ip in was and not was[n.ip]:

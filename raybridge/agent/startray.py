@@ -76,6 +76,8 @@ class RayStarter:
         ray = shutil.which(
             "ray", path=os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         )
+        # Task/actor heap: what Slurm granted minus the object store (Ray would assume the whole node).
+        heap = max(res.memory_bytes - res.object_store_bytes, 1 << 28)
         cmd = [
             ray or "ray",
             "start",
@@ -84,8 +86,7 @@ class RayStarter:
             f"--num-cpus={res.cpus}",
             f"--num-gpus={len(res.gpu_ids)}",
             f"--object-store-memory={res.object_store_bytes}",
-            # Task/actor heap: what Slurm granted minus the object store (Ray would assume the whole node).
-            f"--memory={max(res.memory_bytes - res.object_store_bytes, 1 << 28)}",
+            f"--memory={heap}",
             f"--node-manager-port={plan.node_manager}",
             f"--object-manager-port={plan.object_manager}",
             f"--metrics-export-port={plan.metrics}",
@@ -96,6 +97,11 @@ class RayStarter:
             f"--max-worker-port={plan.max_worker}",
             "--disable-usage-stats",
         ]
+        if head is None and self.settings.max_nodes:  # Ray's autoscaler, with member jobs as nodes
+            from raybridge import autoscale
+
+            path = autoscale.write_config(self.settings, res.cpus, len(res.gpu_ids), heap)
+            cmd.append(f"--autoscaling-config={path}")
         if head is None:
             cmd += [
                 "--head",

@@ -54,6 +54,25 @@ ReplaceLost = Annotated[
         "--replace-lost", help="Submit a replacement node job when a node dies (at most this many)."
     ),
 ]
+MinNodes = Annotated[
+    int | None, typer.Option("--min-nodes", help="Autoscaling: keep at least this many nodes.")
+]
+MaxNodes = Annotated[
+    int | None,
+    typer.Option(
+        "--max-nodes", help="Autoscaling on: Ray's autoscaler adds node jobs up to this many nodes."
+    ),
+]
+IdleTimeout = Annotated[
+    int | None,
+    typer.Option("--idle-timeout", help="Autoscaling: release an added node idle this many seconds."),
+]
+JoinTimeout = Annotated[
+    int | None,
+    typer.Option(
+        "--join-timeout", help="Autoscaling: cancel an added node job not joined after this many seconds."
+    ),
+]
 Requeue = Annotated[
     bool | None,
     typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
@@ -74,6 +93,10 @@ SPEC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("sbatch_args", SbatchArgs),
     ("spare_nodes", Spare),
     ("replace_lost", ReplaceLost),
+    ("min_nodes", MinNodes),
+    ("max_nodes", MaxNodes),
+    ("idle_timeout", IdleTimeout),
+    ("join_timeout", JoinTimeout),
     ("signal_seconds", SignalSeconds),
     ("requeue", Requeue),
 )

@@ -243,8 +243,10 @@ def status_cmd(
             print("  " + node_line(n))
         for m in r["members"]:
             where = m["node"] or f"reason {m['reason']}"
+            how = ", autoscaled" if m.get("autoscaled") else ""
             print(
-                f"  member job {m['job_id']} ({m['partition'] or 'default'}): Slurm {m['slurm_state']}, {where}"
+                f"  member job {m['job_id']} ({m['partition'] or 'default'}{how}): "
+                f"Slurm {m['slurm_state']}, {where}"
             )
         if show_timeline:
             print("  timeline:")
@@ -307,7 +309,7 @@ def node_line(n: dict) -> str:
     if n.get("ray_start_reason"):
         how += f" ({n['ray_start_reason']})"
     return (
-        f"{'alive' if n.get('alive') else 'DEAD ':5} {n.get('hostname') or '?':12} {n.get('ip') or '?':16}"
+        f"{'alive' if n.get('alive') else 'left' if n.get('left') else 'DEAD':5} {n.get('hostname') or '?':12} {n.get('ip') or '?':16}"
         f" cpus={cpus} gpus={gpus}  ray started by: {how}"
     )
 

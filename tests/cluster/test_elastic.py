@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -173,8 +174,6 @@ def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_node
 
 
 def test_elastic_training_grows_when_a_node_is_added(testbed):
-    from pathlib import Path
-
     from tests.cluster.bed import REPO
 
     example = str(REPO / "examples" / "train_mlp.py")
@@ -226,3 +225,136 @@ def test_elastic_training_grows_when_a_node_is_added(testbed):
     testbed.wait_job_gone(member)
     assert_no_leaks(job)
     assert_no_leaks(member)
+
+
+DEMAND = """
+import os, socket, sys, time, ray
+ray.init()
+count, flag = int(sys.argv[1]), sys.argv[2]
+@ray.remote(num_cpus=2)
+def work(flag):  # busy until the test says so
+    deadline = time.time() + 300
+    while not os.path.exists(flag) and time.time() < deadline:
+        time.sleep(0.2)
+    return socket.gethostname()
+print("started", flush=True)
+print("hosts", " ".join(sorted(ray.get([work.remote(flag) for _ in range(count)]))), flush=True)
+"""
+
+
+def autoscaled(testbed, job):
+    """The autoscaler's member jobs: (all records, the ones Slurm still has queued or running)."""
+    rows = [m for m in status(testbed, job)["members"] if m["autoscaled"]]
+    return rows, [m for m in rows if m["slurm_state"] in ("PENDING", "RUNNING", "CONFIGURING")]
+
+
+def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_them(testbed):
+    p = testbed.local_profile
+    # Bad values: one line each, nothing submitted.
+    before = testbed.squeue_ids()
+    for bad in (
+        ["--max-nodes", "0"],
+        ["--min-nodes", "2"],
+        ["--nodes", "2", "--max-nodes", "1"],
+        ["--max-nodes", "3", "--min-nodes", "4"],
+        ["--max-nodes", "3", "--idle-timeout", "1;reboot"],
+    ):
+        b = testbed.raybridge("login", "up", *bad, "--profile", p)
+        assert b.returncode != 0 and len(b.stderr.strip().splitlines()) == 1, (bad, b.stderr)
+        assert "Traceback" not in b.stderr
+    assert testbed.squeue_ids() == before
+    args = [
+        "--nodes",
+        "1",
+        "--min-nodes",
+        "1",
+        "--max-nodes",
+        "3",
+        "--idle-timeout",
+        "20",
+        "--join-timeout",
+        "30",
+    ]
+    r = testbed.raybridge("login", "up", *args, "--profile", p)
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    blocker = None
+    seen: set[str] = set()
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        # Another user's job holds two of the three free nodes: one added node can start, one waits.
+        blocker = testbed.exec(
+            "login",
+            "sbatch",
+            "--parsable",
+            "-N",
+            "2",
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 600",
+            check=True,
+        ).stdout.strip()
+        rec = testbed.cluster_json(job) | {"token_path": str(testbed.job_dir(job) / "token")}
+        head = rec["head"]["hostname"]
+        # Five 2-CPU tasks on 2-CPU nodes want five nodes; at most three may be (the head + two).
+        flag = Path(testbed.shared) / f"demand-done-{job}"
+        drv = subprocess.Popen(
+            [TESTBED, "exec", head, "--", *driver_env(rec), PYTHON, "-c", DEMAND, "5", str(flag)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert drv.stdout.readline().strip() == "started"
+
+        def one_did_not_join():
+            rows, active = autoscaled(testbed, job)
+            seen.update(m["job_id"] for m in rows)
+            assert len(active) <= 2, active
+            return events(testbed, job, "not_joined")
+
+        (nope, *_) = wait_for("a member that did not join in time", one_did_not_join, timeout=150)
+        assert "did not join within 30s: Slurm PENDING" in nope["detail"], nope
+        assert events(testbed, job, "autoscale_submitted")
+        testbed.exec("login", "scancel", blocker, check=True)
+
+        def grown():
+            rows, active = autoscaled(testbed, job)
+            seen.update(m["job_id"] for m in rows)
+            assert len(active) <= 2, active
+            return status(testbed, job)["alive_nodes"] == 3
+
+        wait_for("the third node", grown, timeout=120)
+        # Two tasks still wait, but the cluster is at its maximum: nothing more is submitted.
+        for _ in range(10):
+            grown()  # (asserts the bound)
+            time.sleep(1)
+        assert len(autoscaled(testbed, job)[1]) == 2
+        flag.write_text("")
+        out, err = drv.communicate(timeout=300)
+        assert drv.returncode == 0, err[-3000:]
+        (hosts,) = re.findall(r"hosts (.*)", out)
+        assert len(set(hosts.split())) == 3, hosts  # the head and two added nodes did the work
+
+        def released():
+            rows, active = autoscaled(testbed, job)
+            seen.update(m["job_id"] for m in rows)
+            s = status(testbed, job)
+            return not active and s["alive_nodes"] == 1 and s
+
+        s = wait_for("the idle nodes released", released, timeout=120)
+        assert len(events(testbed, job, "autoscale_released")) >= 2
+        assert not any(e["event"] == "node_dead" for e in s["events"]), s["events"]
+        assert all(n["alive"] or n["left"] for n in s["nodes"])
+        text = testbed.raybridge("login", "status", job, "--profile", p).stdout
+        assert "autoscaled): Slurm" in text and "autoscale_released" in text, text
+    finally:
+        if blocker:
+            testbed.exec("login", "scancel", blocker)
+        down = testbed.raybridge("login", "down", job, "--profile", p)
+    assert down.returncode == 0, down.stderr
+    testbed.wait_job_gone(job)
+    for m in seen:
+        testbed.wait_job_gone(m)
+        assert_no_leaks(m)
+    assert_no_leaks(job)

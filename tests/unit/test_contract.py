@@ -46,6 +46,10 @@ EVERYTHING = {
     "login": {"host": "hpc", "user": "alice"},
     "labels": ["team=rl", "example.org/gpu=a100"],
     "replace_lost": 2,
+    "min_nodes": 5,
+    "max_nodes": 6,
+    "idle_timeout": 30,
+    "join_timeout": 120,
 }
 
 
@@ -70,6 +74,7 @@ def test_render_exports_round_trip_to_the_agent_settings():
     assert got.job_dir == "/shared/my dir/it's/jobs/7" == env["RAYBRIDGE_JOB_DIR"]
     assert got.ray_args == ('--resources={"x": 1}', "--log-style=record")
     assert got.interface == ("ib0", "ib1") and got.auth is False and got.nodes == 4
+    assert (got.min_nodes, got.max_nodes, got.idle_timeout, got.join_timeout) == (5, 6, 30, 120)
     assert env["NASTY"] == "a'b\"c; echo pwned $(id)"
 
 

@@ -1,0 +1,146 @@
+"""Autoscaling with Ray's own autoscaler: a node provider backed by Slurm member jobs.
+
+Ray's autoscaler (v1, the one `ray up` runs for every VM provider) runs in the head's monitor process
+when the head is started with `--autoscaling-config`; it loads raybridge.slurmprovider's
+SlurmNodeProvider through its documented `provider: {type: external, module: ...}` hook and asks it
+for nodes. Here a node is a one-node
+member job (slurm/raybridge-member.sbatch.in, the same script `--replace-lost` submits):
+
+    create_node     sbatch the member script with the cluster's remaining time; tags go into the
+                    job's MemberRecord (<job>/members/<member job>.json)
+    terminate_node  the release flag (the member's agent gives Ray's drain notice and leaves), then
+                    scancel; a member still pending is cancelled at once
+    nodes           the head (kind head), the allocation's other nodes and members added by hand or
+                    as replacements (kind unmanaged: the autoscaler neither counts nor removes them),
+                    the autoscaled members (kind worker)
+
+A member whose Ray has not joined `join_timeout` seconds after its submission is cancelled and an
+event says why (Slurm's state and reason). Nothing here starts Ray: the member's own agent does
+(`disable_node_updaters`), so the autoscaler needs no SSH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from raybridge import jobdir as jd
+from raybridge.settings import AgentSettings
+
+PROVIDER = "raybridge.slurmprovider.SlurmNodeProvider"  # imports Ray: a module of its own
+HEAD_TYPE = "head"
+WORKER_TYPE = "slurm"
+FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
+
+
+def config_path(job_dir: str) -> str:
+    return os.path.join(job_dir, "autoscaler.yaml")
+
+
+def autoscaling_config(
+    settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int, script: str
+) -> dict[str, Any]:
+    """The autoscaler's cluster config (YAML; written as JSON, which YAML reads). Complete as Ray's
+    `prepare_config` would make it: the monitor reads the file as it is. A member node has the
+    head's shape (same partition and per-node resources as the allocation)."""
+    static = settings.nodes  # the allocation's nodes: never started or stopped by the autoscaler
+    members_max = max((settings.max_nodes or static) - static, 0)
+    resources: dict[str, int] = {"CPU": cpus, "memory": memory_bytes}
+    if gpus:
+        resources["GPU"] = gpus
+    empty: list[Any] = []
+    return {
+        "cluster_name": f"raybridge-{settings.job_id}",
+        "max_workers": members_max,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": round(settings.idle_timeout / 60, 4),
+        "provider": {
+            "type": "external",
+            "module": PROVIDER,
+            "disable_node_updaters": True,  # the member's own agent starts Ray: no SSH
+            "job_dir": settings.job_dir,
+            "cluster_job": settings.job_id,
+            "script": script,
+            "logs": os.path.join(settings.shared_dir.rstrip("/"), "logs", "%x-%j.out"),
+            "join_timeout": settings.join_timeout,
+        },
+        "auth": {},
+        "available_node_types": {
+            HEAD_TYPE: {"resources": {}, "node_config": {}, "min_workers": 0, "max_workers": 0},
+            WORKER_TYPE: {
+                "resources": resources,
+                "node_config": {},
+                "min_workers": min(max((settings.min_nodes or static) - static, 0), members_max),
+                "max_workers": members_max,
+            },
+        },
+        "head_node_type": HEAD_TYPE,
+        "file_mounts": {},
+        "cluster_synced_files": empty,
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": empty,
+        "rsync_filter": empty,
+        "initialization_commands": empty,
+        "setup_commands": empty,
+        "head_setup_commands": empty,
+        "worker_setup_commands": empty,
+        "head_start_ray_commands": empty,
+        "worker_start_ray_commands": empty,
+    }
+
+
+def write_config(settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int) -> str:
+    """Write the head's autoscaler config into the job folder (0600); its path."""
+    from raybridge.agent.replace import script_path
+
+    script = script_path(settings.shared_dir, settings.job_id)
+    path = config_path(settings.job_dir)
+    jd.write_json(path, autoscaling_config(settings, cpus, gpus, memory_bytes, script))
+    return path
+
+
+def member_records(folder: jd.JobDir, cluster_job: str) -> list[jd.MemberRecord]:
+    out = []
+    for f in Path(folder.members).glob("*.json"):
+        if f.stem.isdigit():
+            with contextlib.suppress(jd.RecordError):
+                rec = jd.read(f, jd.MemberRecord)
+                if rec and rec.cluster_job == cluster_job:
+                    out.append(rec)
+    return out
+
+
+def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """{job id: (state, reason)} for this user's jobs in Slurm's queue (finished ones linger a few
+    minutes, then are gone); None when Slurm did not answer."""
+    if not job_ids:
+        return {}
+    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        r = subprocess.run(
+            ["squeue", "-h", "-u", user, "-t", "all", "-o", "%i|%T|%r"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    out = {}
+    for line in r.stdout.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        out[job] = (state, reason)
+    return {j: out[j] for j in job_ids if j in out}
+
+
+def read_config(job_dir: str) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(Path(config_path(job_dir)).read_text())
+    return None

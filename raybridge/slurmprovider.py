@@ -1,0 +1,208 @@
+"""Ray's autoscaler node provider over Slurm member jobs (autoscale.py says how the pieces fit).
+
+Loaded by Ray's autoscaler monitor on the head (`provider: {type: external, module:
+raybridge.slurmprovider.SlurmNodeProvider}`); it subclasses Ray's public NodeProvider, so this module
+imports Ray and nothing else of raybridge's imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ray.autoscaler.node_provider import NodeProvider
+from ray.autoscaler.tags import (
+    NODE_KIND_HEAD,
+    NODE_KIND_UNMANAGED,
+    STATUS_UP_TO_DATE,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_STATUS,
+    TAG_RAY_USER_NODE_TYPE,
+)
+
+from raybridge import jobdir as jd
+from raybridge.autoscale import FINISHED, HEAD_TYPE, member_records, queue_states
+
+RELEASE_WAIT_S = 30.0  # a released member drains and leaves; then its job is cancelled anyway
+
+
+class SlurmNodeProvider(NodeProvider):
+    """Ray's NodeProvider over member jobs (runs in the head's autoscaler monitor)."""
+
+    def __init__(self, provider_config: dict[str, Any], cluster_name: str):
+        super().__init__(provider_config, cluster_name)
+        self.dir = jd.JobDir(provider_config["job_dir"])
+        self.cluster_job = str(provider_config["cluster_job"])
+        self.script = provider_config["script"]
+        self.logs = provider_config["logs"]
+        self.join_timeout = float(provider_config.get("join_timeout", 600))
+        self.lock = threading.RLock()
+        self.nodes: dict[str, dict[str, Any]] = {}  # node id -> {"tags", "ip", "record"}
+        self.queue_ok = True
+
+    # ------------------------------------------------------------ what there is
+
+    def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
+        with self.lock:
+            self.refresh()
+            return [
+                node_id
+                for node_id, n in self.nodes.items()
+                if all(n["tags"].get(k) == v for k, v in tag_filters.items())
+            ]
+
+    def refresh(self) -> None:
+        nodes: dict[str, dict[str, Any]] = {}
+        cluster = jd.read(self.dir.cluster, jd.ClusterRecord)
+        head_ip = cluster.head.ip if cluster and cluster.head else None
+        if head_ip:
+            nodes[f"{self.cluster_job}-head"] = {
+                "ip": head_ip,
+                "tags": {
+                    TAG_RAY_NODE_KIND: NODE_KIND_HEAD,
+                    TAG_RAY_USER_NODE_TYPE: HEAD_TYPE,
+                    TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE,
+                },
+            }
+        joined: dict[str, str] = {}  # member job -> its node's IP
+        for f in Path(self.dir.nodes).glob("*.json"):
+            with contextlib.suppress(jd.RecordError):
+                rec = jd.read(f, jd.NodeRecord)
+                if rec is None or rec.ip == head_ip:
+                    continue
+                if rec.member_job:
+                    joined[rec.member_job] = rec.ip
+                else:
+                    nodes[f"{self.cluster_job}-{f.stem}"] = {
+                        "ip": rec.ip,
+                        "tags": {TAG_RAY_NODE_KIND: NODE_KIND_UNMANAGED},
+                    }
+        records = member_records(self.dir, self.cluster_job)
+        states = queue_states([r.job_id for r in records if not r.released_at])
+        self.queue_ok = states is not None
+        if states is None:  # Slurm did not answer: keep the last view (safe_to_scale says wait)
+            return
+        for rec in records:
+            state, reason = states.get(rec.job_id, ("GONE", ""))
+            if rec.released_at or state in FINISHED or state == "GONE":
+                continue
+            ip = joined.get(rec.job_id)
+            if rec.tags is None:  # added by hand or as a replacement: not the autoscaler's
+                if ip:
+                    nodes[rec.job_id] = {"ip": ip, "tags": {TAG_RAY_NODE_KIND: NODE_KIND_UNMANAGED}}
+                continue
+            if ip is None and time.time() - (rec.submitted_at or 0) > self.join_timeout:
+                why = f"Slurm {state}" + (f" ({reason})" if reason and reason != "None" else "")
+                self.release(rec, f"did not join within {self.join_timeout:.0f}s: {why}", "not_joined")
+                continue
+            tags = dict(rec.tags)
+            if ip:
+                tags[TAG_RAY_NODE_STATUS] = STATUS_UP_TO_DATE
+            nodes[rec.job_id] = {"ip": ip, "tags": tags, "record": rec}
+        self.nodes = nodes
+
+    def safe_to_scale(self) -> bool:
+        return self.queue_ok
+
+    def is_running(self, node_id: str) -> bool:
+        with self.lock:
+            return node_id in self.nodes
+
+    def is_terminated(self, node_id: str) -> bool:
+        return not self.is_running(node_id)
+
+    def node_tags(self, node_id: str) -> dict[str, str]:
+        with self.lock:
+            n = self.nodes.get(node_id)
+            return dict(n["tags"]) if n else {}
+
+    def internal_ip(self, node_id: str) -> str | None:
+        with self.lock:
+            n = self.nodes.get(node_id)
+            return n["ip"] if n else None
+
+    def external_ip(self, node_id: str) -> str | None:
+        return self.internal_ip(node_id)
+
+    # ------------------------------------------------------------ changes
+
+    def create_node(self, node_config: dict[str, Any], tags: dict[str, str], count: int) -> dict[str, Any]:
+        from raybridge.agent import slurmjob
+
+        created = {}
+        for _ in range(count):
+            try:
+                job = slurmjob.submit(self.script, self.logs, slurmjob.time_left(self.cluster_job))
+            except RuntimeError as e:
+                jd.add_event(self.dir, "autoscale_failed", "", str(e))
+                raise
+            rec = jd.MemberRecord(
+                job_id=job,
+                cluster_job=self.cluster_job,
+                submitted_at=jd.now(),
+                script=self.script,
+                tags=dict(tags),
+            )
+            try:
+                Path(self.dir.members).mkdir(mode=0o700, exist_ok=True)
+                jd.write(self.dir.member(job), rec)
+            except OSError as e:  # a job nobody would know of: not left behind
+                slurmjob.cancel(job)
+                raise RuntimeError(f"cannot record member job {job} ({e}); cancelled it") from None
+            jd.add_event(self.dir, "autoscale_submitted", "", f"member job {job} for pending demand")
+            with self.lock:
+                self.nodes[job] = {"ip": None, "tags": dict(tags), "record": rec}
+            created[job] = tags
+        return created
+
+    def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
+        with self.lock:
+            n = self.nodes.get(node_id)
+            if not n or "record" not in n:
+                return
+            rec = n["record"]
+            rec = replace(rec, tags={**(rec.tags or {}), **tags})
+            jd.write(self.dir.member(node_id), rec)
+            n["record"] = rec
+            n["tags"].update(tags)
+
+    def terminate_node(self, node_id: str) -> None:
+        with self.lock:
+            n = self.nodes.pop(node_id, None)
+        if n and "record" in n:
+            self.release(
+                n["record"], "released by the autoscaler (idle or above the limits)", "autoscale_released"
+            )
+
+    def release(self, rec: jd.MemberRecord, why: str, event: str) -> None:
+        """Mark the member released, give its agent the release flag, and cancel its job: at once
+        if Ray never joined there, else once the agent drained and left (or RELEASE_WAIT_S)."""
+        from raybridge.agent import slurmjob
+
+        jd.write(self.dir.member(rec.job_id), replace(rec, released_at=jd.now()))
+        jd.add_event(self.dir, event, "", f"member job {rec.job_id}: {why}")
+        joined = any(
+            (r := jd.read(f, jd.NodeRecord)) and r.member_job == rec.job_id
+            for f in Path(self.dir.nodes).glob(f"m{rec.job_id}-*.json")
+        )
+        if not joined:
+            slurmjob.cancel(rec.job_id)
+            return
+        Path(self.dir.release(rec.job_id)).write_text("")
+        threading.Thread(target=cancel_when_left, args=(rec.job_id,), daemon=True).start()
+
+
+def cancel_when_left(job_id: str) -> None:
+    from raybridge.agent import slurmjob
+
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while time.monotonic() < deadline:
+        states = queue_states([job_id])
+        if states is not None and states.get(job_id, ("GONE", ""))[0] in FINISHED | {"GONE"}:
+            return
+        time.sleep(1)
+    slurmjob.cancel(job_id)
