@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import posixpath
@@ -289,11 +290,15 @@ class MemberRecord(Record):
 # ------------------------------------------------------------------ local files (on the nodes)
 
 
+_EVENT_SEQ = itertools.count()
+
+
 def add_event(folder: JobDir, event: str, node: str, detail: str = "") -> None:
     """Record an event from outside the head (the driver, a training worker): a file of its own, so
     that no writer races another or the head's cluster.json. Never fails the caller."""
     entry = {"at": now(), "event": event, "node": node, "detail": detail[:300]}
-    name = f"{entry['at']:.3f}-{os.getpid()}-{event}.json"
+    # Unique per writer: two events of one process in the same millisecond are two files.
+    name = f"{entry['at']:.3f}-{os.getpid()}-{next(_EVENT_SEQ)}-{event}.json"
     with contextlib.suppress(OSError):
         write_json(posixpath.join(folder.events, name), entry)
 

@@ -242,11 +242,12 @@ def status_cmd(
         for n in r["nodes"]:
             print("  " + node_line(n))
         for m in r["members"]:
-            where = m["node"] or f"reason {m['reason']}"
+            pending = m["slurm_state"] == "PENDING"
+            where = m["node"] or (f"reason {m['reason']}" if pending else "")
             how = ", autoscaled" if m.get("autoscaled") else ""
             print(
                 f"  member job {m['job_id']} ({m['partition'] or 'default'}{how}): "
-                f"Slurm {m['slurm_state']}, {where}"
+                f"Slurm {m['slurm_state']}" + (f", {where}" if where else "")
             )
         if show_timeline:
             print("  timeline:")

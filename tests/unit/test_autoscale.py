@@ -1,0 +1,185 @@
+"""The autoscaler's config (complete as Ray reads it) and the Slurm node provider's bookkeeping, with
+Slurm's commands faked (the real autoscaler on the real test bed: tests/cluster/test_elastic.py)."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from raybridge import autoscale
+from raybridge import jobdir as jd
+from raybridge.errors import ConfigError
+from raybridge.profile import build_spec
+from raybridge.settings import AgentSettings
+
+
+def settings(tmp_path, **kw):
+    return AgentSettings(shared_dir=str(tmp_path), nodes=1, max_nodes=3, job_id="7", **kw)
+
+
+def test_config_is_complete_as_rays_autoscaler_reads_it(tmp_path):
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from raybridge.slurmprovider import SlurmNodeProvider
+
+    cfg = autoscale.autoscaling_config(settings(tmp_path, idle_timeout=20), 2, 1, 1 << 30, "/s/m.sbatch")
+    validate_config(cfg)
+    # The monitor reads the file as it is: it must already be what `ray up` would prepare.
+    assert prepare_config(json.loads(json.dumps(cfg))) == cfg
+    assert _get_node_provider_cls(cfg["provider"]) is SlurmNodeProvider
+    worker = cfg["available_node_types"][autoscale.WORKER_TYPE]
+    assert worker["resources"] == {"CPU": 2, "GPU": 1, "memory": 1 << 30}
+    assert (cfg["max_workers"], worker["min_workers"], worker["max_workers"]) == (2, 0, 2)
+    assert cfg["idle_timeout_minutes"] == pytest.approx(20 / 60, abs=1e-3)
+    assert cfg["provider"]["disable_node_updaters"] is True
+
+
+def test_limits_count_the_allocation(tmp_path):
+    s = dataclasses.replace(settings(tmp_path), nodes=3, min_nodes=4, max_nodes=6)
+    cfg = autoscale.autoscaling_config(s, 2, 0, 1 << 30, "x")
+    worker = cfg["available_node_types"][autoscale.WORKER_TYPE]
+    assert (cfg["max_workers"], worker["min_workers"], worker["max_workers"]) == (3, 1, 3)
+    assert "GPU" not in worker["resources"]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"min_nodes": 2}, "min_nodes needs max_nodes"),
+        ({"nodes": 3, "max_nodes": 2}, "max_nodes is 2, below the allocation's 3 nodes"),
+        ({"nodes": 2, "spare_nodes": 1, "max_nodes": 2}, "below the allocation's 3 nodes"),
+        ({"nodes": 2, "max_nodes": 4, "min_nodes": 1}, "min_nodes must be between the allocation's 2"),
+        ({"max_nodes": 3, "min_nodes": 4}, "min_nodes must be between"),
+        ({"max_nodes": 3, "idle_timeout": 1}, "idle_timeout must be between 5"),
+        ({"max_nodes": 3, "join_timeout": "soon"}, "join_timeout must be a whole number"),
+    ],
+)
+def test_bad_limits_are_one_clear_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_spec({"shared_dir": "/s", **values})
+
+
+def test_only_the_cluster_autoscales():
+    spec = build_spec({"shared_dir": "/s", "nodes": 1, "min_nodes": 2, "max_nodes": 3})
+    assert spec.autoscaling and spec.agent_settings().max_nodes == 3
+    member = dataclasses.replace(spec, member_of="5")
+    assert member.agent_settings().max_nodes is None
+    assert build_spec({"shared_dir": "/s"}).agent_settings().max_nodes is None
+
+
+class FakeSlurm:
+    def __init__(self):
+        self.queue: dict[str, tuple[str, str]] = {}
+        self.cancelled: list[str] = []
+        self.next = 100
+
+    def submit(self, script, output, time):
+        self.next += 1
+        self.queue[str(self.next)] = ("PENDING", "Priority")
+        self.time = time
+        return str(self.next)
+
+    def cancel(self, job):
+        self.cancelled.append(job)
+        self.queue[job] = ("CANCELLED", "None")
+
+    def states(self, ids):
+        return {j: self.queue[j] for j in ids if j in self.queue}
+
+
+@pytest.fixture
+def provider(tmp_path, monkeypatch):
+    from raybridge import slurmprovider
+    from raybridge.agent import slurmjob
+
+    slurm = FakeSlurm()
+    monkeypatch.setattr(slurmjob, "submit", slurm.submit)
+    monkeypatch.setattr(slurmjob, "cancel", slurm.cancel)
+    monkeypatch.setattr(slurmjob, "time_left", lambda job: "1:00:00")
+    monkeypatch.setattr(slurmprovider, "queue_states", slurm.states)
+    monkeypatch.setattr(slurmprovider, "RELEASE_WAIT_S", 0.0)
+    folder = jd.JobDir.of(str(tmp_path), "7")
+    for d in ("nodes", "members", "events"):
+        (tmp_path / "jobs" / "7" / d).mkdir(parents=True)
+    head = jd.HeadRecord(ip="10.0.0.1", hostname="n1", interface="ib0", ports={"gcs": 1}, gcs_up_at=1.0)
+    jd.write(
+        folder.cluster,
+        jd.ClusterRecord(job_id="7", state="ready", expected_nodes=2, job_dir=folder.path, head=head),
+    )
+    jd.write(folder.node("0"), jd.NodeRecord(ip="10.0.0.1", rank=0, hostname="n1"))
+    jd.write(folder.node("1"), jd.NodeRecord(ip="10.0.0.2", rank=1, hostname="n2"))
+    cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30, "/s/m.sbatch")
+    p = slurmprovider.SlurmNodeProvider(cfg["provider"], cfg["cluster_name"])
+    return p, slurm, folder
+
+
+def test_provider_submits_tracks_and_releases_member_jobs(provider):
+    from ray.autoscaler.tags import (
+        NODE_KIND_WORKER,
+        STATUS_UNINITIALIZED,
+        STATUS_UP_TO_DATE,
+        TAG_RAY_NODE_KIND,
+        TAG_RAY_NODE_STATUS,
+        TAG_RAY_USER_NODE_TYPE,
+    )
+
+    p, slurm, folder = provider
+    nodes = p.non_terminated_nodes({})
+    kinds = {n: p.node_tags(n)[TAG_RAY_NODE_KIND] for n in nodes}
+    assert kinds == {
+        "7-head": "head",
+        "7-1": "unmanaged",
+    }  # the allocation's other node is not the autoscaler's
+    assert p.internal_ip("7-head") == "10.0.0.1"
+    tags = {
+        TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
+        TAG_RAY_USER_NODE_TYPE: autoscale.WORKER_TYPE,
+        TAG_RAY_NODE_STATUS: STATUS_UNINITIALIZED,
+    }
+    created = p.create_node({}, tags, 2)
+    assert list(created) == ["101", "102"] and slurm.time == "1:00:00"
+    rec = jd.read(folder.member("101"), jd.MemberRecord)
+    assert rec.tags == tags and rec.cluster_job == "7"
+    workers = p.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER})
+    assert sorted(workers) == ["101", "102"] and p.internal_ip("101") is None
+    # 101 starts and its Ray joins: up to date, with its address.
+    slurm.queue["101"] = ("RUNNING", "None")
+    jd.write(folder.node("m101-0"), jd.NodeRecord(ip="10.0.0.3", hostname="n3", member_job="101"))
+    p.non_terminated_nodes({})
+    assert p.node_tags("101")[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE and p.internal_ip("101") == "10.0.0.3"
+    p.set_node_tags("101", {"extra": "1"})
+    assert jd.read(folder.member("101"), jd.MemberRecord).tags["extra"] == "1"
+    # Released: a joined node gets the release flag (its agent drains), a pending one is cancelled.
+    p.terminate_nodes(["101", "102"])
+    assert os.path.exists(folder.release("101")) and not os.path.exists(folder.release("102"))
+    assert jd.read(folder.member("101"), jd.MemberRecord).released_at
+    assert "102" in slurm.cancelled
+    assert p.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER}) == []
+    names = [json.loads(open(f).read())["event"] for f in sorted(Path(folder.events).glob("*.json"))]
+    assert names.count("autoscale_submitted") == 2 and names.count("autoscale_released") == 2
+
+
+def test_provider_cancels_a_member_that_did_not_join_in_time_and_says_why(provider):
+    p, slurm, folder = provider
+    (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)
+    rec = jd.read(folder.member(job), jd.MemberRecord)
+    jd.write(folder.member(job), dataclasses.replace(rec, submitted_at=rec.submitted_at - 61))
+    slurm.queue[job] = ("PENDING", "Resources")
+    assert job not in p.non_terminated_nodes({})
+    assert slurm.cancelled == [job]
+    (event,) = [json.loads(f.read_text()) for f in Path(folder.events).glob("*not_joined.json")]
+    assert event["detail"] == f"member job {job}: did not join within 60s: Slurm PENDING (Resources)"
+
+
+def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
+    from raybridge import slurmprovider
+
+    p, slurm, folder = provider
+    (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)
+    assert p.non_terminated_nodes({}) and p.safe_to_scale()
+    monkeypatch.setattr(slurmprovider, "queue_states", lambda ids: None)
+    assert job in p.non_terminated_nodes({})  # the last view, not "every node is gone"
+    assert not p.safe_to_scale()
