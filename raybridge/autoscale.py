@@ -33,6 +33,10 @@ from raybridge import jobdir as jd
 from raybridge.settings import AgentSettings
 
 PROVIDER = "raybridge.slurmprovider.SlurmNodeProvider"  # imports Ray: a module of its own
+UPDATE_INTERVAL_S = (
+    1  # Ray's autoscaler's loop (its env AUTOSCALER_UPDATE_INTERVAL_S; reads files, asks the GCS)
+)
+QUEUE_CACHE_S = 5.0  # how often, at most, the provider asks Slurm about member jobs it already knows
 HEAD_TYPE = "head"
 WORKER_TYPE = "slurm"
 FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}  # fmt: skip

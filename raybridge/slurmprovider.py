@@ -25,7 +25,7 @@ from ray.autoscaler.tags import (
 )
 
 from raybridge import jobdir as jd
-from raybridge.autoscale import FINISHED, HEAD_TYPE, member_records, queue_states
+from raybridge.autoscale import FINISHED, HEAD_TYPE, QUEUE_CACHE_S, member_records, queue_states
 
 RELEASE_WAIT_S = 30.0  # a released member drains and leaves; then its job is cancelled anyway
 
@@ -43,6 +43,7 @@ class SlurmNodeProvider(NodeProvider):
         self.lock = threading.RLock()
         self.nodes: dict[str, dict[str, Any]] = {}  # node id -> {"tags", "ip", "record"}
         self.queue_ok = True
+        self.queue: tuple[float, frozenset[str], dict[str, tuple[str, str]]] = (0.0, frozenset(), {})
 
     # ------------------------------------------------------------ what there is
 
@@ -82,7 +83,7 @@ class SlurmNodeProvider(NodeProvider):
                         "tags": {TAG_RAY_NODE_KIND: NODE_KIND_UNMANAGED},
                     }
         records = member_records(self.dir, self.cluster_job)
-        states = queue_states([r.job_id for r in records if not r.released_at])
+        states = self.queue_states([r.job_id for r in records if not r.released_at])
         self.queue_ok = states is not None
         if states is None:  # Slurm did not answer: keep the last view (safe_to_scale says wait)
             return
@@ -104,6 +105,18 @@ class SlurmNodeProvider(NodeProvider):
                 tags[TAG_RAY_NODE_STATUS] = STATUS_UP_TO_DATE
             nodes[rec.job_id] = {"ip": ip, "tags": tags, "record": rec}
         self.nodes = nodes
+
+    def queue_states(self, job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+        """Slurm's view of the member jobs; the autoscaler looks every second, Slurm is asked at most
+        every QUEUE_CACHE_S unless there is a job it was not asked about (a node joining is seen in
+        its record at once: that needs no Slurm)."""
+        at, asked, states = self.queue
+        if set(job_ids) <= asked and time.monotonic() - at < QUEUE_CACHE_S:
+            return {j: states[j] for j in job_ids if j in states}
+        fresh = queue_states(job_ids)
+        if fresh is not None:
+            self.queue = (time.monotonic(), frozenset(job_ids), fresh)
+        return fresh
 
     def safe_to_scale(self) -> bool:
         return self.queue_ok

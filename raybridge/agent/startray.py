@@ -63,6 +63,11 @@ class RayStarter:
         env["TMPDIR"] = self.settings.temp_dir  # Python's scratch files go where teardown cleans
         # The head's dashboard writes Grafana dashboards for this Ray version: kept with the job.
         env["RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR"] = self.dir.join("grafana", "dashboards")
+        if self.settings.max_nodes:
+            from raybridge import autoscale
+
+            # Ray's autoscaler looks every 5 s by default: most of the time from demand to sbatch.
+            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", str(autoscale.UPDATE_INTERVAL_S))
         if self.settings.auth:
             env["RAY_AUTH_MODE"] = "token"
             env["RAY_AUTH_TOKEN_PATH"] = self.dir.token

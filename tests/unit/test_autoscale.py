@@ -75,6 +75,7 @@ class FakeSlurm:
         self.queue: dict[str, tuple[str, str]] = {}
         self.cancelled: list[str] = []
         self.next = 100
+        self.asked = 0
 
     def submit(self, script, output, time):
         self.next += 1
@@ -87,6 +88,7 @@ class FakeSlurm:
         self.queue[job] = ("CANCELLED", "None")
 
     def states(self, ids):
+        self.asked += 1
         return {j: self.queue[j] for j in ids if j in self.queue}
 
 
@@ -143,10 +145,13 @@ def test_provider_submits_tracks_and_releases_member_jobs(provider):
     assert list(created) == ["101", "102"] and slurm.time == "1:00:00"
     rec = jd.read(folder.member("101"), jd.MemberRecord)
     assert rec.tags == tags and rec.cluster_job == "7"
+    asked = slurm.asked
     workers = p.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER})
+    p.non_terminated_nodes({})
+    assert slurm.asked == asked + 1  # the autoscaler's second look within QUEUE_CACHE_S: no new query
     assert sorted(workers) == ["101", "102"] and p.internal_ip("101") is None
     # 101 starts and its Ray joins: up to date, with its address.
-    slurm.queue["101"] = ("RUNNING", "None")
+    slurm.queue["101"] = ("RUNNING", "None")  # (Slurm's state is not what says it joined)
     jd.write(folder.node("m101-0"), jd.NodeRecord(ip="10.0.0.3", hostname="n3", member_job="101"))
     p.non_terminated_nodes({})
     assert p.node_tags("101")[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE and p.internal_ip("101") == "10.0.0.3"
@@ -181,5 +186,6 @@ def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
     (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)
     assert p.non_terminated_nodes({}) and p.safe_to_scale()
     monkeypatch.setattr(slurmprovider, "queue_states", lambda ids: None)
+    monkeypatch.setattr(slurmprovider, "QUEUE_CACHE_S", 0.0)
     assert job in p.non_terminated_nodes({})  # the last view, not "every node is gone"
     assert not p.safe_to_scale()
