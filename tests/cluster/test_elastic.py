@@ -358,3 +358,41 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
         testbed.wait_job_gone(m)
         assert_no_leaks(m)
     assert_no_leaks(job)
+
+
+def test_elastic_training_gets_its_workers_from_the_autoscaler(testbed):
+    """Ray Train's elastic ScalingConfig(num_workers=(2, 3)) asks Ray's autoscaler for three workers'
+    resources; on a one-node allocation the autoscaler adds two member jobs and training runs on three."""
+    from tests.cluster.bed import REPO
+
+    example = str(REPO / "examples" / "train_mlp.py")
+    args = [
+        "--steps",
+        "120",
+        "--every",
+        "20",
+        "--elastic",
+        "2,3",
+        "--resize-check",
+        "3",
+        "--step-sleep",
+        "0.1",
+    ]
+    r = testbed.raybridge(
+        "login", "run", "--nodes", "1", "--max-nodes", "3", "--idle-timeout", "20",
+        "--profile", testbed.local_profile, "--", "python", example, *args, timeout=400,
+    )  # fmt: skip
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(re.findall(r"RESULT: (\{.*\})", r.stdout)[-1])
+    assert result["final_step"] == 120
+    run = Path(testbed.shared) / "raybridge" / "runs" / f"raybridge-{job}"
+    ranks = {f.name for f in (run / "hosts").iterdir()}
+    assert any(r.endswith("-rank2") for r in ranks), ranks  # three workers (at once, or after a resize)
+    added = [m for m in status(testbed, job)["members"] if m["autoscaled"]]
+    assert len(added) == 2, added
+    testbed.wait_job_gone(job)
+    for m in added:
+        testbed.wait_job_gone(m["job_id"])
+        assert_no_leaks(m["job_id"])
+    assert_no_leaks(job)
