@@ -8,6 +8,7 @@ imports Ray and nothing else of raybridge's imports it.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from dataclasses import replace
@@ -27,6 +28,7 @@ from ray.autoscaler.tags import (
 from raybridge import jobdir as jd
 from raybridge.autoscale import FINISHED, HEAD_TYPE, QUEUE_CACHE_S, member_records, queue_states
 
+JUST_SUBMITTED_S = 30.0  # a member job Slurm does not list yet is taken as pending this long
 RELEASE_WAIT_S = 30.0  # a released member drains and leaves; then its job is cancelled anyway
 
 
@@ -88,7 +90,9 @@ class SlurmNodeProvider(NodeProvider):
         if states is None:  # Slurm did not answer: keep the last view (safe_to_scale says wait)
             return
         for rec in records:
-            state, reason = states.get(rec.job_id, ("GONE", ""))
+            # Not listed yet right after sbatch is still pending (else the autoscaler would submit again).
+            young = time.time() - (rec.submitted_at or 0) < JUST_SUBMITTED_S
+            state, reason = states.get(rec.job_id, ("PENDING", "") if young else ("GONE", ""))
             if rec.released_at or state in FINISHED or state == "GONE":
                 continue
             ip = joined.get(rec.job_id)
@@ -205,7 +209,7 @@ class SlurmNodeProvider(NodeProvider):
         if not joined:
             slurmjob.cancel(rec.job_id)
             return
-        Path(self.dir.release(rec.job_id)).write_text("")
+        os.close(os.open(self.dir.release(rec.job_id), os.O_WRONLY | os.O_CREAT, 0o600))
         threading.Thread(target=cancel_when_left, args=(rec.job_id,), daemon=True).start()
 
 

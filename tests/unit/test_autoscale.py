@@ -189,3 +189,9 @@ def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
     monkeypatch.setattr(slurmprovider, "QUEUE_CACHE_S", 0.0)
     assert job in p.non_terminated_nodes({})  # the last view, not "every node is gone"
     assert not p.safe_to_scale()
+    # Slurm answers but does not list the job yet (just submitted): still pending, not gone.
+    monkeypatch.setattr(slurmprovider, "queue_states", lambda ids: {})
+    assert job in p.non_terminated_nodes({}) and p.safe_to_scale()
+    rec = jd.read(folder.member(job), jd.MemberRecord)
+    jd.write(folder.member(job), dataclasses.replace(rec, submitted_at=rec.submitted_at - 31))
+    assert job not in p.non_terminated_nodes({})  # long gone from Slurm: gone
