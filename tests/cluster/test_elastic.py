@@ -173,25 +173,19 @@ def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_node
     assert_no_leaks(job)
 
 
-def test_elastic_training_grows_when_a_node_is_added(testbed):
+def elastic_example(steps):
+    """The example trainer, elastic between 2 and 3 workers, checking for more every 3 s."""
     from tests.cluster.bed import REPO
 
     example = str(REPO / "examples" / "train_mlp.py")
+    flags = ["--every", "20", "--elastic", "2,3", "--resize-check", "3", "--step-sleep", "0.1"]
+    return ["python", example, "--steps", str(steps), *flags]
+
+
+def test_elastic_training_grows_when_a_node_is_added(testbed):
     p = testbed.local_profile
-    args = [
-        "--steps",
-        "240",
-        "--every",
-        "20",
-        "--elastic",
-        "2,3",
-        "--resize-check",
-        "3",
-        "--step-sleep",
-        "0.1",
-    ]
     proc = testbed.start_raybridge(
-        "login", "run", "--nodes", "2", "--profile", p, "--", "python", example, *args
+        "login", "run", "--nodes", "2", "--profile", p, "--", *elastic_example(240)
     )
     job = None
     while job is None:
@@ -363,24 +357,9 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
 def test_elastic_training_gets_its_workers_from_the_autoscaler(testbed):
     """Ray Train's elastic ScalingConfig(num_workers=(2, 3)) asks Ray's autoscaler for three workers'
     resources; on a one-node allocation the autoscaler adds two member jobs and training runs on three."""
-    from tests.cluster.bed import REPO
-
-    example = str(REPO / "examples" / "train_mlp.py")
-    args = [
-        "--steps",
-        "120",
-        "--every",
-        "20",
-        "--elastic",
-        "2,3",
-        "--resize-check",
-        "3",
-        "--step-sleep",
-        "0.1",
-    ]
     r = testbed.raybridge(
         "login", "run", "--nodes", "1", "--max-nodes", "3", "--idle-timeout", "20",
-        "--profile", testbed.local_profile, "--", "python", example, *args, timeout=400,
+        "--profile", testbed.local_profile, "--", *elastic_example(120), timeout=400,
     )  # fmt: skip
     job = re.search(r"submitted job (\d+)", r.stderr).group(1)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
