@@ -376,8 +376,7 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
     job = cluster.job()
     info = cluster.info()
     nodes = [n.to_dict() for n in info.nodes] if info else []
-    # Nodes of member jobs that were released (scale --remove, the autoscaler) left on purpose.
-    released = {n[:-8] for n in cluster.runner.listdir(cluster.dir.members) if n.endswith(".release")}
+    released = released_members(cluster)
     for n in nodes:
         n.pop("schema", None)
         n["left"] = not n.get("alive") and n.get("member_job") in released
@@ -407,6 +406,11 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
         "members": member_rows(cluster),
     }
+
+
+def released_members(cluster: Cluster) -> set[str]:
+    """Member jobs released on purpose (scale --remove, the autoscaler): their nodes left, not died."""
+    return {n[:-8] for n in cluster.runner.listdir(cluster.dir.members) if n.endswith(".release")}
 
 
 def member_rows(cluster: Cluster) -> list[dict[str, Any]]:

@@ -67,9 +67,13 @@ class Watcher:
             info.generation,
         )
         scraped = {m.node: m for m in rbm.scrape(c.runner, info)} if not s.finished else {}
+        released = lib.released_members(c) if any(not n.alive and n.member_job for n in info.nodes) else set()
         for n in info.nodes:
             m = scraped.get(n.hostname or n.ip)
-            s.nodes.append({"node": n.hostname or n.ip, "ip": n.ip, "alive": bool(n.alive), "metrics": m})
+            left = not n.alive and n.member_job in released
+            s.nodes.append(
+                {"node": n.hostname or n.ip, "ip": n.ip, "alive": bool(n.alive), "left": left, "metrics": m}
+            )
         s.ray_jobs = self.ray_jobs(info) if info.state == "ready" and not s.finished else []
         if time.monotonic() - self.checkpoint_at > CHECKPOINT_EVERY:
             self.checkpoint_at = time.monotonic()
@@ -120,7 +124,9 @@ def view(s: Snapshot) -> Group:
         nodes.add_column(col, justify="left" if col in ("node", "state") else "right")
     for n in s.nodes:
         m = n["metrics"]
-        if not n["alive"]:
+        if n.get("left"):
+            nodes.add_row(n["node"], Text("left", style="dim"), "", "", "", "", "")
+        elif not n["alive"]:
             nodes.add_row(n["node"], Text("DEAD", style="red"), "", "", "", "", "")
         elif m is None or m.error:
             nodes.add_row(n["node"], "alive", "?", "?", "?", "?", "?")

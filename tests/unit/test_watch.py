@@ -1,4 +1,4 @@
-"""The live view renders a snapshot: header, nodes (alive, dead, no metrics), Ray jobs, checkpoint."""
+"""The live view renders a snapshot: header, nodes (alive, dead, left, no metrics), Ray jobs, checkpoint."""
 
 import re
 
@@ -32,6 +32,7 @@ def test_a_snapshot_renders_every_part():
             {"node": "n2", "ip": "10.0.0.2", "alive": True, "metrics": m},
             {"node": "n3", "ip": "10.0.0.3", "alive": True, "metrics": None},
             {"node": "n4", "ip": "10.0.0.4", "alive": False, "metrics": None},
+            {"node": "n5", "ip": "10.0.0.5", "alive": False, "left": True, "metrics": None},
         ],
         ray_jobs=[{"submission_id": "raysubmit_1", "status": "RUNNING", "entrypoint": "python train.py"}],
         checkpoint="checkpoint_000003 (step 150, 4s ago)",
@@ -44,6 +45,7 @@ def test_a_snapshot_renders_every_part():
     lines = text.splitlines()
     assert any(line.split()[:5] == ["n2", "alive", "42%", "2.0/8.0", "-"] for line in lines), text
     assert any(line.split()[:2] == ["n4", "DEAD"] for line in lines), text
+    assert any(line.split()[:2] == ["n5", "left"] for line in lines), text  # a released member's node
     assert any(line.split()[:3] == ["n3", "alive", "?"] for line in lines), text
     assert re.search(r"raysubmit_1\s+RUNNING\s+python train.py", text), text
     assert "last checkpoint: checkpoint_000003 (step 150, 4s ago)" in text
