@@ -63,6 +63,12 @@ def summary(info: jd.ClusterRecord, spec: ClusterSpec, runner: Runner) -> str:
     if info.token_path:
         lines.append(f"  token      {info.token_path}  (mode 0600)")
     lines.append("  nodes      " + ", ".join(f"{n.hostname} {n.ip}" for n in info.nodes))
+    if spec.autoscaling:
+        low = spec.min_nodes or spec.total_nodes
+        lines.append(
+            f"  autoscale  {low} to {spec.max_nodes} nodes (Ray's autoscaler adds Slurm jobs for pending work; "
+            f"idle ones leave after {spec.idle_timeout}s)"
+        )
     login = runner.host or "<login-node>"
     lines += [
         "Connect:",

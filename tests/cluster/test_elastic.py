@@ -275,6 +275,7 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
     seen: set[str] = set()
     try:
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "autoscale  1 to 3 nodes" in r.stdout + r.stderr
         # Another user's job holds two of the three free nodes: one added node can start, one waits.
         blocker = testbed.exec(
             "login",
