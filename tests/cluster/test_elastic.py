@@ -209,11 +209,18 @@ def test_elastic_training_grows_when_a_node_is_added(testbed):
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     result = json.loads(re.findall(r"RESULT: (\{.*\})", out)[-1])
     assert result["final_step"] == 240
-    # It ran with two workers, then with three (the added node's) from a checkpoint.
-    ranks = {f.name for f in (run / "hosts").iterdir()}
-    assert any(r.endswith("-rank1") for r in ranks) and any(r.endswith("-rank2") for r in ranks), ranks
-    hosts3 = {(run / "hosts" / r).read_text() for r in ranks if r.startswith(f"attempt{result['restores']}-")}
-    assert len(hosts3) == 3, hosts3  # every worker, the added node's too, writes into the cluster's run
+    # It ran with two workers, then with three (the added node's) from a checkpoint. (A later attempt
+    # may be smaller again: on the 2-core test bed a loaded node can miss Ray's 3-s health check.)
+    attempts: dict[str, dict[str, str]] = {}
+    for f in (run / "hosts").iterdir():
+        attempt, rank = f.name.split("-")
+        attempts.setdefault(attempt, {})[rank] = f.read_text()
+    resumed = [line for line in out.splitlines() if "resumed from" in line]
+    assert len(attempts["attempt0"]) == 2, (attempts, resumed)
+    grown = [a for a, workers in attempts.items() if len(workers) == 3]
+    assert grown, (attempts, resumed)
+    # Every worker, the added node's too, writes into the cluster's run.
+    assert len(set(attempts[grown[0]].values())) == 3, (attempts, resumed)
     assert not list(run.parent.glob("*member*"))
     testbed.wait_job_gone(job)
     testbed.wait_job_gone(member)
