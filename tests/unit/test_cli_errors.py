@@ -26,6 +26,9 @@ def raybridge(*args, env=None):
         (["render", "--bogus"], "No such option"),
         (["down"], "name a job id, or pass --all"),
         (["submit", "12", "python", "x.py"], "use `raybridge submit --job 12 -- python x.py`"),
+        (["scale", "12", "--add", "1", "--max-nodes", "4"], "--max-nodes: set with `raybridge up`/`run`"),
+        (["render", "--min-nodes", "2"], "min_nodes needs max_nodes"),
+        (["render", "--max-nodes", "3", "--idle-timeout", "1;x"], "Invalid value for '--idle-timeout'"),
     ],
 )
 def test_one_line_errors(args, message):
