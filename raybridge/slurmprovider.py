@@ -29,7 +29,8 @@ from raybridge import jobdir as jd
 from raybridge.autoscale import FINISHED, HEAD_TYPE, QUEUE_CACHE_S, member_records, queue_states
 
 JUST_SUBMITTED_S = 30.0  # a member job Slurm does not list yet is taken as pending this long
-RELEASE_WAIT_S = 30.0  # a released member drains and leaves; then its job is cancelled anyway
+RELEASE_WAIT_S = 30.0
+FAILED_EVENT_S = 300.0  # a released member drains and leaves; then its job is cancelled anyway
 
 
 class SlurmNodeProvider(NodeProvider):
@@ -45,6 +46,7 @@ class SlurmNodeProvider(NodeProvider):
         self.lock = threading.RLock()
         self.nodes: dict[str, dict[str, Any]] = {}  # node id -> {"tags", "ip", "record"}
         self.queue_ok = True
+        self.last_failure = ("", 0.0)
         self.queue: tuple[float, frozenset[str], dict[str, tuple[str, str]]] = (0.0, frozenset(), {})
 
     # ------------------------------------------------------------ what there is
@@ -153,9 +155,14 @@ class SlurmNodeProvider(NodeProvider):
         created = {}
         for _ in range(count):
             try:
+                if not os.path.exists(self.script):
+                    raise RuntimeError(
+                        f"no member script {self.script}: autoscaling needs a cluster started by "
+                        "`raybridge up` or `run` (they write it), not a plain sbatch of the script"
+                    )
                 job = slurmjob.submit(self.script, self.logs, slurmjob.time_left(self.cluster_job))
             except RuntimeError as e:
-                jd.add_event(self.dir, "autoscale_failed", "", str(e))
+                self.failed(str(e))
                 raise
             rec = jd.MemberRecord(
                 job_id=job,
@@ -175,6 +182,14 @@ class SlurmNodeProvider(NodeProvider):
                 self.nodes[job] = {"ip": None, "tags": dict(tags), "record": rec}
             created[job] = tags
         return created
+
+    def failed(self, why: str) -> None:
+        """An event for a failed submission; the autoscaler retries every second, the event is
+        written again only when the reason changes or after FAILED_EVENT_S."""
+        now = time.monotonic()
+        if why != self.last_failure[0] or now - self.last_failure[1] > FAILED_EVENT_S:
+            self.last_failure = (why, now)
+            jd.add_event(self.dir, "autoscale_failed", "", why)
 
     def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
         with self.lock:

@@ -113,7 +113,9 @@ def provider(tmp_path, monkeypatch):
     )
     jd.write(folder.node("0"), jd.NodeRecord(ip="10.0.0.1", rank=0, hostname="n1"))
     jd.write(folder.node("1"), jd.NodeRecord(ip="10.0.0.2", rank=1, hostname="n2"))
-    cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30, "/s/m.sbatch")
+    script = tmp_path / "member.sbatch"
+    script.write_text("#!/bin/bash\n")
+    cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30, str(script))
     p = slurmprovider.SlurmNodeProvider(cfg["provider"], cfg["cluster_name"])
     return p, slurm, folder
 
@@ -195,3 +197,13 @@ def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
     rec = jd.read(folder.member(job), jd.MemberRecord)
     jd.write(folder.member(job), dataclasses.replace(rec, submitted_at=rec.submitted_at - 31))
     assert job not in p.non_terminated_nodes({})  # long gone from Slurm: gone
+
+
+def test_a_missing_member_script_is_one_event_not_one_per_retry(provider):
+    p, slurm, folder = provider
+    os.unlink(p.script)
+    for _ in range(3):  # the autoscaler retries every second
+        with pytest.raises(RuntimeError, match="autoscaling needs a cluster started by `raybridge up`"):
+            p.create_node({}, {"ray-node-type": "worker"}, 1)
+    assert len(list(Path(folder.events).glob("*autoscale_failed.json"))) == 1
+    assert slurm.next == 100  # nothing submitted
