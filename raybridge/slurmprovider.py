@@ -217,15 +217,19 @@ class SlurmNodeProvider(NodeProvider):
 
         jd.write(self.dir.member(rec.job_id), replace(rec, released_at=jd.now()))
         jd.add_event(self.dir, event, "", f"member job {rec.job_id}: {why}")
-        joined = any(
-            (r := jd.read(f, jd.NodeRecord)) and r.member_job == rec.job_id
-            for f in Path(self.dir.nodes).glob(f"m{rec.job_id}-*.json")
-        )
-        if not joined:
+        if not self.joined(rec.job_id):
             slurmjob.cancel(rec.job_id)
             return
         os.close(os.open(self.dir.release(rec.job_id), os.O_WRONLY | os.O_CREAT, 0o600))
         threading.Thread(target=cancel_when_left, args=(rec.job_id,), daemon=True).start()
+
+    def joined(self, job_id: str) -> bool:
+        """Did this member's Ray join (its agent wrote a node record)?"""
+        for f in Path(self.dir.nodes).glob(f"m{job_id}-*.json"):
+            with contextlib.suppress(jd.RecordError):
+                if (r := jd.read(f, jd.NodeRecord)) and r.member_job == job_id:
+                    return True
+        return False
 
 
 def cancel_when_left(job_id: str) -> None:
