@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import pwd
 import subprocess
 from pathlib import Path
@@ -43,7 +44,7 @@ FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPT
 
 
 def config_path(job_dir: str) -> str:
-    return os.path.join(job_dir, "autoscaler.yaml")
+    return posixpath.join(job_dir, "autoscaler.yaml")  # (the job folder may be across SSH: POSIX)
 
 
 def autoscaling_config(
@@ -72,6 +73,12 @@ def autoscaling_config(
             "script": script,
             "logs": os.path.join(settings.shared_dir.rstrip("/"), "logs", "%x-%j.out"),
             "join_timeout": settings.join_timeout,
+            "limits": {  # for `status` (Ray passes provider keys through untouched)
+                "min_nodes": max(settings.min_nodes or static, static),
+                "max_nodes": static + members_max,
+                "idle_timeout": settings.idle_timeout,
+                "join_timeout": settings.join_timeout,
+            },
         },
         "auth": {},
         "available_node_types": {
@@ -144,7 +151,14 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return {j: out[j] for j in job_ids if j in out}
 
 
-def read_config(job_dir: str) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(Path(config_path(job_dir)).read_text())
-    return None
+def limits(text: str | None) -> dict[str, int] | None:
+    """The autoscaling limits from a config file's text (`status`), None if there is none."""
+    try:
+        data = json.loads(text or "")
+        found = data["provider"]["limits"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    keys = ("min_nodes", "max_nodes", "idle_timeout", "join_timeout")
+    if not isinstance(found, dict) or not all(isinstance(found.get(k), int) for k in keys):
+        return None
+    return {k: found[k] for k in keys}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import envcheck, metrics, timeline
+from raybridge import autoscale, envcheck, metrics, timeline
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.profile import ClusterSpec
@@ -405,6 +405,7 @@ def status_record(cluster: Cluster) -> dict[str, Any]:
         "timeline": timeline.build(info, side),
         "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
         "members": member_rows(cluster),
+        "autoscale": autoscale.limits(cluster.runner.read_text(autoscale.config_path(cluster.job_dir))),
     }
 
 

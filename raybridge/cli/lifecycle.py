@@ -243,6 +243,11 @@ def status_cmd(
             print(f"  address {r['address']}  dashboard {r['dashboard_url']}")
         if r["accounting"]:
             print(f"  accounting {r['accounting']['summary']}")
+        if a := r["autoscale"]:
+            print(
+                f"  autoscale  {a['min_nodes']} to {a['max_nodes']} nodes, idle nodes released after "
+                f"{a['idle_timeout']}s, added nodes must join within {a['join_timeout']}s"
+            )
         if r["auth"] == "none":
             print(f"  WARNING: {OPEN}")
         for n in r["nodes"]:

@@ -350,6 +350,7 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
         assert all(n["alive"] or n["left"] for n in s["nodes"])
         text = testbed.raybridge("login", "status", job, "--profile", p).stdout
         assert "autoscaled): Slurm" in text and "autoscale_released" in text, text
+        assert "autoscale  1 to 3 nodes, idle nodes released after 20s" in text, text
     finally:
         if blocker:
             testbed.exec("login", "scancel", blocker)

@@ -40,6 +40,10 @@ def test_config_is_complete_as_rays_autoscaler_reads_it(tmp_path):
 def test_limits_count_the_allocation(tmp_path):
     s = dataclasses.replace(settings(tmp_path), nodes=3, min_nodes=4, max_nodes=6)
     cfg = autoscale.autoscaling_config(s, 2, 0, 1 << 30, "x")
+    shown = {"min_nodes": 4, "max_nodes": 6, "idle_timeout": 60, "join_timeout": 600}
+    assert autoscale.limits(json.dumps(cfg)) == shown  # what `status` shows
+    assert autoscale.limits(None) is None and autoscale.limits("{not json") is None
+    assert autoscale.limits('{"provider": {"limits": {"min_nodes": "1; rm"}}}') is None
     worker = cfg["available_node_types"][autoscale.WORKER_TYPE]
     assert (cfg["max_workers"], worker["min_workers"], worker["max_workers"]) == (3, 1, 3)
     assert "GPU" not in worker["resources"]
