@@ -34,9 +34,9 @@ from raybridge import jobdir as jd
 from raybridge.settings import AgentSettings
 
 PROVIDER = "raybridge.slurmprovider.SlurmNodeProvider"  # imports Ray: a module of its own
-UPDATE_INTERVAL_S = (
-    1  # Ray's autoscaler's loop (its env AUTOSCALER_UPDATE_INTERVAL_S; reads files, asks the GCS)
-)
+# Ray's autoscaler's loop, seconds (its env AUTOSCALER_UPDATE_INTERVAL_S; each look reads the job
+# folder and asks the GCS, and Slurm only as QUEUE_CACHE_S allows).
+UPDATE_INTERVAL_S = 1
 QUEUE_CACHE_S = 5.0  # how often, at most, the provider asks Slurm about member jobs it already knows
 HEAD_TYPE = "head"
 WORKER_TYPE = "slurm"
