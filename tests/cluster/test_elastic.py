@@ -121,13 +121,18 @@ def test_scale_add_remove_labels_and_down(testbed):
         assert f"labelled task on {shared['node']}" in lab.stdout, lab.stdout + lab.stderr[-2000:]
     finally:
         down = testbed.raybridge("login", "down", job, "--profile", p)
+    stopped(testbed, down, job, members)
+    assert_no_leaks(job)
+    for m in members:
+        assert_no_leaks(m)
+
+
+def stopped(testbed, down, job, members):
+    """`raybridge down` succeeded and the job and its member jobs left Slurm's queue."""
     assert down.returncode == 0, down.stderr
     testbed.wait_job_gone(job)
     for m in members:
         testbed.wait_job_gone(m)
-    assert_no_leaks(job)
-    for m in members:
-        assert_no_leaks(m)
 
 
 def events(testbed, job, name):
@@ -166,10 +171,7 @@ def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_node
         assert "not_replaced" in text and "replacement_submitted" in text, text
     finally:
         down = testbed.raybridge("login", "down", job, "--profile", p)
-    assert down.returncode == 0, down.stderr
-    testbed.wait_job_gone(job)
-    for m in members:
-        testbed.wait_job_gone(m)
+    stopped(testbed, down, job, members)
     assert_no_leaks(job)
 
 
@@ -355,10 +357,8 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
         if blocker:
             testbed.exec("login", "scancel", blocker)
         down = testbed.raybridge("login", "down", job, "--profile", p)
-    assert down.returncode == 0, down.stderr
-    testbed.wait_job_gone(job)
+    stopped(testbed, down, job, seen)
     for m in seen:
-        testbed.wait_job_gone(m)
         assert_no_leaks(m)
     assert_no_leaks(job)
 
