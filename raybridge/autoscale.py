@@ -21,13 +21,8 @@ event says why (Slurm's state and reason). Nothing here starts Ray: the member's
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import posixpath
-import pwd
-import subprocess
-from pathlib import Path
 from typing import Any
 
 from raybridge import jobdir as jd
@@ -40,7 +35,6 @@ UPDATE_INTERVAL_S = 1
 QUEUE_CACHE_S = 5.0  # how often, at most, the provider asks Slurm about member jobs it already knows
 HEAD_TYPE = "head"
 WORKER_TYPE = "slurm"
-FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
 
 
 def config_path(job_dir: str) -> str:
@@ -71,7 +65,7 @@ def autoscaling_config(
             "job_dir": settings.job_dir,
             "cluster_job": settings.job_id,
             "script": script,
-            "logs": os.path.join(settings.shared_dir.rstrip("/"), "logs", "%x-%j.out"),
+            "logs": settings.layout.output,
             "join_timeout": settings.join_timeout,
             "limits": {  # for `status` (Ray passes provider keys through untouched)
                 "min_nodes": max(settings.min_nodes or static, static),
@@ -107,48 +101,10 @@ def autoscaling_config(
 
 def write_config(settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int) -> str:
     """Write the head's autoscaler config into the job folder (0600); its path."""
-    from raybridge.agent.replace import script_path
-
-    script = script_path(settings.shared_dir, settings.job_id)
+    script = settings.layout.member_script(settings.job_id)
     path = config_path(settings.job_dir)
     jd.write_json(path, autoscaling_config(settings, cpus, gpus, memory_bytes, script))
     return path
-
-
-def member_records(folder: jd.JobDir, cluster_job: str) -> list[jd.MemberRecord]:
-    out = []
-    for f in Path(folder.members).glob("*.json"):
-        if f.stem.isdigit():
-            with contextlib.suppress(jd.RecordError):
-                rec = jd.read(f, jd.MemberRecord)
-                if rec and rec.cluster_job == cluster_job:
-                    out.append(rec)
-    return out
-
-
-def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
-    """{job id: (state, reason)} for this user's jobs in Slurm's queue (finished ones linger a few
-    minutes, then are gone); None when Slurm did not answer."""
-    if not job_ids:
-        return {}
-    user = pwd.getpwuid(os.getuid()).pw_name
-    try:
-        r = subprocess.run(
-            ["squeue", "-h", "-u", user, "-t", "all", "-o", "%i|%T|%r"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    out = {}
-    for line in r.stdout.splitlines():
-        job, _, rest = line.strip().partition("|")
-        state, _, reason = rest.partition("|")
-        out[job] = (state, reason)
-    return {j: out[j] for j in job_ids if j in out}
 
 
 def limits(text: str | None) -> dict[str, int] | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from raybridge import transfer
 from raybridge.errors import RaybridgeError
+from raybridge.layout import SharedDir
 from raybridge.runner import Runner
 
 CHUNK = 1024 * 1024
@@ -73,7 +74,7 @@ class CheckpointInfo:
 
 
 def runs_dir(shared_dir: str) -> str:
-    return posixpath.join(shared_dir, "runs")
+    return SharedDir(shared_dir).runs
 
 
 def list_runs(runner: Runner, shared_dir: str) -> list[str]:

@@ -1,36 +1,30 @@
-"""The life of one Ray cluster as a Slurm job: submit, wait until ready, inspect, stop.
+"""A handle to one running (or ended) raybridge cluster: wait until ready, follow, stop.
 
 Library API (the CLI is a thin layer over it):
 
     spec = load_spec("mysite", nodes=4)
-    with open_runner(spec.login) as runner:       # local, or SSH to the login node
-        cluster = submit(spec, runner)
-        info = cluster.wait_ready(on_progress=print)
-        ...
-        cluster.stop()
+    runner = open_runner(spec.login)                 # connect.py: local, or SSH to the login node
+    cluster = submission.submit(spec, runner)        # or attach(spec, runner, job_id)
+    info = cluster.wait_ready(on_progress=print)
+    print(status.of(cluster).line())
+    cluster.stop()
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
-import dataclasses
-import os
-import posixpath
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from raybridge import autoscale, envcheck, metrics, timeline
+from raybridge import envcheck
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, JobNotFound
+from raybridge.layout import SharedDir
+from raybridge.members import Members
 from raybridge.profile import ClusterSpec
-from raybridge.render import render
 from raybridge.runner import Runner
-from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import Accounting, JobInfo, SlurmClient
 
 POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
@@ -86,6 +80,15 @@ class Cluster:
         self.expected = expected
         self.submitted_at = submitted_at  # set by submit(): older records are a previous job's
         self.python: str | None = None  # the job's interpreter, when submit() knows it
+
+    @property
+    def layout(self) -> SharedDir:
+        return SharedDir.of_job_dir(self.job_dir)
+
+    @property
+    def members(self) -> Members:
+        """The cluster's member jobs (`raybridge scale`, replacements, the autoscaler's)."""
+        return Members(self.runner, self.dir, self.job_id, self.slurm)
 
     def info(self) -> jd.ClusterRecord | None:
         """The cluster record, or None before the job wrote it (or when it is a previous job's with
@@ -218,9 +221,7 @@ class Cluster:
         job = self.job()
         self._forget_targets()
         if job is None or job.finished:
-            from raybridge import members
-
-            gone = members.cancel_all(self)
+            gone = self.members.cancel_all()
             return "already stopped" + (f" (cancelled member jobs {', '.join(gone)})" if gone else "")
         if job.state == "pending":
             self.slurm.cancel(self.job_id)
@@ -233,9 +234,7 @@ class Cluster:
         while time.monotonic() < deadline:
             job = self.job()
             if job is None or job.finished:
-                from raybridge import members
-
-                gone = members.cancel_all(self)  # their agents saw the stop flag; this makes sure
+                gone = self.members.cancel_all()  # their agents saw the stop flag; this makes sure
                 return "stopped" + (f" (and member jobs {', '.join(gone)})" if gone else "")
             if not cancelled and time.monotonic() > grace:
                 self.slurm.cancel(self.job_id)  # agents tear down on SIGTERM too
@@ -245,9 +244,8 @@ class Cluster:
 
     def _forget_targets(self) -> None:
         """Prometheus stops scraping a stopped cluster even when its head could not say so (crashed)."""
-        shared = posixpath.dirname(posixpath.dirname(self.job_dir))
         with contextlib.suppress(Exception):
-            self.runner.run(["rm", "-f", "--", metrics.sd_file(shared, self.job_id)], check=False)
+            self.runner.run(["rm", "-f", "--", self.layout.sd_file(self.job_id)], check=False)
 
     def follow_output(
         self,
@@ -302,53 +300,10 @@ def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | N
     spec = spec.with_home(runner.home())
     candidate = spec.job_dir(job_id)
     if job and job.command and runner.read_text(jd.JobDir(candidate).cluster) is None:
-        other = jd.JobDir.of(posixpath.dirname(posixpath.dirname(job.command)), job_id)
+        other = jd.JobDir(SharedDir.of_script(job.command).job(job_id))
         if runner.read_text(other.cluster) is not None:
             return other.path
     return candidate
-
-
-def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
-    """What only the submitting side knows: which Python the job runs when the profile does not say
-    (on the login node, with no `setup`: the interpreter raybridge itself runs in, e.g. the user's
-    venv), and the versions the nodes must match (the login node's raybridge, Ray and Python; from a
-    laptop, raybridge's own only)."""
-    python, setup = spec.python, spec.setup
-    if python is None and local and not setup and sys.executable:
-        python = sys.executable
-        # What activating the venv does for commands: `python`, `ray` and the driver's own tools.
-        setup = (f'export PATH={shlex.quote(os.path.dirname(python))}:"$PATH"',)
-    versions = envcheck.encode(envcheck.versions(full=local))
-    return dataclasses.replace(spec, python=python, setup=setup, expect_versions=versions)
-
-
-def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
-    """Render the script into <shared_dir>/scripts and sbatch it. Returns at once."""
-    spec = complete(spec.with_home(runner.home()), local=not runner.host)
-    from raybridge import doctor
-
-    doctor.refuse(spec, runner)  # the login node's own checks: one line, before Slurm is asked
-    script = render(spec)
-    scripts_dir = posixpath.join(spec.shared_dir, "scripts")
-    for d in (spec.shared_dir, scripts_dir, spec.logs_dir, spec.jobs_dir):
-        runner.makedirs(d)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = posixpath.join(scripts_dir, f"{spec.job_name}-{stamp}-{int(time.time() * 1000) % 1000:03d}.sbatch")
-    runner.write_text(path, script, mode=0o700)
-    submitted_at = round(time.time(), 3)
-    job_id = SlurmClient(runner).submit(
-        path,
-        [f"--output={spec.logs_dir}/%x-%j.out"],
-        env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"},
-    )
-    c = Cluster(runner, job_id, spec.job_dir(job_id), expected=spec.total_nodes, submitted_at=submitted_at)
-    c.python = spec.python or "python3"
-    # What the head submits when a node dies (agent/replace.py) or Ray's autoscaler wants one.
-    if spec.replace_lost or spec.autoscaling:
-        from raybridge import members
-
-        members.write_replacement_script(spec, runner, job_id)
-    return c
 
 
 def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Cluster:
@@ -371,64 +326,9 @@ def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Clus
     return Cluster(runner, job_id, job_dir_for(spec, runner, job_id, job))
 
 
-def status_record(cluster: Cluster) -> dict[str, Any]:
-    """Slurm's and Ray's view of one cluster, as `status --json` prints it."""
-    job = cluster.job()
-    info = cluster.info()
-    nodes = [n.to_dict() for n in info.nodes] if info else []
-    released = released_members(cluster)
-    for n in nodes:
-        n.pop("schema", None)
-        n["left"] = not n.get("alive") and n.get("member_job") in released
-    side = timeline.side_events(cluster.runner, cluster.dir)
-    return {
-        "job_id": cluster.job_id,
-        "name": job.name if job else (info.job_name if info else None),
-        "slurm_state": job.slurm_state if job else "GONE",
-        "state": job.state if job else "gone",
-        "reason": job.reason if job else None,
-        "nodelist": job.nodelist if job else None,
-        "ray_state": info.state if info else "unknown",
-        "expected_nodes": info.expected_nodes if info else None,
-        "alive_nodes": info.alive_nodes if info else 0,
-        "nodes": nodes,
-        "address": info.address if info else None,
-        "dashboard_url": info.dashboard_url if info else None,
-        "auth": info.auth if info else None,
-        "token_path": info.token_path if info else None,
-        "job_dir": cluster.job_dir,
-        "log": job.stdout if job else None,
-        "timestamps": info.timestamps if info else {},
-        "generation": info.generation if info else 0,
-        # The head's events and those written elsewhere (driver, training, the autoscaler).
-        "events": sorted([*(info.events if info else ()), *side], key=lambda e: e.get("at") or 0),
-        "timeline": timeline.build(info, side),
-        "accounting": acct.as_dict() if (acct := cluster.slurm.accounting(cluster.job_id)) else None,
-        "members": member_rows(cluster),
-        "autoscale": autoscale.limits(cluster.runner.read_text(autoscale.config_path(cluster.job_dir))),
-    }
-
-
-def released_members(cluster: Cluster) -> set[str]:
-    """Member jobs released on purpose (scale --remove, the autoscaler): their nodes left, not died."""
-    return {n[:-8] for n in cluster.runner.listdir(cluster.dir.members) if n.endswith(".release")}
-
-
-def member_rows(cluster: Cluster) -> list[dict[str, Any]]:
-    """The cluster's member jobs (`raybridge scale --add`) with Slurm's view of each."""
-    from raybridge import members
-
+def mine(spec: ClusterSpec, runner: Runner) -> list[Cluster]:
+    """Handles to every raybridge cluster of this user that Slurm still lists."""
     return [
-        {
-            "job_id": m.record.job_id,
-            "slurm_state": m.state,
-            "reason": m.job.reason if m.job else None,
-            "node": m.job.nodelist if m.job and m.job.state == "running" else None,
-            "partition": m.record.partition,
-            "autoscaled": m.record.tags is not None,
-            "released_at": m.record.released_at,
-            "labels": list(m.record.labels),
-            "submitted_at": m.record.submitted_at,
-        }
-        for m in members.listing(cluster)
+        Cluster(runner, j.job_id, job_dir_for(spec, runner, j.job_id, j))
+        for j in SlurmClient(runner).my_jobs()
     ]

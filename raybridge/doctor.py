@@ -157,9 +157,7 @@ def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
 
 def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 300) -> list[Check]:
     """Run the node checks in one Slurm step on `nodes` nodes and judge the results together."""
-    folder = posixpath.join(
-        spec.shared_dir, "doctor", f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    )
+    folder = posixpath.join(spec.layout.doctor, f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
     mark = "login-mark"
     runner.makedirs(folder)
     runner.write_text(posixpath.join(folder, mark), "")

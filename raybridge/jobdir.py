@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from raybridge.errors import RaybridgeError
+from raybridge.layout import SharedDir
 
 SCHEMA = 1
 
@@ -66,7 +67,7 @@ class JobDir:
 
     @classmethod
     def of(cls, shared_dir: str, job_id: str) -> JobDir:
-        return cls(posixpath.join(shared_dir.rstrip("/"), "jobs", job_id))
+        return cls(SharedDir(shared_dir).job(job_id))
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)

@@ -1,35 +1,38 @@
-"""Growing and shrinking a running cluster with member jobs (`raybridge scale`).
+"""Member jobs: one-node, worker-only Slurm jobs whose Ray joins a running cluster's head.
 
-A member job is a one-node, worker-only Slurm job (its own script, slurm/raybridge-member.sbatch.in)
-whose agent joins the cluster's head through the cluster's job folder: same environment, token,
-interface policy; its own port block. One node per job, so that each node is queued, released and
-replaced on its own. Nodes carry Ray labels (raybridge.io/partition, raybridge.io/job, ...) so that work
-can target a worker group.
+The one implementation of the member-job protocol, used by every caller:
 
-    add(cluster, spec, count)   submit `count` member jobs; records in <job>/members/
-    remove(cluster, count)      the newest first: Ray's drain notice, then the job is cancelled
-    listing(cluster)            every member with Slurm's state and reason
+    raybridge scale --add/--remove   (submission.add_members, Members.remove; the user's side)
+    lost-node replacement            (agent/replace.py, on the head)
+    Ray's autoscaler                 (autoscaler/provider.py, in the head's monitor)
+
+    submit    sbatch a member script with the cluster's remaining time; its MemberRecord goes to
+              <job>/members/<member job>.json (a job nobody could know of is cancelled again)
+    release   the record marks it released; a member whose Ray joined gets the release flag
+              (<job>/members/<member job>.release: its agent gives Ray's drain notice and leaves) and
+              its job is cancelled once it ended or RELEASE_WAIT_S passed; one that never joined is
+              cancelled at once
+    records   the cluster's member records (a record whose id is not its file's name is ignored)
+
+Works over any Runner: a LocalRunner inside the allocation, the CLI's own (local or SSH) outside.
+Imports no yaml, paramiko or typer: code in the allocation uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import posixpath
-import re
+import threading
 import time
 from dataclasses import dataclass
 
 from raybridge import jobdir as jd
-from raybridge.cluster import Cluster, complete
-from raybridge.errors import ClusterError
-from raybridge.profile import ClusterSpec
-from raybridge.render import render_member
+from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.runner import Runner
-from raybridge.settings import SUBMITTED_AT_VAR
 from raybridge.slurm import JobInfo, SlurmClient
 
-RELEASE_WAIT_S = 30.0  # a released member's agent drains and leaves; then the job is cancelled anyway
-SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){1,2}$")
+RELEASE_WAIT_S = 30.0  # a released member's agent drains and leaves; then its job is cancelled anyway
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,143 +49,153 @@ class Member:
         return self.job is not None and not self.job.finished
 
 
-def time_left(slurm: SlurmClient, job_id: str) -> str | None:
-    """The cluster job's remaining time in Slurm's format (`squeue %L`), None when unlimited."""
-    r = slurm.runner.run(["squeue", "-h", "-j", job_id, "-o", "%L"], check=False)
-    text = r.stdout.strip()
-    return text if SLURM_TIME.match(text) else None
+class Members:
+    """The member jobs of one cluster, through its job folder."""
 
+    def __init__(self, runner: Runner, folder: jd.JobDir, cluster_job: str, slurm: SlurmClient | None = None):
+        self.runner = runner
+        self.dir = folder
+        self.cluster_job = cluster_job
+        self.slurm = slurm or SlurmClient(runner)
 
-def records(cluster: Cluster) -> list[jd.MemberRecord]:
-    out = []
-    for name in cluster.runner.listdir(cluster.dir.members):
-        if not name.endswith(".json") or not name[:-5].isdigit():
-            continue
-        rec = jd.parse(cluster.runner.read_text(cluster.dir.member(name[:-5])), jd.MemberRecord, name)
-        if rec and rec.cluster_job == cluster.job_id:
-            out.append(rec)
-    return sorted(out, key=lambda r: (r.submitted_at or 0, int(r.job_id)))
+    # ------------------------------------------------------------ what there is
 
+    def records(self) -> list[jd.MemberRecord]:
+        """The cluster's member records, oldest first. Unreadable ones, another cluster's, and one
+        whose job id is not its file's name are left out."""
+        out = []
+        for name in self.runner.listdir(self.dir.members):
+            job_id = name[:-5]
+            if not name.endswith(".json") or not job_id.isdigit():
+                continue
+            with contextlib.suppress(jd.RecordError):
+                rec = jd.parse(self.runner.read_text(self.dir.member(job_id)), jd.MemberRecord, name)
+                if rec and rec.job_id == job_id and rec.cluster_job == self.cluster_job:
+                    out.append(rec)
+        return sorted(out, key=lambda r: (r.submitted_at or 0, int(r.job_id)))
 
-def listing(cluster: Cluster) -> list[Member]:
-    return [Member(r, cluster.slurm.job(r.job_id)) for r in records(cluster)]
+    def listing(self) -> list[Member]:
+        """Every member with Slurm's view of its job."""
+        return [Member(r, self.slurm.job(r.job_id)) for r in self.records()]
 
+    def node(self, job_id: str) -> jd.NodeRecord | None:
+        """The node record of this member's Ray, once it joined."""
+        for name in self.runner.listdir(self.dir.nodes):
+            if name.startswith(f"m{job_id}-") and name.endswith(".json"):
+                with contextlib.suppress(jd.RecordError):
+                    rec = jd.parse(self.runner.read_text(self.dir.join(jd.NODES, name)), jd.NodeRecord, name)
+                    if rec and rec.member_job == job_id:
+                        return rec
+        return None
 
-def member_spec(spec: ClusterSpec, cluster_job: str, time: str | None) -> ClusterSpec:
-    """One worker node that joins cluster_job, labelled with its worker group."""
-    labels = (
-        *spec.labels,
-        f"raybridge.io/partition={spec.partition or 'default'}",
-        f"raybridge.io/cluster={cluster_job}",
-    )
-    if spec.gpus_per_node:
-        labels += (f"raybridge.io/gpus={spec.gpus_per_node}",)
-    return dataclasses.replace(
-        spec,
-        nodes=1,
-        spare_nodes=0,
-        replace_lost=0,
-        min_nodes=None,
-        max_nodes=None,
-        member_of=cluster_job,
-        labels=labels,
-        time=time,
-    )
+    def released(self) -> set[str]:
+        """Members given the release flag: their nodes left on purpose, they did not die."""
+        return {
+            n[: -len(".release")] for n in self.runner.listdir(self.dir.members) if n.endswith(".release")
+        }
 
+    # ------------------------------------------------------------ changes
 
-def write_replacement_script(spec: ClusterSpec, runner: Runner, cluster_job: str) -> str:
-    """The member script the head submits for a node that died (`--replace-lost`); it gets the
-    cluster's remaining time on sbatch's command line."""
-    from raybridge.agent.replace import script_path
-
-    path = script_path(spec.shared_dir, cluster_job)
-    runner.write_text(path, render_member(member_spec(spec, cluster_job, None)), mode=0o700)
-    return path
-
-
-def add(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
-    """Submit `count` one-node member jobs that join the cluster; returns their job ids. The cluster
-    must be running (its head up); the jobs get the cluster's remaining time."""
-    if not 1 <= count <= 1000:
-        raise ClusterError(f"--add must be between 1 and 1000, got {count}")
-    job = cluster.job()
-    info = cluster.info()
-    if job is None or job.state != "running" or info is None or info.head is None:
-        raise ClusterError(f"job {cluster.job_id} has no running Ray cluster to add nodes to")
-    runner = cluster.runner
-    spec = complete(spec.with_home(runner.home()), local=not runner.host)
-    left = time_left(cluster.slurm, cluster.job_id)
-    spec = member_spec(spec, cluster.job_id, left or spec.time)
-    labels = spec.labels
-    script = render_member(spec)
-    scripts_dir = posixpath.join(spec.shared_dir, "scripts")
-    runner.makedirs(scripts_dir)
-    runner.makedirs(cluster.dir.members)
-    ids = []
-    for _ in range(count):
-        path = posixpath.join(scripts_dir, f"{spec.job_name}-member-{time.time_ns()}.sbatch")
-        runner.write_text(path, script, mode=0o700)
-        submitted_at = round(time.time(), 3)
-        job_id = cluster.slurm.submit(
-            path,
-            [f"--output={spec.logs_dir}/%x-%j.out"],
-            env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"},
+    def submit(
+        self,
+        script: str,
+        output: str,
+        *,
+        time_limit: str | None = None,
+        tags: dict[str, str] | None = None,
+        partition: str | None = None,
+        gpus_per_node: int | None = None,
+        labels: tuple[str, ...] = (),
+    ) -> jd.MemberRecord:
+        """sbatch one member script with the cluster's remaining time (else time_limit) and record it.
+        SlurmError with Slurm's words when it refuses; ClusterError when there is no script."""
+        if self.runner.read_text(script) is None:
+            raise ClusterError(
+                f"no member script {script}: adding or replacing nodes needs a cluster started by "
+                "`raybridge up` or `run` (they write it), not a plain sbatch of the script"
+            )
+        left = self.slurm.time_left(self.cluster_job) or time_limit
+        sub = self.slurm.submit_script(script, output, left)
+        rec = jd.MemberRecord(
+            job_id=sub.job_id,
+            cluster_job=self.cluster_job,
+            partition=partition,
+            gpus_per_node=gpus_per_node,
+            labels=tuple(labels),
+            submitted_at=sub.submitted_at,
+            script=script,
+            tags=dict(tags) if tags is not None else None,
         )
-        record = jd.MemberRecord(
-            job_id=job_id,
-            cluster_job=cluster.job_id,
-            partition=spec.partition,
-            gpus_per_node=spec.gpus_per_node,
-            labels=labels,
-            submitted_at=submitted_at,
-            script=path,
-        )
-        runner.write_text(cluster.dir.member(job_id), jd.to_text(record))
-        ids.append(job_id)
-    return ids
+        try:
+            self.write(rec)
+        except OSError as e:  # a job nobody would know of: not left behind
+            self.slurm.cancel(sub.job_id)
+            raise ClusterError(f"cannot record member job {sub.job_id} ({e}); cancelled it") from None
+        return rec
 
+    def write(self, rec: jd.MemberRecord) -> None:
+        self.runner.makedirs(self.dir.members)
+        self.runner.write_text(self.dir.member(rec.job_id), jd.to_text(rec))
 
-def remove(cluster: Cluster, count: int, on_progress: object = None) -> list[tuple[str, str]]:
-    """Release the `count` newest active members (never the cluster's own allocation): a pending one
-    is cancelled at once; a running one gets Ray's drain notice through its agent, leaves, and its job
-    is cancelled. Returns (job id, what happened)."""
-    if not 1 <= count <= 1000:
-        raise ClusterError(f"--remove must be between 1 and 1000, got {count}")
-    active = [m for m in listing(cluster) if m.active]
-    if not active:
-        raise ClusterError(
-            f"job {cluster.job_id} has no member jobs to remove (raybridge scale --add adds them)"
-        )
-    chosen = list(reversed(active))[:count]
-    out = []
-    for m in chosen:
-        job_id = m.record.job_id
-        if m.job and m.job.state == "pending":
-            cluster.slurm.cancel(job_id)
-            out.append((job_id, "cancelled while pending"))
-            continue
-        cluster.runner.write_text(cluster.dir.release(job_id), "", mode=0o600)
-        deadline = time.monotonic() + RELEASE_WAIT_S
+    def release(self, rec: jd.MemberRecord, wait: bool = True, where: str | None = None) -> str:
+        """Release one member (module docstring); what happened, in words (`where`: its node as Slurm
+        names it). wait=False: the cancel after the drain happens in a background thread (the
+        autoscaler must not block)."""
+        if rec.released_at is None:
+            self.write(dataclasses.replace(rec, released_at=jd.now()))
+        node = self.node(rec.job_id)
+        if node is None:
+            self._cancel(rec.job_id)
+            return "cancelled before its Ray joined"
+        self.runner.write_text(self.dir.release(rec.job_id), "", mode=0o600)
+        if not wait:
+            threading.Thread(target=self.cancel_when_ended, args=(rec.job_id,), daemon=True).start()
+            return "drain notice given"
+        self.cancel_when_ended(rec.job_id)
+        return f"drained and released {where or node.hostname or node.ip}"
+
+    def cancel_when_ended(self, job_id: str, bound: float | None = None) -> None:
+        """Wait until the job ended on its own (its agent drained and left), up to `bound` seconds
+        (RELEASE_WAIT_S), then cancel it if it still runs."""
+        deadline = time.monotonic() + (RELEASE_WAIT_S if bound is None else bound)
         while time.monotonic() < deadline:
-            info = cluster.slurm.job(job_id)
-            if info is None or info.finished:
-                break
-            time.sleep(0.5)
-        else:
-            cluster.slurm.cancel(job_id)
-        if (info := cluster.slurm.job(job_id)) and not info.finished:
-            cluster.slurm.cancel(job_id)
-        node = m.job.nodelist if m.job else "?"
-        out.append((job_id, f"drained and released {node}"))
-    return out
+            if self._ended(job_id):
+                return
+            time.sleep(POLL_S)
+        if not self._ended(job_id):
+            self._cancel(job_id)
 
+    def remove(self, count: int) -> list[tuple[str, str]]:
+        """Release the `count` newest active members (never the cluster's own allocation), one after
+        the other. Returns (job id, what happened)."""
+        if not 1 <= count <= 1000:
+            raise ClusterError(f"--remove must be between 1 and 1000, got {count}")
+        active = [m for m in self.listing() if m.active]
+        if not active:
+            raise ClusterError(
+                f"job {self.cluster_job} has no member jobs to remove (raybridge scale --add adds them)"
+            )
+        return [
+            (m.record.job_id, self.release(m.record, where=m.job.nodelist if m.job else None))
+            for m in reversed(active[-count:])
+        ]
 
-def cancel_all(cluster: Cluster) -> list[str]:
-    """Every member job still in the queue, cancelled (`down`: the cluster's stop flag reaches their
-    agents too; this makes sure)."""
-    gone = []
-    for m in listing(cluster):
-        if m.active:
-            cluster.slurm.cancel(m.record.job_id)
-            gone.append(m.record.job_id)
-    return gone
+    def cancel_all(self) -> list[str]:
+        """Every member job still in the queue, cancelled (`down`: the cluster's stop flag reaches their
+        agents too; this makes sure)."""
+        gone = []
+        for m in self.listing():
+            if m.active:
+                self._cancel(m.record.job_id)
+                gone.append(m.record.job_id)
+        return gone
+
+    def _ended(self, job_id: str) -> bool:
+        with contextlib.suppress(RaybridgeError):
+            job = self.slurm.job(job_id)
+            return job is None or job.finished
+        return False
+
+    def _cancel(self, job_id: str) -> None:
+        with contextlib.suppress(RaybridgeError):  # already gone: nothing to cancel
+            self.slurm.cancel(job_id)

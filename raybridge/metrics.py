@@ -10,20 +10,19 @@ targets appear when nodes join and go when they die or the job ends.
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from raybridge import jobdir as jd
+from raybridge.layout import SharedDir
 from raybridge.runner import Runner
 
-SD_DIR = "prometheus"
 MAX_BODY = 16 << 20  # a node's metrics page; more is not Ray's
 
 
 def sd_file(shared_dir: str, job_id: str) -> str:
-    return posixpath.join(shared_dir.rstrip("/"), SD_DIR, f"{job_id}.json")
+    return SharedDir(shared_dir).sd_file(job_id)
 
 
 def targets(info: jd.ClusterRecord) -> list[dict[str, Any]]:

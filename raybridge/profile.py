@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from raybridge.errors import ConfigError
+from raybridge.layout import SharedDir
+from raybridge.runner import LoginSpec
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
 from raybridge.settings import RESERVED as RESERVED_SETTINGS
 from raybridge.settings import AgentSettings
@@ -60,20 +62,6 @@ TIME_FORMATS = [
         r"^(?P<d>\d+)-(?P<h>\d{1,2}):(?P<m>\d{1,2}):(?P<s>\d{1,2})$",
     )
 ]
-
-
-@dataclass(frozen=True)
-class LoginSpec:
-    """How to reach the login node over SSH (remote mode)."""
-
-    host: str
-    user: str | None = None
-    port: int | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
-    ssh_config: str | None = None
-    proxy_jump: str | None = None
-    accept_new_host_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,15 +118,12 @@ class ClusterSpec:
         return self.nodes + self.spare_nodes
 
     @property
-    def jobs_dir(self) -> str:
-        return f"{self.shared_dir.rstrip('/')}/jobs"
-
-    @property
-    def logs_dir(self) -> str:
-        return f"{self.shared_dir.rstrip('/')}/logs"
+    def layout(self) -> SharedDir:
+        """The shared folder's paths (resolve a leading ~ first: with_home)."""
+        return SharedDir(self.shared_dir)
 
     def job_dir(self, job_id: str) -> str:
-        return f"{self.jobs_dir}/{job_id}"
+        return self.layout.job(job_id)
 
     def agent_settings(self) -> AgentSettings:
         """What the script hands to the agents (render.py writes it as exports)."""

@@ -1,6 +1,7 @@
 """Run commands and touch files where Slurm lives: here (LocalRunner) or on the login node over
-one persistent SSH connection (SSHRunner, in ssh.py). Everything above this module uses the Runner
-interface.
+one persistent SSH connection (SSHRunner, in ssh.py; connect.open_runner picks one). Everything above
+this module uses the Runner interface. Imports neither yaml nor paramiko: the agents use it on the
+nodes too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from raybridge.errors import CommandError
-from raybridge.profile import LoginSpec
 from raybridge.transfer import RangeReader
 
 
@@ -24,6 +24,20 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class LoginSpec:
+    """How to reach the login node over SSH (remote mode)."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = None
+    proxy_jump: str | None = None
+    accept_new_host_key: bool = False
 
 
 class Runner(Protocol):
@@ -168,11 +182,3 @@ class FileRanges:
 
     def close(self) -> None:
         pass
-
-
-def open_runner(login: LoginSpec | None) -> Runner:
-    if login is None:
-        return LocalRunner()
-    from raybridge.ssh import SSHRunner  # paramiko loads only when a login node is used
-
-    return SSHRunner(login)

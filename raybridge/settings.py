@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from raybridge.layout import SharedDir
+
 PREFIX = "RAYBRIDGE_"
 JOB_DIR_VAR = "RAYBRIDGE_JOB_DIR"  # derived in the script; the driver and raybridge.train read it
 SUBMITTED_AT_VAR = "RAYBRIDGE_SUBMITTED_AT"  # sbatch's environment: when `up` submitted (the record's start)
@@ -60,7 +62,11 @@ class AgentSettings:
     @property
     def job_dir(self) -> str:
         """The cluster's folder: this job's own, or for a member job the folder of the job it joins."""
-        return f"{self.shared_dir.rstrip('/')}/jobs/{self.cluster_job or self.job_id}"
+        return self.layout.job(self.cluster_job or self.job_id)
+
+    @property
+    def layout(self) -> SharedDir:
+        return SharedDir(self.shared_dir)
 
     @property
     def head_order(self) -> list[int]:
@@ -94,7 +100,7 @@ class AgentSettings:
         """`export` lines for the batch script, every value shell-quoted. RAYBRIDGE_JOB_DIR (for the
         driver and the training helpers) is derived in the script from the job id."""
         lines = [f"export {name}={shlex.quote(value)}" for name, value in self.to_env().items()]
-        jobs = shlex.quote(self.shared_dir.rstrip("/") + "/jobs")
+        jobs = shlex.quote(self.layout.jobs)
         owner = shlex.quote(self.cluster_job) if self.cluster_job else '"$SLURM_JOB_ID"'
         lines.append(f"export RAYBRIDGE_JOB_DIR={jobs}/{owner}")
         return lines

@@ -1,12 +1,18 @@
-"""Slurm client over a Runner: submit, inspect, cancel. Parses machine output into small records."""
+"""Slurm client over a Runner: submit, inspect, cancel. Parses machine output into small records.
+
+The one Slurm client: the CLI uses it over a LocalRunner or an SSH connection, the agents and the
+head's autoscaler over a LocalRunner inside the allocation. Slurm's job states are mapped here, once.
+"""
 
 from __future__ import annotations
 
 import re
+import time as clock
 from dataclasses import dataclass
 
 from raybridge.errors import CommandError, SlurmError
 from raybridge.runner import Runner
+from raybridge.settings import SUBMITTED_AT_VAR
 
 # Every Slurm job state → raybridge's coarse state.
 STATES = {
@@ -36,7 +42,10 @@ STATES = {
     "REVOKED": "failed",
 }
 FINISHED = {"completed", "cancelled", "failed", "preempted"}
+# A job that ended because it, or a node of it, was lost (not because its program ended).
+LOST = frozenset(s for s, coarse in STATES.items() if coarse in FINISHED - {"completed"})
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){1,2}$")  # squeue's %L: [D-]HH:MM:SS or MM:SS
 FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9/:_]*)=")
 
 
@@ -60,6 +69,11 @@ class JobInfo:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+
+def finished(slurm_state: str) -> bool:
+    """A Slurm state name (squeue's %T, sacct's State) of a job that has ended."""
+    return STATES.get(slurm_state.split()[0] if slurm_state else "", "unknown") in FINISHED
 
 
 def parse_scontrol(text: str) -> dict[str, str]:
@@ -175,9 +189,16 @@ def parse_sacct(text: str, job_id: str) -> Accounting | None:
     )
 
 
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    submitted_at: float  # epoch seconds, when sbatch was called
+
+
 class SlurmClient:
     def __init__(self, runner: Runner):
         self.runner = runner
+        self._user: str | None = None
 
     def submit(
         self, script_path: str, args: list[str] | None = None, env: dict[str, str] | None = None
@@ -195,6 +216,20 @@ class SlurmClient:
             raise SlurmError(f"sbatch printed no job id: {out!r}")
         return job_id
 
+    def submit_script(self, script_path: str, output: str, time: str | None = None) -> Submitted:
+        """sbatch a script that raybridge wrote: its output to `output` (layout.SharedDir.output), an
+        optional time limit (a member job gets its cluster's remaining time), and the submission time
+        in the job's environment (the cluster record's start: settings.SUBMITTED_AT_VAR)."""
+        submitted_at = round(clock.time(), 3)
+        args = [f"--output={output}"] + ([f"--time={time}"] if time else [])
+        job_id = self.submit(script_path, args, env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"})
+        return Submitted(job_id, submitted_at)
+
+    def user(self) -> str:
+        if self._user is None:
+            self._user = self.runner.run(["id", "-un"]).stdout.strip()
+        return self._user
+
     def job(self, job_id: str) -> JobInfo | None:
         """The job's record, or None once Slurm has forgotten it (or never knew it)."""
         r = self.runner.run(["scontrol", "show", "job", "-o", job_id], check=False)
@@ -207,8 +242,7 @@ class SlurmClient:
 
     def my_jobs(self) -> list[JobInfo]:
         """This user's jobs that raybridge started (marked by --comment=raybridge)."""
-        user = self.runner.run(["id", "-un"]).stdout.strip()
-        r = self.runner.run(["squeue", "-h", "-u", user, "-o", "%i"])
+        r = self.runner.run(["squeue", "-h", "-u", self.user(), "-o", "%i"])
         jobs = []
         for job_id in r.stdout.split():
             info = self.job(job_id)
@@ -241,3 +275,50 @@ class SlurmClient:
         if batch_only:
             argv.append("--batch")
         self.runner.run([*argv, job_id])
+
+    def requeue(self, job_id: str) -> bool:
+        return self.runner.run(["scontrol", "requeue", job_id], check=False).returncode == 0
+
+    def fields(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job -o` as {key: value}; {} when Slurm does not answer or know the job."""
+        try:
+            r = self.runner.run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=30)
+        except CommandError:
+            return {}
+        return parse_scontrol(r.stdout) if r.returncode == 0 else {}
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        try:
+            r = self.runner.run(["scontrol", "show", "hostnames", nodelist], check=False, timeout=30)
+        except CommandError:
+            return []
+        return r.stdout.split() if r.returncode == 0 else []
+
+    def time_left(self, job_id: str) -> str | None:
+        """The job's remaining time in Slurm's format (`squeue %L`); None when unlimited or unknown."""
+        try:
+            r = self.runner.run(["squeue", "-h", "-j", job_id, "-o", "%L"], check=False, timeout=30)
+        except CommandError:
+            return None
+        text = r.stdout.strip()
+        return text if r.returncode == 0 and SLURM_TIME.match(text) else None
+
+    def states(self, job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+        """{job id: (Slurm state, reason)} of this user's jobs that Slurm still lists (finished ones
+        linger a few minutes, then are gone): one squeue for them all. None when Slurm did not answer."""
+        if not job_ids:
+            return {}
+        try:
+            r = self.runner.run(
+                ["squeue", "-h", "-u", self.user(), "-t", "all", "-o", "%i|%T|%r"], check=False, timeout=30
+            )
+        except CommandError:
+            return None
+        if r.returncode != 0:
+            return None
+        out = {}
+        for line in r.stdout.splitlines():
+            job, _, rest = line.strip().partition("|")
+            state, _, reason = rest.partition("|")
+            out[job] = (state, reason)
+        return {j: out[j] for j in job_ids if j in out}

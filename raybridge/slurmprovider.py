@@ -8,7 +8,6 @@ imports Ray and nothing else of raybridge's imports it.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from dataclasses import replace
@@ -26,11 +25,14 @@ from ray.autoscaler.tags import (
 )
 
 from raybridge import jobdir as jd
-from raybridge.autoscale import FINISHED, HEAD_TYPE, QUEUE_CACHE_S, member_records, queue_states
+from raybridge.autoscale import HEAD_TYPE, QUEUE_CACHE_S
+from raybridge.errors import RaybridgeError
+from raybridge.members import Members
+from raybridge.runner import LocalRunner
+from raybridge.slurm import finished
 
 JUST_SUBMITTED_S = 30.0  # a member job Slurm does not list yet is taken as pending this long
-RELEASE_WAIT_S = 30.0
-FAILED_EVENT_S = 300.0  # a released member drains and leaves; then its job is cancelled anyway
+FAILED_EVENT_S = 300.0  # a failed submission's event is written again after this long
 
 
 class SlurmNodeProvider(NodeProvider):
@@ -43,6 +45,7 @@ class SlurmNodeProvider(NodeProvider):
         self.script = provider_config["script"]
         self.logs = provider_config["logs"]
         self.join_timeout = float(provider_config.get("join_timeout", 600))
+        self.members = Members(LocalRunner(), self.dir, self.cluster_job)
         self.lock = threading.RLock()
         self.nodes: dict[str, dict[str, Any]] = {}  # node id -> {"tags", "ip", "record"}
         self.queue_ok = True
@@ -86,7 +89,7 @@ class SlurmNodeProvider(NodeProvider):
                         "ip": rec.ip,
                         "tags": {TAG_RAY_NODE_KIND: NODE_KIND_UNMANAGED},
                     }
-        records = member_records(self.dir, self.cluster_job)
+        records = self.members.records()
         states = self.queue_states([r.job_id for r in records if not r.released_at])
         self.queue_ok = states is not None
         if states is None:  # Slurm did not answer: keep the last view (safe_to_scale says wait)
@@ -95,7 +98,7 @@ class SlurmNodeProvider(NodeProvider):
             # Not listed yet right after sbatch is still pending (else the autoscaler would submit again).
             young = time.time() - (rec.submitted_at or 0) < JUST_SUBMITTED_S
             state, reason = states.get(rec.job_id, ("PENDING", "") if young else ("GONE", ""))
-            if rec.released_at or state in FINISHED or state == "GONE":
+            if rec.released_at or finished(state) or state == "GONE":
                 continue
             ip = joined.get(rec.job_id)
             if rec.tags is None:  # added by hand or as a replacement: not the autoscaler's
@@ -119,7 +122,7 @@ class SlurmNodeProvider(NodeProvider):
         at, asked, states = self.queue
         if set(job_ids) <= asked and time.monotonic() - at < QUEUE_CACHE_S:
             return {j: states[j] for j in job_ids if j in states}
-        fresh = queue_states(job_ids)
+        fresh = self.members.slurm.states(job_ids)
         if fresh is not None:
             self.queue = (time.monotonic(), frozenset(job_ids), fresh)
         return fresh
@@ -150,37 +153,17 @@ class SlurmNodeProvider(NodeProvider):
     # ------------------------------------------------------------ changes
 
     def create_node(self, node_config: dict[str, Any], tags: dict[str, str], count: int) -> dict[str, Any]:
-        from raybridge.agent import slurmjob
-
         created = {}
         for _ in range(count):
             try:
-                if not os.path.exists(self.script):
-                    raise RuntimeError(
-                        f"no member script {self.script}: autoscaling needs a cluster started by "
-                        "`raybridge up` or `run` (they write it), not a plain sbatch of the script"
-                    )
-                job = slurmjob.submit(self.script, self.logs, slurmjob.time_left(self.cluster_job))
-            except RuntimeError as e:
+                rec = self.members.submit(self.script, self.logs, tags=tags)
+            except RaybridgeError as e:
                 self.failed(str(e))
                 raise
-            rec = jd.MemberRecord(
-                job_id=job,
-                cluster_job=self.cluster_job,
-                submitted_at=jd.now(),
-                script=self.script,
-                tags=dict(tags),
-            )
-            try:
-                Path(self.dir.members).mkdir(mode=0o700, exist_ok=True)
-                jd.write(self.dir.member(job), rec)
-            except OSError as e:  # a job nobody would know of: not left behind
-                slurmjob.cancel(job)
-                raise RuntimeError(f"cannot record member job {job} ({e}); cancelled it") from None
-            jd.add_event(self.dir, "autoscale_submitted", "", f"member job {job} for pending demand")
+            jd.add_event(self.dir, "autoscale_submitted", "", f"member job {rec.job_id} for pending demand")
             with self.lock:
-                self.nodes[job] = {"ip": None, "tags": dict(tags), "record": rec}
-            created[job] = tags
+                self.nodes[rec.job_id] = {"ip": None, "tags": dict(tags), "record": rec}
+            created[rec.job_id] = tags
         return created
 
     def failed(self, why: str) -> None:
@@ -198,7 +181,7 @@ class SlurmNodeProvider(NodeProvider):
                 return
             rec = n["record"]
             rec = replace(rec, tags={**(rec.tags or {}), **tags})
-            jd.write(self.dir.member(node_id), rec)
+            self.members.write(rec)
             n["record"] = rec
             n["tags"].update(tags)
 
@@ -211,34 +194,6 @@ class SlurmNodeProvider(NodeProvider):
             )
 
     def release(self, rec: jd.MemberRecord, why: str, event: str) -> None:
-        """Mark the member released, give its agent the release flag, and cancel its job: at once
-        if Ray never joined there, else once the agent drained and left (or RELEASE_WAIT_S)."""
-        from raybridge.agent import slurmjob
-
-        jd.write(self.dir.member(rec.job_id), replace(rec, released_at=jd.now()))
+        """Release the member (members.Members.release); the autoscaler does not wait for it."""
         jd.add_event(self.dir, event, "", f"member job {rec.job_id}: {why}")
-        if not self.joined(rec.job_id):
-            slurmjob.cancel(rec.job_id)
-            return
-        os.close(os.open(self.dir.release(rec.job_id), os.O_WRONLY | os.O_CREAT, 0o600))
-        threading.Thread(target=cancel_when_left, args=(rec.job_id,), daemon=True).start()
-
-    def joined(self, job_id: str) -> bool:
-        """Did this member's Ray join (its agent wrote a node record)?"""
-        for f in Path(self.dir.nodes).glob(f"m{job_id}-*.json"):
-            with contextlib.suppress(jd.RecordError):
-                if (r := jd.read(f, jd.NodeRecord)) and r.member_job == job_id:
-                    return True
-        return False
-
-
-def cancel_when_left(job_id: str) -> None:
-    from raybridge.agent import slurmjob
-
-    deadline = time.monotonic() + RELEASE_WAIT_S
-    while time.monotonic() < deadline:
-        states = queue_states([job_id])
-        if states is not None and states.get(job_id, ("GONE", ""))[0] in FINISHED | {"GONE"}:
-            return
-        time.sleep(1)
-    slurmjob.cancel(job_id)
+        self.members.release(rec, wait=False)

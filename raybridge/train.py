@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from raybridge.jobdir import JobDir, add_event
+from raybridge.layout import SharedDir
 from raybridge.settings import JOB_DIR_VAR, env_name
 
 RUN_NAME_VAR = "RAYBRIDGE_RUN_NAME"  # `raybridge run --resume RUN` sets it: continue that run
@@ -69,7 +70,7 @@ def storage_path() -> str:
         raise RuntimeError(
             "RAYBRIDGE_SHARED_DIR is not set: run inside a raybridge job or set RAYBRIDGE_STORAGE"
         )
-    return str(Path(shared) / "runs")
+    return SharedDir(shared).runs
 
 
 def default_workers() -> int:

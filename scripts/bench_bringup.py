@@ -31,9 +31,9 @@ from pathlib import Path
 
 import bench_report
 
-from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
+from raybridge.submission import submit
 
 # argv: N; stdin: one line, "SINCE ADDRESS_FILE" (a JSON head record, or a plain host:port with Ray's
 # default ports); a head record older than SINCE is a previous job's with the same id (ids restart).

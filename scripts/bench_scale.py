@@ -24,10 +24,9 @@ from datetime import datetime
 import bench_report
 
 from raybridge import jobdir as jd
-from raybridge import members
-from raybridge.cluster import submit
 from raybridge.profile import load_spec
 from raybridge.runner import LocalRunner
+from raybridge.submission import add_members, submit
 
 
 def queue_s(job_id: str) -> float:
@@ -81,7 +80,7 @@ def one_autoscale_run(profile: str) -> dict[str, float]:
             raise SystemExit(f"the demand driver did not start: {line!r}")
         asked = float(line.split()[1])
         deadline = time.monotonic() + 180
-        while not (ids := [r.job_id for r in members.records(c)]):
+        while not (ids := [r.job_id for r in c.members.records()]):
             if time.monotonic() > deadline:
                 raise SystemExit("the autoscaler submitted no member job in 180 s")
             time.sleep(0.1)
@@ -112,7 +111,7 @@ def one_run(profile: str) -> dict[str, float]:
         initial_total = (worker.joined_at or 0) - (info.submitted_at or 0)
         initial_queue = queue_s(c.job_id)
         asked = time.time()
-        (member,) = members.add(c, spec, 1)
+        (member,) = add_members(c, spec, 1)
         rec = node_record(c.dir, f"m{member}-0")
         member_total = (rec.joined_at or 0) - asked
         member_queue = queue_s(member)

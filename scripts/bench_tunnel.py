@@ -23,8 +23,8 @@ import bench_report
 
 from raybridge.access import make_forwarder
 from raybridge.cluster import attach
+from raybridge.connect import open_runner
 from raybridge.profile import load_spec
-from raybridge.runner import open_runner
 from raybridge.ssh import connect, resolve_target
 from raybridge.tunnel import Forwarder, Route, Target
 

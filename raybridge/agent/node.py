@@ -27,12 +27,15 @@ from typing import Any
 import psutil
 
 from raybridge import jobdir as jd
-from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals
+from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals, slurmjob
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import IN_AGENT, RayStarter, StopRequested
+from raybridge.errors import RaybridgeError
+from raybridge.runner import LocalRunner
 from raybridge.settings import AgentSettings
+from raybridge.slurm import SlurmClient
 
 log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3
@@ -428,22 +431,22 @@ class Agent:
         lets the job run on (until its time limit) with nobody to run or restart the driver. The head
         notices (the batch host is no longer in the job's node list) and ends this start of the job:
         a requeue if the job may be requeued, else a cancel with the reason recorded."""
-        from raybridge.agent import slurmjob
-
-        lost = slurmjob.batch_host_lost(self.settings.job_id)
+        slurm = SlurmClient(LocalRunner())
+        lost = slurmjob.batch_host_lost(slurm, self.settings.job_id)
         if lost is None:
             return
         host, requeue = lost
         self.rendezvous.log_event("batch_host_lost", host, "requeue" if requeue else "no requeue: job ends")
         if requeue:
             self.say(f"the batch host {host} was lost; requeueing the job")
-            slurmjob.requeue(self.settings.job_id)
+            slurm.requeue(self.settings.job_id)
         else:
             error = f"the batch host {host} was lost (the job was not submitted with --requeue)"
             self.say(f"{error}; ending the job")
             self.rendezvous.update_cluster(state="failed", error=error)
             self.role = "former head"  # keep that record as it is
-            slurmjob.cancel(self.settings.job_id)
+            with contextlib.suppress(RaybridgeError):
+                slurm.cancel(self.settings.job_id)
         raise StopRequested()
 
     def restart_worker(self, iface: netinfo.Iface, head: jd.HeadRecord) -> None:

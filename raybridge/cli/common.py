@@ -13,9 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
+from raybridge.connect import open_runner
 from raybridge.errors import RaybridgeError
 from raybridge.profile import PROFILE_KEYS, ClusterSpec, load_spec
-from raybridge.runner import Runner, open_runner
+from raybridge.runner import Runner
 
 Profile = Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or YAML path.")]
 Login = Annotated[

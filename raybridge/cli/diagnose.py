@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from raybridge import cluster as lib
+from raybridge import submission
 from raybridge.cli.common import (
     AcceptKey,
     JobArg,
@@ -41,7 +42,7 @@ def doctor_cmd(
 
     spec = spec_from(ctx)
     with connected(spec) as runner:
-        spec = lib.complete(spec.with_home(runner.home()), local=not runner.host)
+        spec = submission.complete(spec.with_home(runner.home()), local=not runner.host)
         checks = doctor.login_checks(spec, runner)
         if not login_only:
             say(f"doctor: running checks on {spec.nodes} compute node(s) (one short Slurm step)")

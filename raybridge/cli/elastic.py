@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from raybridge import cluster as lib
+from raybridge import submission
 from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from, with_spec_options
 from raybridge.errors import RaybridgeError
 
@@ -37,10 +38,8 @@ def scale_cmd(
     accept_new_host_key: AcceptKey = False,
 ) -> None:
     """Grow or shrink a running cluster with member jobs: --add K submits K one-node worker jobs that
-    join its head (with --partition, --gpus, --cpus, --mem for another worker group); --remove K
+    join its head (with --partition, --gpus-per-node, --cpus-per-node, --mem for another worker group); --remove K
     releases the newest added nodes (Ray's drain notice first). The cluster's own allocation stays."""
-    from raybridge import members
-
     if (add is None) == (remove is None):
         raise RaybridgeError("say --add K or --remove K")
     if not job.isdigit():
@@ -52,11 +51,11 @@ def scale_cmd(
     with connected(spec) as runner:
         c = lib.attach(spec, runner, job)
         if add is not None:
-            ids = members.add(c, spec, add)
+            ids = submission.add_members(c, spec, add)
             say(
                 f"job {job}: submitted member job(s) {', '.join(ids)}; `raybridge status {job}` shows them join"
             )
             return
         assert remove is not None
-        for member, what in members.remove(c, remove):
+        for member, what in c.members.remove(remove):
             say(f"job {job}: member job {member}: {what}")

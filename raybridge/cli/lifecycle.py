@@ -18,7 +18,8 @@ import typer
 from raybridge import checkpoints as ck
 from raybridge import cluster as lib
 from raybridge import jobdir as jd
-from raybridge import timeline
+from raybridge import status as st
+from raybridge import submission, timeline
 from raybridge.cli.common import (
     AcceptKey,
     Json,
@@ -32,15 +33,15 @@ from raybridge.cli.common import (
 )
 from raybridge.errors import RaybridgeError
 from raybridge.profile import ClusterSpec, list_profiles
-from raybridge.render import render
-from raybridge.runner import Runner
+from raybridge.runner import LocalRunner, Runner
+from raybridge.slurm import LOST
 from raybridge.train import RUN_NAME_VAR
 
 
 @contextlib.contextmanager
 def submitted(spec: ClusterSpec, runner: Runner) -> Iterator[lib.Cluster]:
     """Submit; on Ctrl-C cancel the job so no allocation is left behind."""
-    c = lib.submit(spec, runner)
+    c = submission.submit(spec, runner)
     say(f"submitted job {c.job_id} ({spec.nodes} nodes) on {runner.host or 'this host'}")
     try:
         yield c
@@ -90,9 +91,12 @@ def render_cmd(
 ) -> None:
     """Print the sbatch script (it also runs with plain `sbatch`)."""
     spec = spec_from(ctx, command)
-    if spec.shared_dir.startswith("~"):
-        spec = spec.with_home(str(Path.home()))
-    text = render(lib.complete(spec, local=spec.login is None))
+    if spec.login is None:
+        req = submission.request(spec, LocalRunner())
+    else:  # the login node's home and Python are known only there
+        with connected(spec) as runner:
+            req = submission.request(spec, runner)
+    text = req.script
     if output:
         try:
             output.write_text(text)
@@ -101,6 +105,7 @@ def render_cmd(
         say(f"wrote {output}")
     else:
         sys.stdout.write(text)
+    say(f"up/run submit it as: {req.sbatch_line()}")
 
 
 @with_spec_options
@@ -118,7 +123,7 @@ def up_cmd(
     with connected(spec) as runner, submitted(spec, runner) as c:
         info = c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()))
         if json_out:
-            print(json.dumps(lib.status_record(c), indent=2, sort_keys=True))
+            print(json.dumps(st.of(c).to_dict(), indent=2, sort_keys=True))
         else:
             print(summary(info, spec, runner))
 
@@ -160,10 +165,6 @@ def run_cmd(
         if code != 0 and state in LOST:
             say(lost_run_line(spec, runner, c.job_id, state, resume, command))
         raise typer.Exit(code)
-
-
-# Slurm states of a job that ended because a node or the job itself was lost, not because of the driver.
-LOST = {"NODE_FAIL", "BOOT_FAIL", "DEADLINE", "TIMEOUT", "PREEMPTED", "CANCELLED", "FAILED"}
 
 
 def lost_run_line(
@@ -220,52 +221,46 @@ def status_cmd(
         say(f"job {last.job_id}: Slurm {last.slurm}")
         return
     with connected(spec) as runner:
-        if job:
-            clusters = [lib.attach(spec, runner, job)]
-        else:
-            slurm = lib.SlurmClient(runner)
-            clusters = [
-                lib.Cluster(runner, j.job_id, lib.job_dir_for(spec, runner, j.job_id, j))
-                for j in slurm.my_jobs()
-            ]
-        records = [lib.status_record(c) for c in clusters]
+        clusters = [lib.attach(spec, runner, job)] if job else lib.mine(spec, runner)
+        records = [st.of(c) for c in clusters]
     if json_out:
-        print(json.dumps(records if job is None else records[0], indent=2, sort_keys=True))
+        dicts = [r.to_dict() for r in records]
+        print(json.dumps(dicts if job is None else dicts[0], indent=2, sort_keys=True))
         return
     if not records:
         print("no raybridge jobs")
     for r in records:
         print(
-            f"job {r['job_id']} ({r['name']}): Slurm {r['slurm_state']}, Ray {r['ray_state']}, "
-            f"{r['alive_nodes']}/{r['expected_nodes'] or '?'} nodes alive"
+            f"job {r.job_id} ({r.name}): Slurm {r.slurm_state}, Ray {r.ray_state}, "
+            f"{r.alive_nodes}/{r.expected_nodes or '?'} nodes alive"
         )
-        if r["dashboard_url"]:
-            print(f"  address {r['address']}  dashboard {r['dashboard_url']}")
-        if r["accounting"]:
-            print(f"  accounting {r['accounting']['summary']}")
-        if a := r["autoscale"]:
+        if r.dashboard_url:
+            print(f"  address {r.address}  dashboard {r.dashboard_url}")
+        if r.accounting:
+            print(f"  accounting {r.accounting['summary']}")
+        if a := r.autoscale:
             print(
                 f"  autoscale  {a['min_nodes']} to {a['max_nodes']} nodes, idle nodes released after "
                 f"{a['idle_timeout']}s, added nodes must join within {a['join_timeout']}s"
             )
-        if r["auth"] == "none":
+        if r.auth == "none":
             print(f"  WARNING: {OPEN}")
-        for n in r["nodes"]:
-            print("  " + node_line(n))
-        for m in r["members"]:
-            pending = m["slurm_state"] == "PENDING"
-            where = m["node"] or (f"reason {m['reason']}" if pending else "")
-            how = ", autoscaled" if m.get("autoscaled") else ""
+        for n in r.nodes:
+            print("  " + node_line(n.to_dict()))
+        for m in r.members:
+            pending = m.slurm_state == "PENDING"
+            where = m.node or (f"reason {m.reason}" if pending else "")
+            how = ", autoscaled" if m.autoscaled else ""
             print(
-                f"  member job {m['job_id']} ({m['partition'] or 'default'}{how}): "
-                f"Slurm {m['slurm_state']}" + (f", {where}" if where else "")
+                f"  member job {m.job_id} ({m.partition or 'default'}{how}): "
+                f"Slurm {m.slurm_state}" + (f", {where}" if where else "")
             )
         if show_timeline:
             print("  timeline:")
-            for line in timeline.lines(r["timeline"]):
+            for line in timeline.lines(list(r.timeline)):
                 print("    " + line)
             continue
-        for e in r["events"]:
+        for e in r.events:
             stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at") or 0))
             print(f"  {stamp} {e.get('event', '?')} {e.get('node', '')} {e.get('detail', '')}".rstrip())
 
@@ -284,10 +279,7 @@ def down_cmd(
     spec = spec_from(ctx)
     with connected(spec) as runner:
         if all_jobs:
-            jobs = lib.SlurmClient(runner).my_jobs()
-            clusters = [
-                lib.Cluster(runner, j.job_id, lib.job_dir_for(spec, runner, j.job_id, j)) for j in jobs
-            ]
+            clusters = lib.mine(spec, runner)
             if not clusters:
                 say("no raybridge jobs")
         else:

@@ -67,7 +67,7 @@ class Watcher:
             info.generation,
         )
         scraped = {m.node: m for m in rbm.scrape(c.runner, info)} if not s.finished else {}
-        released = lib.released_members(c) if any(not n.alive and n.member_job for n in info.nodes) else set()
+        released = c.members.released() if any(not n.alive and n.member_job for n in info.nodes) else set()
         for n in info.nodes:
             m = scraped.get(n.hostname or n.ip)
             left = not n.alive and n.member_job in released

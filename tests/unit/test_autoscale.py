@@ -10,9 +10,10 @@ import pytest
 
 from raybridge import autoscale
 from raybridge import jobdir as jd
-from raybridge.errors import ConfigError
+from raybridge.errors import ClusterError, ConfigError
 from raybridge.profile import build_spec
 from raybridge.settings import AgentSettings
+from raybridge.slurm import JobInfo, Submitted
 
 
 def settings(tmp_path, **kw):
@@ -75,21 +76,32 @@ def test_only_the_cluster_autoscales():
 
 
 class FakeSlurm:
+    """slurm.SlurmClient's answers, from a dict."""
+
     def __init__(self):
         self.queue: dict[str, tuple[str, str]] = {}
         self.cancelled: list[str] = []
         self.next = 100
         self.asked = 0
 
-    def submit(self, script, output, time):
+    def submit_script(self, script, output, time=None):
         self.next += 1
         self.queue[str(self.next)] = ("PENDING", "Priority")
         self.time = time
-        return str(self.next)
+        return Submitted(str(self.next), jd.now())
+
+    def time_left(self, job):
+        return "1:00:00"
 
     def cancel(self, job):
         self.cancelled.append(job)
         self.queue[job] = ("CANCELLED", "None")
+
+    def job(self, job):
+        if job not in self.queue:
+            return None
+        state, reason = self.queue[job]
+        return JobInfo(job, "m", state, reason, "n3", "", None, "raybridge-member")
 
     def states(self, ids):
         self.asked += 1
@@ -98,15 +110,10 @@ class FakeSlurm:
 
 @pytest.fixture
 def provider(tmp_path, monkeypatch):
-    from raybridge import slurmprovider
-    from raybridge.agent import slurmjob
+    from raybridge import members, slurmprovider
 
     slurm = FakeSlurm()
-    monkeypatch.setattr(slurmjob, "submit", slurm.submit)
-    monkeypatch.setattr(slurmjob, "cancel", slurm.cancel)
-    monkeypatch.setattr(slurmjob, "time_left", lambda job: "1:00:00")
-    monkeypatch.setattr(slurmprovider, "queue_states", slurm.states)
-    monkeypatch.setattr(slurmprovider, "RELEASE_WAIT_S", 0.0)
+    monkeypatch.setattr(members, "RELEASE_WAIT_S", 0.0)
     folder = jd.JobDir.of(str(tmp_path), "7")
     for d in ("nodes", "members", "events"):
         (tmp_path / "jobs" / "7" / d).mkdir(parents=True)
@@ -121,6 +128,7 @@ def provider(tmp_path, monkeypatch):
     script.write_text("#!/bin/bash\n")
     cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30, str(script))
     p = slurmprovider.SlurmNodeProvider(cfg["provider"], cfg["cluster_name"])
+    p.members.slurm = slurm
     return p, slurm, folder
 
 
@@ -191,12 +199,12 @@ def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
     p, slurm, folder = provider
     (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)
     assert p.non_terminated_nodes({}) and p.safe_to_scale()
-    monkeypatch.setattr(slurmprovider, "queue_states", lambda ids: None)
+    monkeypatch.setattr(slurm, "states", lambda ids: None)
     monkeypatch.setattr(slurmprovider, "QUEUE_CACHE_S", 0.0)
     assert job in p.non_terminated_nodes({})  # the last view, not "every node is gone"
     assert not p.safe_to_scale()
     # Slurm answers but does not list the job yet (just submitted): still pending, not gone.
-    monkeypatch.setattr(slurmprovider, "queue_states", lambda ids: {})
+    monkeypatch.setattr(slurm, "states", lambda ids: {})
     assert job in p.non_terminated_nodes({}) and p.safe_to_scale()
     rec = jd.read(folder.member(job), jd.MemberRecord)
     jd.write(folder.member(job), dataclasses.replace(rec, submitted_at=rec.submitted_at - 31))
@@ -207,7 +215,7 @@ def test_a_missing_member_script_is_one_event_not_one_per_retry(provider):
     p, slurm, folder = provider
     os.unlink(p.script)
     for _ in range(3):  # the autoscaler retries every second
-        with pytest.raises(RuntimeError, match="autoscaling needs a cluster started by `raybridge up`"):
+        with pytest.raises(ClusterError, match="needs a cluster started by `raybridge up`"):
             p.create_node({}, {"ray-node-type": "worker"}, 1)
     assert len(list(Path(folder.events).glob("*autoscale_failed.json"))) == 1
     assert slurm.next == 100  # nothing submitted

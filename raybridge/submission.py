@@ -1,0 +1,137 @@
+"""Submission: a ClusterSpec becomes one request (script, sbatch arguments, environment) that
+`raybridge render` prints and `up`/`run` submit; member jobs (`raybridge scale --add`) the same way.
+
+    request(spec, runner)     what would be submitted (render prints request.script)
+    submit(spec, runner)      write the script to <shared_dir>/scripts, sbatch it; a Cluster handle
+    add_members(cluster, spec, count)   one-node member jobs that join a running cluster
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+from raybridge import envcheck
+from raybridge.cluster import Cluster
+from raybridge.errors import ClusterError
+from raybridge.profile import ClusterSpec
+from raybridge.render import render, render_member
+from raybridge.runner import Runner
+from raybridge.slurm import SlurmClient
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything sbatch gets for one cluster: what `render` prints is what `up` submits."""
+
+    spec: ClusterSpec  # completed, ~ resolved
+    script: str
+    path: str  # where the script is written (0700) before sbatch reads it
+    output: str  # sbatch --output
+
+    def sbatch_line(self) -> str:
+        """The command that submits it (plus the submission time in the job's environment)."""
+        return shlex.join(["sbatch", f"--output={self.output}", self.path])
+
+
+def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
+    """What only the submitting side knows: which Python the job runs when the profile does not say
+    (on the login node, with no `setup`: the interpreter raybridge itself runs in, e.g. the user's
+    venv), and the versions the nodes must match (the login node's raybridge, Ray and Python; from a
+    laptop, raybridge's own only)."""
+    python, setup = spec.python, spec.setup
+    if python is None and local and not setup and sys.executable:
+        python = sys.executable
+        # What activating the venv does for commands: `python`, `ray` and the driver's own tools.
+        setup = (f'export PATH={shlex.quote(os.path.dirname(python))}:"$PATH"',)
+    versions = envcheck.encode(envcheck.versions(full=local))
+    return dataclasses.replace(spec, python=python, setup=setup, expect_versions=versions)
+
+
+def request(spec: ClusterSpec, runner: Runner) -> Request:
+    """The request for spec as this runner would submit it (pure but for the runner's home folder)."""
+    spec = complete(spec.with_home(runner.home()), local=not runner.host)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{spec.job_name}-{stamp}-{int(time.time() * 1000) % 1000:03d}"
+    return Request(spec, render(spec), spec.layout.script(name), spec.layout.output)
+
+
+def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
+    """Write the request's script into <shared_dir>/scripts and sbatch it. Returns at once."""
+    from raybridge import doctor
+
+    req = request(spec, runner)
+    spec = req.spec
+    doctor.refuse(spec, runner)  # the login node's own checks: one line, before Slurm is asked
+    layout = spec.layout
+    for d in (layout.path, layout.scripts, layout.logs, layout.jobs):
+        runner.makedirs(d)
+    runner.write_text(req.path, req.script, mode=0o700)
+    sub = SlurmClient(runner).submit_script(req.path, req.output)
+    c = Cluster(
+        runner, sub.job_id, spec.job_dir(sub.job_id), expected=spec.total_nodes, submitted_at=sub.submitted_at
+    )
+    c.python = spec.python or "python3"
+    # What the head submits when a node dies (agent/replace.py) or Ray's autoscaler wants one.
+    if spec.replace_lost or spec.autoscaling:
+        script = render_member(member_spec(spec, sub.job_id, None))
+        runner.write_text(layout.member_script(sub.job_id), script, mode=0o700)
+    return c
+
+
+def member_spec(spec: ClusterSpec, cluster_job: str, time: str | None) -> ClusterSpec:
+    """One worker node that joins cluster_job, labelled with its worker group."""
+    labels = (
+        *spec.labels,
+        f"raybridge.io/partition={spec.partition or 'default'}",
+        f"raybridge.io/cluster={cluster_job}",
+    )
+    if spec.gpus_per_node:
+        labels += (f"raybridge.io/gpus={spec.gpus_per_node}",)
+    return dataclasses.replace(
+        spec,
+        nodes=1,
+        spare_nodes=0,
+        replace_lost=0,
+        min_nodes=None,
+        max_nodes=None,
+        member_of=cluster_job,
+        labels=labels,
+        time=time,
+    )
+
+
+def add_members(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
+    """Submit `count` one-node member jobs that join the cluster (`raybridge scale --add`; with their
+    own partition, GPUs, ... for another worker group); their job ids. The cluster must be running
+    (its head up); the jobs get the cluster's remaining time."""
+    if not 1 <= count <= 1000:
+        raise ClusterError(f"--add must be between 1 and 1000, got {count}")
+    job = cluster.job()
+    info = cluster.info()
+    if job is None or job.state != "running" or info is None or info.head is None:
+        raise ClusterError(f"job {cluster.job_id} has no running Ray cluster to add nodes to")
+    runner = cluster.runner
+    spec = member_spec(
+        complete(spec.with_home(runner.home()), local=not runner.host), cluster.job_id, spec.time
+    )
+    layout = spec.layout
+    runner.makedirs(layout.scripts)
+    ids = []
+    for _ in range(count):
+        path = layout.script(f"{spec.job_name}-member-{time.time_ns()}")
+        runner.write_text(path, render_member(spec), mode=0o700)
+        rec = cluster.members.submit(
+            path,
+            layout.output,
+            time_limit=spec.time,
+            partition=spec.partition,
+            gpus_per_node=spec.gpus_per_node,
+            labels=spec.labels,
+        )
+        ids.append(rec.job_id)
+    return ids
