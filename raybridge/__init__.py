@@ -12,7 +12,7 @@ def __getattr__(name: str) -> Any:
     # Lazy: `python -m raybridge.envcheck` must start on a node that lacks raybridge's dependencies,
     # to say which one is missing.
     if name in ("ClusterSpec", "load_spec"):
-        from raybridge import profile
+        from raybridge.client import profile
 
         return getattr(profile, name)
     if name == "RaybridgeError":

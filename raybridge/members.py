@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, RaybridgeError
-from raybridge.runner import Runner
 from raybridge.slurm import JobInfo, SlurmClient
+from raybridge.transport.runner import Runner
 
 RELEASE_WAIT_S = 30.0  # a released member's agent drains and leaves; then its job is cancelled anyway
 POLL_S = 0.5

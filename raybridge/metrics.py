@@ -16,7 +16,7 @@ from typing import Any
 
 from raybridge import jobdir as jd
 from raybridge.layout import SharedDir
-from raybridge.runner import Runner
+from raybridge.transport.runner import Runner
 
 MAX_BODY = 16 << 20  # a node's metrics page; more is not Ray's
 

@@ -11,8 +11,8 @@ import time as clock
 from dataclasses import dataclass
 
 from raybridge.errors import CommandError, SlurmError
-from raybridge.runner import Runner
 from raybridge.settings import SUBMITTED_AT_VAR
+from raybridge.transport.runner import Runner
 
 # Every Slurm job state → raybridge's coarse state.
 STATES = {

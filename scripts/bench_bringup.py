@@ -31,9 +31,9 @@ from pathlib import Path
 
 import bench_report
 
-from raybridge.profile import load_spec
-from raybridge.runner import LocalRunner
-from raybridge.submission import submit
+from raybridge.client.profile import load_spec
+from raybridge.client.submission import submit
+from raybridge.transport.runner import LocalRunner
 
 # argv: N; stdin: one line, "SINCE ADDRESS_FILE" (a JSON head record, or a plain host:port with Ray's
 # default ports); a head record older than SINCE is a previous job's with the same id (ids restart).

@@ -163,7 +163,7 @@ def main() -> int:
     ap.add_argument("--skip-ray-docs", action="store_true")
     ap.add_argument("--json", type=Path, help="raw results go to <stem>-firstline.json next to it")
     args = ap.parse_args()
-    from raybridge.profile import load_spec
+    from raybridge.client.profile import load_spec
 
     setup = "\n".join(load_spec(args.local_profile).setup)
     workdir = Path(args.shared) / "bench-firstline"

@@ -24,9 +24,9 @@ from datetime import datetime
 import bench_report
 
 from raybridge import jobdir as jd
-from raybridge.profile import load_spec
-from raybridge.runner import LocalRunner
-from raybridge.submission import add_members, submit
+from raybridge.client.profile import load_spec
+from raybridge.client.submission import add_members, submit
+from raybridge.transport.runner import LocalRunner
 
 
 def queue_s(job_id: str) -> float:

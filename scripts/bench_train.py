@@ -53,7 +53,7 @@ def run_torchrun(setup: str, workdir: Path, n: int, steps: int) -> float:
 
 
 def main() -> int:
-    from raybridge.profile import load_spec
+    from raybridge.client.profile import load_spec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", required=True)

@@ -21,12 +21,12 @@ import time
 
 import bench_report
 
-from raybridge.access import make_forwarder
-from raybridge.cluster import attach
-from raybridge.connect import open_runner
-from raybridge.profile import load_spec
-from raybridge.ssh import connect, resolve_target
-from raybridge.tunnel import Forwarder, Route, Target
+from raybridge.client.access import make_forwarder
+from raybridge.client.cluster import attach
+from raybridge.client.profile import load_spec
+from raybridge.transport.connect import open_runner
+from raybridge.transport.ssh import connect, resolve_target
+from raybridge.transport.tunnel import Forwarder, Route, Target
 
 
 def wait_port(port: int, timeout: float = 20) -> None:

@@ -33,9 +33,9 @@ from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import IN_AGENT, RayStarter, StopRequested
 from raybridge.errors import RaybridgeError
-from raybridge.runner import LocalRunner
 from raybridge.settings import AgentSettings
 from raybridge.slurm import SlurmClient
+from raybridge.transport.runner import LocalRunner
 
 log = logging.getLogger(__name__)
 MAX_RAY_RESTARTS = 3

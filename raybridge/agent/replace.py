@@ -11,8 +11,8 @@ from raybridge import jobdir as jd
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.errors import RaybridgeError
 from raybridge.members import Members
-from raybridge.runner import LocalRunner
 from raybridge.settings import AgentSettings
+from raybridge.transport.runner import LocalRunner
 
 
 class Replacer:

@@ -64,7 +64,7 @@ class RayStarter:
         # The head's dashboard writes Grafana dashboards for this Ray version: kept with the job.
         env["RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR"] = self.dir.join("grafana", "dashboards")
         if self.settings.max_nodes:
-            from raybridge import autoscale
+            from raybridge.autoscaler import config as autoscale
 
             # Ray's autoscaler looks every 5 s by default: most of the time from demand to sbatch.
             env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", str(autoscale.UPDATE_INTERVAL_S))
@@ -103,7 +103,7 @@ class RayStarter:
             "--disable-usage-stats",
         ]
         if head is None and self.settings.max_nodes:  # Ray's autoscaler, with member jobs as nodes
-            from raybridge import autoscale
+            from raybridge.autoscaler import config as autoscale
 
             path = autoscale.write_config(self.settings, res.cpus, len(res.gpu_ids), heap)
             cmd.append(f"--autoscaling-config={path}")

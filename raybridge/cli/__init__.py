@@ -1,4 +1,4 @@
-"""The `raybridge` command: a thin layer over the library (cluster.py, profile.py, render.py).
+"""The `raybridge` command: a thin layer over the library (client/: profile, submission, cluster, status).
 Every command is a module-level function in lifecycle.py, remote.py or ckpt.py, registered here."""
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from raybridge import checkpoints as ck
 from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from
+from raybridge.client import checkpoints as ck
 from raybridge.errors import RaybridgeError
 
 app = typer.Typer(help="Ray Train checkpoints on shared storage.", no_args_is_help=True)

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from raybridge.connect import open_runner
+from raybridge.client.profile import PROFILE_KEYS, ClusterSpec, load_spec
 from raybridge.errors import RaybridgeError
-from raybridge.profile import PROFILE_KEYS, ClusterSpec, load_spec
-from raybridge.runner import Runner
+from raybridge.transport.connect import open_runner
+from raybridge.transport.runner import Runner
 
 Profile = Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or YAML path.")]
 Login = Annotated[

@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from raybridge import cluster as lib
-from raybridge import submission
 from raybridge.cli.common import (
     AcceptKey,
     JobArg,
@@ -20,6 +18,8 @@ from raybridge.cli.common import (
     spec_from,
     with_spec_options,
 )
+from raybridge.client import cluster as lib
+from raybridge.client import submission
 from raybridge.errors import ClusterError
 
 
@@ -38,7 +38,7 @@ def doctor_cmd(
     """Check the login node and, through a short Slurm step, --nodes compute nodes: shared storage,
     interface and fabric, ports, temp path, /dev/shm, resources, NCCL/GLOO, versions, token auth.
     Exits 1 when a check fails."""
-    from raybridge import doctor
+    from raybridge.client import doctor
 
     spec = spec_from(ctx)
     with connected(spec) as runner:

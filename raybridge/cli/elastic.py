@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from raybridge import cluster as lib
-from raybridge import submission
 from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from, with_spec_options
+from raybridge.client import cluster as lib
+from raybridge.client import submission
 from raybridge.errors import RaybridgeError
 
 # Options of the whole cluster, meaningless for one added node.

@@ -15,11 +15,7 @@ from typing import Annotated
 
 import typer
 
-from raybridge import checkpoints as ck
-from raybridge import cluster as lib
 from raybridge import jobdir as jd
-from raybridge import status as st
-from raybridge import submission, timeline
 from raybridge.cli.common import (
     AcceptKey,
     Json,
@@ -31,11 +27,15 @@ from raybridge.cli.common import (
     spec_from,
     with_spec_options,
 )
+from raybridge.client import checkpoints as ck
+from raybridge.client import cluster as lib
+from raybridge.client import status as st
+from raybridge.client import submission, timeline
+from raybridge.client.profile import ClusterSpec, list_profiles
 from raybridge.errors import RaybridgeError
-from raybridge.profile import ClusterSpec, list_profiles
-from raybridge.runner import LocalRunner, Runner
 from raybridge.slurm import LOST
 from raybridge.train import RUN_NAME_VAR
+from raybridge.transport.runner import LocalRunner, Runner
 
 
 @contextlib.contextmanager

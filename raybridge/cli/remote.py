@@ -16,23 +16,23 @@ from typing import Annotated, Any
 import psutil
 import typer
 
-from raybridge import cluster as lib
 from raybridge import jobdir as jd
 from raybridge.cli.common import AcceptKey, JobArg, Login, Profile, connected, say, spec_from
+from raybridge.client import cluster as lib
+from raybridge.client.profile import ClusterSpec
 from raybridge.errors import ClusterError, RaybridgeError
-from raybridge.profile import ClusterSpec
-from raybridge.runner import LocalRunner
+from raybridge.transport.runner import LocalRunner
 
 
-def access():  # -> the raybridge.access module
+def access():  # -> the raybridge.client.access module
     """The tunnel and Jobs API code, loaded only by the commands that use it (paramiko, Ray)."""
-    import raybridge.access
+    import raybridge.client.access
 
-    return raybridge.access
+    return raybridge.client.access
 
 
 def is_remote(runner: object) -> bool:
-    from raybridge.ssh import SSHRunner
+    from raybridge.transport.ssh import SSHRunner
 
     return isinstance(runner, SSHRunner)
 
@@ -65,7 +65,7 @@ def dashboard_address(spec: ClusterSpec, job: str | None) -> Iterator[tuple[str,
 def print_connection(
     ports: dict[str, int], nonce: str, token: Path | None, job_id: str, head: jd.HeadRecord | None
 ) -> None:
-    from raybridge.tunnel import login_url
+    from raybridge.transport.tunnel import login_url
 
     dash = f"http://127.0.0.1:{ports['dashboard']}"
     where = f"head {head.hostname} {head.ip}" if head else "head unknown"
@@ -107,7 +107,7 @@ def stop_tunnels(job: str | None) -> None:
 
 def new_login_link(job: str | None) -> None:
     """Ask a background tunnel for a fresh sign-in link (the old one is single-use and short-lived)."""
-    from raybridge.tunnel import LINK_TTL_S, login_url
+    from raybridge.transport.tunnel import LINK_TTL_S, login_url
 
     files = sorted(tunnel_dir().glob(f"{job or '*'}.json"))
     if not files:
@@ -180,7 +180,7 @@ def tunnel_cmd(
     for name in wanted:
         if name != "dashboard":
             local[name] = access().DEFAULT_LOCAL[name] if local_port == 8265 else 0
-    from raybridge.tunnel import check_free
+    from raybridge.transport.tunnel import check_free
 
     for port in local.values():
         if port:
@@ -321,7 +321,7 @@ def logs_cmd(
 
 def show_node_logs(cluster: lib.Cluster, host: str, process: str | None) -> None:
     """Kept logs once the node's agent stopped; read on the node while the job runs."""
-    from raybridge import nodelogs
+    from raybridge.client import nodelogs
 
     runner = cluster.runner
     kept = nodelogs.kept_files(runner, cluster.dir, host)

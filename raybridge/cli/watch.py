@@ -18,10 +18,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from raybridge import checkpoints as ck
-from raybridge import cluster as lib
 from raybridge import metrics as rbm
-from raybridge.profile import ClusterSpec
+from raybridge.client import checkpoints as ck
+from raybridge.client import cluster as lib
+from raybridge.client.profile import ClusterSpec
 
 CHECKPOINT_EVERY = 10.0
 

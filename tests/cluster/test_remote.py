@@ -187,7 +187,7 @@ def test_the_ssh_connection_negotiates_the_fast_cipher_and_big_packets(testbed):
     """What bench-tunnel's throughput rests on, against the real sshd: AES-GCM is chosen and the
     server sends packets larger than paramiko's default 32 KiB."""
     probe = (
-        "import sys; from raybridge.profile import load_spec; from raybridge.ssh import connect, resolve_target\n"
+        "import sys; from raybridge.client.profile import load_spec; from raybridge.transport.ssh import connect, resolve_target\n"
         "c = connect(resolve_target(load_spec(sys.argv[1]).login)); t = c.get_transport()\n"
         "ch = t.open_channel('direct-tcpip', ('10.213.0.3', 22), ('127.0.0.1', 0))\n"
         "print(t.remote_cipher, t.local_cipher, ch.in_max_packet_size, ch.in_window_size)"

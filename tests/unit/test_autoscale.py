@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from raybridge import autoscale
 from raybridge import jobdir as jd
+from raybridge.autoscaler import config as autoscale
+from raybridge.client.profile import build_spec
 from raybridge.errors import ClusterError, ConfigError
-from raybridge.profile import build_spec
 from raybridge.settings import AgentSettings
 from raybridge.slurm import JobInfo, Submitted
 
@@ -24,7 +24,7 @@ def test_config_is_complete_as_rays_autoscaler_reads_it(tmp_path):
     from ray.autoscaler._private.providers import _get_node_provider_cls
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    from raybridge.slurmprovider import SlurmNodeProvider
+    from raybridge.autoscaler.provider import SlurmNodeProvider
 
     cfg = autoscale.autoscaling_config(settings(tmp_path, idle_timeout=20), 2, 1, 1 << 30, "/s/m.sbatch")
     validate_config(cfg)
@@ -110,7 +110,8 @@ class FakeSlurm:
 
 @pytest.fixture
 def provider(tmp_path, monkeypatch):
-    from raybridge import members, slurmprovider
+    from raybridge import members
+    from raybridge.autoscaler import provider as slurmprovider
 
     slurm = FakeSlurm()
     monkeypatch.setattr(members, "RELEASE_WAIT_S", 0.0)
@@ -194,7 +195,7 @@ def test_provider_cancels_a_member_that_did_not_join_in_time_and_says_why(provid
 
 
 def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
-    from raybridge import slurmprovider
+    from raybridge.autoscaler import provider as slurmprovider
 
     p, slurm, folder = provider
     (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)

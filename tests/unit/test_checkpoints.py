@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from raybridge import checkpoints as ck
+from raybridge.client import checkpoints as ck
 from raybridge.errors import RaybridgeError
-from raybridge.runner import LocalRunner
+from raybridge.transport.runner import LocalRunner
 
 
 @pytest.mark.parametrize("name", ["ok.bin", "model-1.pt", ".hidden", "a b", "checkpoint_000001"])

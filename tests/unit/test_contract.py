@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from raybridge import jobdir as jd
-from raybridge.profile import DEFAULTS, PROFILE_KEYS, build_spec
-from raybridge.render import render
+from raybridge.client.profile import DEFAULTS, PROFILE_KEYS, build_spec
+from raybridge.client.render import render
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
 from raybridge.settings import AgentSettings, SettingsError
 
@@ -141,8 +141,8 @@ def test_records_written_by_the_agents_parse(tmp_path):
     assert rec.submitted_at == 1000.5 and rec.timestamps["ready_at"] == 2.0
     assert json.loads((tmp_path / "jobs" / "9" / "cluster.json").read_text())["schema"] == jd.SCHEMA
     # The CLI side reads the same file through its runner.
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
 
     assert Cluster(LocalRunner(), "9", folder.path).info() == rec
 
@@ -159,8 +159,8 @@ def test_a_record_of_another_schema_is_one_clear_line(tmp_path):
 
 
 def test_a_previous_job_with_the_same_id_is_not_this_one(tmp_path):
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
 
     folder = records_written_by_the_agents(tmp_path)  # submitted at 1000.5
     assert Cluster(LocalRunner(), "9", folder.path, submitted_at=1000.5).info() is not None

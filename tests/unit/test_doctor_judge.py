@@ -2,8 +2,8 @@
 
 import json
 
-from raybridge import doctor
 from raybridge.agent.doctor import MARK
+from raybridge.client import doctor
 
 
 def test_long_lines_split_and_interleaved_by_srun_are_put_back_together():
@@ -50,7 +50,7 @@ def test_judging_names_the_odd_interface_the_broken_pair_and_other_versions():
 
 
 def test_temp_path_limit_and_memory_sizes():
-    from raybridge.profile import ClusterSpec
+    from raybridge.client.profile import ClusterSpec
 
     assert doctor.temp_path(ClusterSpec(node_tmp="/tmp")).status == "pass"
     room = doctor.SOCKET_LIMIT - doctor.SOCKET_SUFFIX

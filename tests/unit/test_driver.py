@@ -213,9 +213,9 @@ def test_output_is_line_buffered_when_piped(tmp_path):
 def test_follow_output_reads_only_new_bytes_and_everything_before_the_end(tmp_path):
     """The CLI side of the driver's output: incremental reads, a character split between two writes
     kept whole, and what was written before Slurm reported the end is not lost."""
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client.cluster import Cluster
     from raybridge.slurm import JobInfo
+    from raybridge.transport.runner import LocalRunner
 
     log = tmp_path / "job.out"
     reads: list[int] = []

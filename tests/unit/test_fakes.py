@@ -105,9 +105,9 @@ class FakeSlurm:
 
 
 def test_stop_asks_the_agents_first_and_cancels_only_when_they_do_not_end(tmp_path, monkeypatch):
-    from raybridge import cluster as cluster_mod
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client import cluster as cluster_mod
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
 
     monkeypatch.setattr(cluster_mod, "POLL", 0.0)
     c = Cluster(LocalRunner(), "8", str(tmp_path))
@@ -121,10 +121,10 @@ def test_stop_asks_the_agents_first_and_cancels_only_when_they_do_not_end(tmp_pa
 
 
 def test_access_reads_the_head_and_refuses_a_cluster_that_is_not_ready(tmp_path):
-    from raybridge import access
-    from raybridge.cluster import Cluster
+    from raybridge.client import access
+    from raybridge.client.cluster import Cluster
     from raybridge.errors import ClusterError
-    from raybridge.runner import LocalRunner
+    from raybridge.transport.runner import LocalRunner
 
     folder = jd.JobDir(str(tmp_path))
     head = jd.HeadRecord("10.0.0.1", "n1", "ib0", {"gcs": 6379, "dashboard": 8265, "client": 10001}, 1.0)
@@ -152,9 +152,9 @@ def test_access_reads_the_head_and_refuses_a_cluster_that_is_not_ready(tmp_path)
 
 
 def test_fetch_token_copies_it_private(tmp_path, monkeypatch):
-    from raybridge import access
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client import access
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = jd.JobDir(str(tmp_path / "job"))

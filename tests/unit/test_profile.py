@@ -2,8 +2,8 @@ import textwrap
 
 import pytest
 
+from raybridge.client.profile import build_spec, load_spec, time_to_seconds
 from raybridge.errors import ConfigError
-from raybridge.profile import build_spec, load_spec, time_to_seconds
 
 
 def write(tmp_path, text):
@@ -120,7 +120,7 @@ def test_time_to_seconds(text, seconds):
 
 
 def test_shipped_profiles_are_valid():
-    from raybridge.profile import list_profiles
+    from raybridge.client.profile import list_profiles
 
     found = dict(list_profiles())
     assert "example-ib-cluster" in found

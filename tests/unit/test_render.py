@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from raybridge.profile import build_spec
-from raybridge.render import directives, fill, render
+from raybridge.client.profile import build_spec
+from raybridge.client.render import directives, fill, render
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
@@ -66,7 +66,7 @@ MEMBER = {
 def test_member_golden_and_its_agent_joins_the_clusters_folder():
     import dataclasses
 
-    from raybridge.render import render_member
+    from raybridge.client.render import render_member
     from raybridge.settings import AgentSettings
     from tests.unit.test_contract import exported_env
 

@@ -1,8 +1,8 @@
 import pytest
 
 from raybridge.errors import CommandError, SlurmError
-from raybridge.runner import Result
 from raybridge.slurm import STATES, SlurmClient, job_from_fields, parse_scontrol
+from raybridge.transport.runner import Result
 
 LINE = (
     "JobId=42 JobName=raybridge UserId=root(0) GroupId=root(0) Priority=1 JobState=PENDING "
@@ -107,8 +107,8 @@ def record_of(tmp_path, **fields):
 def cluster_in(tmp_path, state, record=None):
     import json
 
-    from raybridge.cluster import Cluster
-    from raybridge.runner import LocalRunner
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
 
     if record is not None:
         (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, **record)))
@@ -132,7 +132,7 @@ def test_wait_ready_ends_on_every_final_state(tmp_path, state):
 def test_wait_ready_keeps_waiting_in_every_live_state_and_cancels_at_the_timeout(
     tmp_path, state, monkeypatch
 ):
-    from raybridge import cluster as cluster_mod
+    from raybridge.client import cluster as cluster_mod
     from raybridge.errors import ClusterError
 
     monkeypatch.setattr(cluster_mod, "POLL", 0.01)
@@ -181,10 +181,10 @@ def test_unknown_job_is_none():
 def test_a_batch_run_whose_driver_ended_before_it_looked_counts_as_ready(tmp_path, monkeypatch):
     import json
 
-    from raybridge.cluster import Cluster
+    from raybridge.client.cluster import Cluster
     from raybridge.errors import ClusterError
-    from raybridge.runner import LocalRunner
     from raybridge.slurm import JobInfo
+    from raybridge.transport.runner import LocalRunner
 
     # The cluster was ready, the driver exited 3 and the job is over before the first poll.
     (tmp_path / "cluster.json").write_text(json.dumps(record_of(tmp_path, state="stopped", ready_at=1.0)))

@@ -2,9 +2,9 @@
 
 import pytest
 
+from raybridge.client.profile import LoginSpec
 from raybridge.errors import SSHError
-from raybridge.profile import LoginSpec
-from raybridge.ssh import jump_targets, parse_jump, resolve_target
+from raybridge.transport.ssh import jump_targets, parse_jump, resolve_target
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_known_hosts_with_markers_comments_and_unknown_types(tmp_path):
     import paramiko
 
     from raybridge.errors import HostKeyError
-    from raybridge.ssh import CheckedPolicy, KnownHosts
+    from raybridge.transport.ssh import CheckedPolicy, KnownHosts
 
     good, bad, new = (paramiko.RSAKey.generate(1024) for _ in range(3))
     path = tmp_path / "known_hosts"

@@ -3,8 +3,8 @@
 import json
 
 from raybridge import jobdir as jd
-from raybridge import timeline
-from raybridge.runner import LocalRunner
+from raybridge.client import timeline
+from raybridge.transport.runner import LocalRunner
 
 
 def test_phases_nodes_events_and_side_events_in_time_order(tmp_path):

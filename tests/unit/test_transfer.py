@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from raybridge import checkpoints as ck
-from raybridge import transfer
+from raybridge.client import checkpoints as ck
 from raybridge.errors import RaybridgeError
-from raybridge.runner import FileRanges, LocalRunner
+from raybridge.transport import transfer
+from raybridge.transport.runner import FileRanges, LocalRunner
 
 
 def sources(tmp_path: Path) -> dict[str, bytes]:

@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from raybridge.tunnel import PortInUse, check_free
+from raybridge.transport.tunnel import PortInUse, check_free
 
 
 def listener() -> socket.socket:
@@ -42,7 +42,7 @@ def signed_in(fwd, request: bytes) -> bytes:
 
 
 def forwarder():
-    from raybridge.tunnel import Forwarder, Route, Target
+    from raybridge.transport.tunnel import Forwarder, Route, Target
 
     fwd = Forwarder(lambda: None, lambda c: None, {"dashboard": 18265})
     fwd.route = Route({"dashboard": Target("dashboard", "10.0.0.1", 8265)}, token="s3cret")
@@ -67,7 +67,7 @@ def test_the_sign_in_link_works_once_and_sets_an_httponly_session_cookie():
 
 
 def test_the_sign_in_link_expires_and_wants_a_loopback_host(monkeypatch):
-    from raybridge import tunnel
+    from raybridge.transport import tunnel
 
     fwd = forwarder()
     for host in ("evil.example:18265", "127.0.0.1.evil.example", "10.0.0.5:18265"):

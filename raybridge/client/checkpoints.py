@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybridge import transfer
 from raybridge.errors import RaybridgeError
 from raybridge.layout import SharedDir
-from raybridge.runner import Runner
+from raybridge.transport import transfer
+from raybridge.transport.runner import Runner
 
 CHUNK = 1024 * 1024
 NAME = re.compile(r"[A-Za-z0-9._+=@,%~\\-][A-Za-z0-9._+=@,%~\\ -]{0,254}")  # a path component we write

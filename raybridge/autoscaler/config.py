@@ -1,7 +1,7 @@
 """Autoscaling with Ray's own autoscaler: a node provider backed by Slurm member jobs.
 
 Ray's autoscaler (v1, the one `ray up` runs for every VM provider) runs in the head's monitor process
-when the head is started with `--autoscaling-config`; it loads raybridge.slurmprovider's
+when the head is started with `--autoscaling-config`; it loads raybridge.autoscaler.provider's
 SlurmNodeProvider through its documented `provider: {type: external, module: ...}` hook and asks it
 for nodes. Here a node is a one-node
 member job (slurm/raybridge-member.sbatch.in, the same script `--replace-lost` submits):
@@ -28,7 +28,7 @@ from typing import Any
 from raybridge import jobdir as jd
 from raybridge.settings import AgentSettings
 
-PROVIDER = "raybridge.slurmprovider.SlurmNodeProvider"  # imports Ray: a module of its own
+PROVIDER = "raybridge.autoscaler.provider.SlurmNodeProvider"  # imports Ray: a module of its own
 # Ray's autoscaler's loop, seconds (its env AUTOSCALER_UPDATE_INTERVAL_S; each look reads the job
 # folder and asks the GCS, and Slurm only as QUEUE_CACHE_S allows).
 UPDATE_INTERVAL_S = 1

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from raybridge.runner import LocalRunner, LoginSpec, Runner
+from raybridge.transport.runner import LocalRunner, LoginSpec, Runner
 
 
 def open_runner(login: LoginSpec | None) -> Runner:
     if login is None:
         return LocalRunner()
-    from raybridge.ssh import SSHRunner  # paramiko loads only when a login node is used
+    from raybridge.transport.ssh import SSHRunner  # paramiko loads only when a login node is used
 
     return SSHRunner(login)

@@ -19,10 +19,10 @@ import yaml
 
 from raybridge.errors import ConfigError
 from raybridge.layout import SharedDir
-from raybridge.runner import LoginSpec
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
 from raybridge.settings import RESERVED as RESERVED_SETTINGS
 from raybridge.settings import AgentSettings
+from raybridge.transport.runner import LoginSpec
 
 # Options raybridge sets itself; a user's extra directive may not override them. sbatch accepts any
 # unambiguous prefix of a long option (`--comm` = `--comment`), so a prefix of one of these is refused too.
@@ -175,7 +175,7 @@ def profile_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("RAYBRIDGE_PROFILE_PATH", "").split(os.pathsep) if p]
     config_home = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
     dirs.append(config_home / "raybridge" / "profiles")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")  # a source checkout
+    dirs.append(Path(__file__).resolve().parents[2] / "configs")  # a source checkout
     return dirs
 
 

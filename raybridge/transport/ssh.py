@@ -19,7 +19,7 @@ from typing import Any
 import paramiko
 
 from raybridge.errors import CommandError, HostKeyError, SSHError
-from raybridge.runner import LoginSpec, Result
+from raybridge.transport.runner import LoginSpec, Result
 
 # Throughput (scripts/bench-tunnel): paramiko decrypts every packet in Python, so fewer, larger packets
 # and one-pass AEAD ciphers matter. AES-GCM (one call per packet) before AES-CTR + HMAC (two); the

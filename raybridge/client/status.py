@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from raybridge import autoscale, timeline
 from raybridge import jobdir as jd
-from raybridge.cluster import Cluster
+from raybridge.autoscaler import config as autoscale
+from raybridge.client import timeline
+from raybridge.client.cluster import Cluster
 
 
 @dataclass(frozen=True)

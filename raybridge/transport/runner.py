@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from raybridge.errors import CommandError
-from raybridge.transfer import RangeReader
+from raybridge.transport.transfer import RangeReader
 
 
 @dataclass(frozen=True)

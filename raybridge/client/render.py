@@ -7,10 +7,10 @@ import shlex
 from functools import cache
 from pathlib import Path
 
+from raybridge.client.profile import ClusterSpec
 from raybridge.jobdir import DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
-from raybridge.profile import ClusterSpec
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "raybridge.sbatch.in"
+TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "raybridge.sbatch.in"
 MEMBER_TEMPLATE = TEMPLATE.with_name("raybridge-member.sbatch.in")
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 

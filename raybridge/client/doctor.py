@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 
 from raybridge import envcheck
+from raybridge.client.profile import ClusterSpec
 from raybridge.errors import RaybridgeError
-from raybridge.profile import ClusterSpec
-from raybridge.runner import Runner
+from raybridge.transport.runner import Runner
 
 SOCKET_LIMIT = 107  # AF_UNIX path limit (108 bytes with the NUL)
 # Below node_tmp: /rb-<job id, up to 10 digits>/session_<YYYY-mm-dd_HH-MM-SS_ffffff>_<pid, up to 7>
@@ -123,7 +123,7 @@ def refuse(spec: ClusterSpec, runner: Runner) -> None:
 
 def node_script(spec: ClusterSpec, folder: str, nodes: int, mark: str) -> str:
     """What each task of the doctor's step runs: the cluster's own environment, then the checks."""
-    from raybridge.render import exports
+    from raybridge.client.render import exports
 
     q = shlex.quote
     python = q(spec.python or "python3")
@@ -148,7 +148,7 @@ def mebibytes(memory: str | None) -> int | None:
 
 
 def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
-    from raybridge.render import resources
+    from raybridge.client.render import resources
 
     cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
     cmd += ["--job-name=raybridge-doctor", "--comment=raybridge-doctor", "--time=5", "--kill-on-bad-exit=0"]

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 from raybridge import envcheck
 from raybridge import jobdir as jd
+from raybridge.client.profile import ClusterSpec
 from raybridge.errors import ClusterError, JobNotFound
 from raybridge.layout import SharedDir
 from raybridge.members import Members
-from raybridge.profile import ClusterSpec
-from raybridge.runner import Runner
 from raybridge.slurm import Accounting, JobInfo, SlurmClient
+from raybridge.transport.runner import Runner
 
 POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
 FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log or record

@@ -7,7 +7,7 @@ import posixpath
 
 from raybridge import jobdir as jd
 from raybridge.errors import ClusterError, CommandError
-from raybridge.runner import Runner
+from raybridge.transport.runner import Runner
 
 # `--ray NAME` → the files of that Ray process in its session's logs folder.
 PROCESSES: dict[str, tuple[str, ...]] = {

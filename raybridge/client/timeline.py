@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from raybridge import jobdir as jd
-from raybridge.runner import Runner
+from raybridge.transport.runner import Runner
 
 # The cluster record's timestamps, as timeline events.
 PHASES = {

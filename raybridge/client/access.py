@@ -9,12 +9,12 @@ from typing import Any
 import paramiko
 
 from raybridge import jobdir as jd
-from raybridge.cluster import Cluster
+from raybridge.client.cluster import Cluster
+from raybridge.client.profile import ClusterSpec
 from raybridge.errors import ClusterError, RaybridgeError
-from raybridge.profile import ClusterSpec
-from raybridge.runner import LocalRunner, Runner
-from raybridge.ssh import connect, open_sftp, resolve_target
-from raybridge.tunnel import Forwarder, Route, Target
+from raybridge.transport.runner import LocalRunner, Runner
+from raybridge.transport.ssh import connect, open_sftp, resolve_target
+from raybridge.transport.tunnel import Forwarder, Route, Target
 
 PORT_NAMES = ("dashboard", "client", "gcs")  # forwardable ports, as named in cluster.json
 DEFAULT_LOCAL = {"dashboard": 8265, "client": 10001, "gcs": 6379}

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 
 from raybridge import envcheck
-from raybridge.cluster import Cluster
+from raybridge.client.cluster import Cluster
+from raybridge.client.profile import ClusterSpec
+from raybridge.client.render import render, render_member
 from raybridge.errors import ClusterError
-from raybridge.profile import ClusterSpec
-from raybridge.render import render, render_member
-from raybridge.runner import Runner
 from raybridge.slurm import SlurmClient
+from raybridge.transport.runner import Runner
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def request(spec: ClusterSpec, runner: Runner) -> Request:
 
 def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     """Write the request's script into <shared_dir>/scripts and sbatch it. Returns at once."""
-    from raybridge import doctor
+    from raybridge.client import doctor
 
     req = request(spec, runner)
     spec = req.spec
