@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from raybridge.client.profile import PROFILE_KEYS, ClusterSpec, load_spec
+from raybridge.client.profile import PARAMS, PROFILE_KEYS, ClusterSpec, load_spec
 from raybridge.errors import RaybridgeError
 from raybridge.transport.connect import open_runner
 from raybridge.transport.runner import Runner
@@ -29,78 +29,25 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the cluster (0 = no limit).")]
 JobArg = Annotated[str | None, typer.Argument(help="Job id (default: your newest raybridge job).")]
 
-# Flags that override a profile key: the parameter is named like the key.
-Nodes = Annotated[int | None, typer.Option("--nodes", "-N", help="Number of nodes.")]
-Partition = Annotated[str | None, typer.Option(help="Slurm partition.")]
-Time = Annotated[str | None, typer.Option("--time", "-t", help="Time limit (Slurm format).")]
-Account = Annotated[str | None, typer.Option(help="Slurm account.")]
-Qos = Annotated[str | None, typer.Option(help="Slurm QOS.")]
-Gpus = Annotated[int | None, typer.Option(help="GPUs per node.")]
-Cpus = Annotated[int | None, typer.Option(help="CPUs per node.")]
-Mem = Annotated[str | None, typer.Option("--mem", help="Memory per node, e.g. 64G.")]
-JobName = Annotated[str | None, typer.Option(help="Slurm job name.")]
-SbatchArgs = Annotated[
-    list[str] | None, typer.Option("--sbatch-arg", help="Extra sbatch option (repeatable).")
-]
-Spare = Annotated[
-    int | None, typer.Option("--spare-nodes", help="Extra nodes that take over when one fails.")
-]
-SignalSeconds = Annotated[
-    int | None,
-    typer.Option("--signal-before", help="Seconds before the time limit to ask training to checkpoint."),
-]
-ReplaceLost = Annotated[
-    int | None,
-    typer.Option(
-        "--replace-lost", help="Submit a replacement node job when a node dies (at most this many)."
-    ),
-]
-MinNodes = Annotated[
-    int | None, typer.Option("--min-nodes", help="Autoscaling: keep at least this many nodes.")
-]
-MaxNodes = Annotated[
-    int | None,
-    typer.Option(
-        "--max-nodes", help="Autoscaling on: Ray's autoscaler adds node jobs up to this many nodes."
-    ),
-]
-IdleTimeout = Annotated[
-    int | None,
-    typer.Option("--idle-timeout", help="Autoscaling: release an added node idle this many seconds."),
-]
-JoinTimeout = Annotated[
-    int | None,
-    typer.Option(
-        "--join-timeout", help="Autoscaling: cancel an added node job not joined after this many seconds."
-    ),
-]
-Requeue = Annotated[
-    bool | None,
-    typer.Option("--requeue/--no-requeue", help="Requeue after a time-limit/preemption checkpoint."),
-]
+
+def spec_option(f: Any) -> Any:
+    """The typer option of a parameter declared with a Flag (profile.param): named like its profile
+    key, None when not given (the profile decides)."""
+    flag = f.metadata["flag"]
+    return Annotated[flag.kind | None, typer.Option(*flag.names, help=f.metadata["help"])]
 
 
-# The profile-overriding flags, declared once for every command that builds a cluster.
-SPEC_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("nodes", Nodes),
-    ("partition", Partition),
-    ("time", Time),
-    ("account", Account),
-    ("qos", Qos),
-    ("gpus_per_node", Gpus),
-    ("cpus_per_node", Cpus),
-    ("memory_per_node", Mem),
-    ("job_name", JobName),
-    ("sbatch_args", SbatchArgs),
-    ("spare_nodes", Spare),
-    ("replace_lost", ReplaceLost),
-    ("min_nodes", MinNodes),
-    ("max_nodes", MaxNodes),
-    ("idle_timeout", IdleTimeout),
-    ("join_timeout", JoinTimeout),
-    ("signal_seconds", SignalSeconds),
-    ("requeue", Requeue),
+# The profile-overriding flags of every command that builds a cluster, from the declarations.
+SPEC_OPTIONS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, spec_option(f)) for f in PARAMS if f.metadata["flag"]
 )
+CLUSTER_ONLY: tuple[str, ...] = tuple(f.name for f in PARAMS if f.metadata["cluster_only"])
+
+
+def flag_name(key: str) -> str:
+    """The command-line name of a profile key (its declared flag's first name)."""
+    flag = next(f.metadata["flag"] for f in PARAMS if f.name == key)
+    return flag.names[0].split("/")[0] if flag else key
 
 
 def with_spec_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,21 +6,20 @@ from typing import Annotated
 
 import typer
 
-from raybridge.cli.common import AcceptKey, Login, Profile, connected, say, spec_from, with_spec_options
+from raybridge.cli.common import (
+    CLUSTER_ONLY,
+    AcceptKey,
+    Login,
+    Profile,
+    connected,
+    flag_name,
+    say,
+    spec_from,
+    with_spec_options,
+)
 from raybridge.client import cluster as lib
 from raybridge.client import submission
 from raybridge.errors import RaybridgeError
-
-# Options of the whole cluster, meaningless for one added node.
-CLUSTER_ONLY = (
-    "nodes",
-    "spare_nodes",
-    "replace_lost",
-    "min_nodes",
-    "max_nodes",
-    "idle_timeout",
-    "join_timeout",
-)
 
 
 @with_spec_options
@@ -44,7 +43,7 @@ def scale_cmd(
         raise RaybridgeError("say --add K or --remove K")
     if not job.isdigit():
         raise RaybridgeError(f"not a Slurm job id: {job!r}")
-    given = [f"--{n.replace('_', '-')}" for n in CLUSTER_ONLY if ctx.params.get(n) is not None]
+    given = [flag_name(n) for n in CLUSTER_ONLY if ctx.params.get(n) is not None]
     if given:  # the cluster's own settings, fixed when it started
         raise RaybridgeError(f"{', '.join(given)}: set with `raybridge up`/`run`, not with scale")
     spec = spec_from(ctx)

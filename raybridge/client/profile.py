@@ -11,7 +11,8 @@ import os
 import re
 import reprlib
 import shlex
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,48 +66,213 @@ TIME_FORMATS = [
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
-    """One validated, fully resolved request for a Ray cluster in a Slurm allocation."""
+class Flag:
+    """How a parameter is given on the command line: its names and the type typer parses."""
 
-    nodes: int = 1
-    job_name: str = "raybridge"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str | None = None
-    cpus_per_node: int | None = None
-    gpus_per_node: int | None = None
-    memory_per_node: str | None = None
-    exclusive: bool = True
-    interface: tuple[str, ...] = AGENT_DEFAULTS["interface"]
-    nccl_ib_hca: str | None = None
-    shared_dir: str = "~/raybridge"
-    node_tmp: str = AGENT_DEFAULTS["node_tmp"]
-    python: str | None = None  # None: raybridge's own interpreter (local, no setup), else python3
-    setup: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    sbatch_args: tuple[str, ...] = ()
-    ray_args: tuple[str, ...] = AGENT_DEFAULTS["ray_args"]
-    ray_start: str = AGENT_DEFAULTS["ray_start"]  # agent: Ray's launcher in the agent; command: `ray start`
-    object_store_fraction: float = AGENT_DEFAULTS["object_store_fraction"]
-    ready_timeout: int = AGENT_DEFAULTS["ready_timeout"]
-    auth: bool = AGENT_DEFAULTS["auth"]
-    spare_nodes: int = 0
-    replace_lost: int = 0  # member jobs submitted to replace nodes that die, at most this many
-    signal_seconds: int | None = None
-    requeue: bool = False
-    max_requeues: int = 3
-    failure_detection_s: int = 3
-    command: tuple[str, ...] = ()
-    login: LoginSpec | None = None
+    names: tuple[str, ...]
+    kind: Any = str  # int, str, bool (names then hold "--x/--no-x"), list[str] (repeatable)
+
+
+Check = Callable[["_Validator", str, Any], Any]
+
+
+def param(
+    default: Any,
+    check: Check,
+    help: str = "",
+    flag: Flag | None = None,
+    cluster_only: bool = False,
+    agent: bool = False,
+    profile: bool = True,
+) -> Any:
+    """One parameter, declared once: its default, its check (bounds and syntax, with messages that
+    name the key), its help, its command-line flag, whether it is fixed for the whole cluster (scale
+    refuses it), whether it crosses into the allocation unchanged (an AgentSettings field of the same
+    name; settings.py holds its default) and whether a profile may set it."""
+    meta = {"check": check, "help": help, "flag": flag, "cluster_only": cluster_only, "agent": agent}
+    return field(default=default, metadata={**meta, "profile": profile})
+
+
+def _integer(low: int, high: int = 10**9) -> Check:
+    return lambda v, key, x: v.integer(key, x, low, high)
+
+
+def _optional_integer(low: int) -> Check:
+    return lambda v, key, x: v.optional_integer(key, x, low)
+
+
+def _boolean(v: _Validator, key: str, x: Any) -> bool:
+    return v.boolean(key, x)
+
+
+def _slurm_word(v: _Validator, key: str, x: Any) -> str | None:
+    return v.optional_match(key, x, SLURM_WORD)
+
+
+def _lines(v: _Validator, key: str, x: Any) -> tuple[str, ...]:
+    return tuple(v.line(key, s) for s in v.str_list(key, x))
+
+
+def _indexed_lines(v: _Validator, key: str, x: Any) -> tuple[str, ...]:
+    return tuple(v.line(f"{key}[{i}]", s) for i, s in enumerate(v.str_list(key, x)))
+
+
+def _labels(v: _Validator, key: str, x: Any) -> tuple[str, ...]:
+    return tuple(v.match(f"{key}[{i}]", s, LABEL, LABEL_HELP) for i, s in enumerate(v.str_list(key, x)))
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One validated, fully resolved request for a Ray cluster in a Slurm allocation. Every parameter
+    is declared here, once (param): the profile's keys, their checks, the CLI's flags and the settings
+    that cross into the allocation are all derived from these declarations."""
+
+    nodes: int = param(
+        1, _integer(1, 100000), "Number of nodes.", Flag(("--nodes", "-N"), int), cluster_only=True
+    )
+    job_name: str = param(
+        "raybridge",
+        lambda v, k, x: v.match(k, x, SAFE_NAME, "letters, digits, '.', '_' and '-' (at most 64)"),
+        "Slurm job name.",
+        Flag(("--job-name",)),
+    )
+    partition: str | None = param(None, _slurm_word, "Slurm partition.", Flag(("--partition",)))
+    account: str | None = param(None, _slurm_word, "Slurm account.", Flag(("--account",)))
+    qos: str | None = param(None, _slurm_word, "Slurm QOS.", Flag(("--qos",)))
+    time: str | None = param(
+        None, lambda v, k, x: v.time(x), "Time limit (Slurm format).", Flag(("--time", "-t"))
+    )
+    cpus_per_node: int | None = param(
+        None, _optional_integer(1), "CPUs per node.", Flag(("--cpus-per-node",), int)
+    )
+    gpus_per_node: int | None = param(
+        None, _optional_integer(0), "GPUs per node.", Flag(("--gpus-per-node",), int), agent=True
+    )
+    memory_per_node: str | None = param(
+        None, lambda v, k, x: v.memory(x), "Memory per node, e.g. 64G.", Flag(("--mem",))
+    )
+    exclusive: bool = param(True, _boolean, "Whole nodes (sbatch --exclusive).")
+    interface: tuple[str, ...] = param(
+        AGENT_DEFAULTS["interface"],
+        lambda v, k, x: v.interfaces(x),
+        "Network interfaces for Ray, in order of preference, or auto.",
+        agent=True,
+    )
+    nccl_ib_hca: str | None = param(None, _slurm_word, "NCCL_IB_HCA for every node.")
+    shared_dir: str = param(
+        "~/raybridge",
+        lambda v, k, x: v.path(k, x, allow_home=True),
+        "Folder on shared storage (scripts, logs, job folders, runs).",
+        agent=True,
+    )
+    node_tmp: str = param(
+        AGENT_DEFAULTS["node_tmp"],
+        lambda v, k, x: v.path(k, x, max_len=200),  # doctor.temp_path: the real limit
+        "Node-local folder for Ray's temporary files.",
+        agent=True,
+    )
+    python: str | None = param(
+        None,
+        lambda v, k, x: None if x is None else v.line(k, x),
+        "The nodes' Python (default: raybridge's own on the login node, else python3).",
+    )
+    setup: tuple[str, ...] = param((), _indexed_lines, "Shell lines run before the agents (module load ...).")
+    env: tuple[tuple[str, str], ...] = param(
+        (), lambda v, k, x: v.env(x), "Environment variables for every node."
+    )
+    sbatch_args: tuple[str, ...] = param(
+        (),
+        lambda v, k, x: v.sbatch_args(x),
+        "Extra sbatch option (repeatable).",
+        Flag(("--sbatch-arg",), list[str]),
+    )
+    ray_args: tuple[str, ...] = param(
+        AGENT_DEFAULTS["ray_args"], _lines, "Extra `ray start` options.", agent=True
+    )
+    ray_start: str = param(
+        AGENT_DEFAULTS["ray_start"],
+        lambda v, k, x: v.choice(k, x, ("agent", "command")),
+        "agent: Ray's launcher inside the agent (fast); command: `ray start`.",
+        agent=True,
+    )
+    object_store_fraction: float = param(
+        AGENT_DEFAULTS["object_store_fraction"],
+        lambda v, k, x: v.fraction(k, x),
+        "Share of a node's memory for Ray's object store.",
+        agent=True,
+    )
+    ready_timeout: int = param(
+        AGENT_DEFAULTS["ready_timeout"], _integer(10, 86400), "Seconds for every node to join.", agent=True
+    )
+    auth: bool = param(AGENT_DEFAULTS["auth"], _boolean, "Ray token authentication.", agent=True)
+    spare_nodes: int = param(
+        0,
+        _integer(0, 1000),
+        "Extra nodes that take over when one fails.",
+        Flag(("--spare-nodes",), int),
+        cluster_only=True,
+    )
+    replace_lost: int = param(
+        0,
+        _integer(0, 1000),
+        "Submit a replacement node job when a node dies (at most this many).",
+        Flag(("--replace-lost",), int),
+        cluster_only=True,
+    )
+    signal_seconds: int | None = param(
+        None,
+        _optional_integer(10),
+        "Seconds before the time limit to ask training to checkpoint.",
+        Flag(("--signal-before",), int),
+    )
+    requeue: bool = param(
+        False,
+        _boolean,
+        "Requeue after a time-limit/preemption checkpoint.",
+        Flag(("--requeue/--no-requeue",), bool),
+    )
+    max_requeues: int = param(3, _integer(0, 100), "Requeues at most.")
+    failure_detection_s: int = param(
+        3, _integer(1, 300), "Failed 1-second health checks before Ray declares a node dead."
+    )
+    command: tuple[str, ...] = param((), _lines, "The driver command (batch mode).", profile=False)
+    login: LoginSpec | None = param(
+        None, lambda v, k, x: None if x is None else v.login(x), "The login node (remote mode)."
+    )
     profile: str = "(none)"
-    expect_versions: str | None = None  # set at submission (cluster.complete); the nodes compare
-    labels: tuple[str, ...] = ()  # Ray node labels for every node, "key=value"
+    expect_versions: str | None = None  # set at submission (submission.complete); the nodes compare
+    labels: tuple[str, ...] = param((), _labels, "Ray node labels for every node, key=value.", agent=True)
     member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
-    min_nodes: int | None = None  # autoscaling: member jobs keep the cluster at least this big
-    max_nodes: int | None = None  # autoscaling on: Ray's autoscaler adds member jobs up to this many nodes
-    idle_timeout: int = AGENT_DEFAULTS["idle_timeout"]
-    join_timeout: int = AGENT_DEFAULTS["join_timeout"]
+    min_nodes: int | None = param(
+        None,
+        _optional_integer(1),
+        "Autoscaling: keep at least this many nodes.",
+        Flag(("--min-nodes",), int),
+        cluster_only=True,
+    )
+    max_nodes: int | None = param(
+        None,
+        _optional_integer(1),
+        "Autoscaling on: Ray's autoscaler adds node jobs up to this many nodes.",
+        Flag(("--max-nodes",), int),
+        cluster_only=True,
+    )
+    idle_timeout: int = param(
+        AGENT_DEFAULTS["idle_timeout"],
+        _integer(5, 7 * 86400),
+        "Autoscaling: release an added node idle this many seconds.",
+        Flag(("--idle-timeout",), int),
+        cluster_only=True,
+        agent=True,
+    )
+    join_timeout: int = param(
+        AGENT_DEFAULTS["join_timeout"],
+        _integer(10, 7 * 86400),
+        "Autoscaling: cancel an added node job not joined after this many seconds.",
+        Flag(("--join-timeout",), int),
+        cluster_only=True,
+        agent=True,
+    )
 
     @property
     def autoscaling(self) -> bool:
@@ -126,28 +292,19 @@ class ClusterSpec:
         return self.layout.job(job_id)
 
     def agent_settings(self) -> AgentSettings:
-        """What the script hands to the agents (render.py writes it as exports)."""
+        """What the script hands to the agents (render.py writes it as exports): the parameters
+        declared agent=True as they are, and what the allocation derives from the rest."""
+        same = {f.name: getattr(self, f.name) for f in PARAMS if f.metadata["agent"]}
         return AgentSettings(
-            shared_dir=self.shared_dir,
+            **same,
             nodes=self.total_nodes,
             train_workers=self.nodes,
-            interface=self.interface,
-            node_tmp=self.node_tmp,
-            ready_timeout=self.ready_timeout,
-            auth=self.auth,
-            object_store_fraction=self.object_store_fraction,
-            ray_args=self.ray_args,
-            ray_start=self.ray_start,
             cpus_per_worker=self.cpus_per_node,
-            gpus_per_node=self.gpus_per_node,
             versions=self.expect_versions,
             cluster_job=self.member_of,
-            labels=self.labels,
             replace_lost=0 if self.member_of else self.replace_lost,
             min_nodes=self.min_nodes if self.autoscaling else None,
             max_nodes=self.max_nodes if self.autoscaling else None,
-            idle_timeout=self.idle_timeout,
-            join_timeout=self.join_timeout,
         )
 
     def with_home(self, home: str) -> ClusterSpec:
@@ -157,12 +314,8 @@ class ClusterSpec:
         return self
 
 
-PROFILE_KEYS = {f.name for f in dataclasses.fields(ClusterSpec)} - {
-    "command",
-    "profile",
-    "expect_versions",
-    "member_of",
-}
+PARAMS = tuple(f for f in dataclasses.fields(ClusterSpec) if "check" in f.metadata)
+PROFILE_KEYS = {f.name for f in PARAMS if f.metadata["profile"]}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClusterSpec)}
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
 
@@ -250,61 +403,10 @@ def load_spec(profile: str | None = None, **overrides: Any) -> ClusterSpec:
 
 
 def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
+    """Check every parameter (its declaration's check; the default where none is given)."""
     v = _Validator(where)
-
-    def val(key: str) -> Any:
-        """The given value, else the one default (ClusterSpec's field)."""
-        return values.get(key, DEFAULTS.get(key))
-
-    login = val("login")
-    spec = ClusterSpec(
-        nodes=v.integer("nodes", val("nodes"), minimum=1, maximum=100000),
-        job_name=v.match(
-            "job_name",
-            val("job_name"),
-            SAFE_NAME,
-            "letters, digits, '.', '_' and '-' (at most 64)",
-        ),
-        partition=v.optional_match("partition", val("partition"), SLURM_WORD),
-        account=v.optional_match("account", val("account"), SLURM_WORD),
-        qos=v.optional_match("qos", val("qos"), SLURM_WORD),
-        time=v.time(val("time")),
-        cpus_per_node=v.optional_integer("cpus_per_node", val("cpus_per_node"), 1),
-        gpus_per_node=v.optional_integer("gpus_per_node", val("gpus_per_node"), 0),
-        memory_per_node=v.memory(val("memory_per_node")),
-        exclusive=v.boolean("exclusive", val("exclusive")),
-        interface=v.interfaces(val("interface")),
-        nccl_ib_hca=v.optional_match("nccl_ib_hca", val("nccl_ib_hca"), SLURM_WORD),
-        shared_dir=v.path("shared_dir", val("shared_dir"), allow_home=True),
-        node_tmp=v.path("node_tmp", val("node_tmp"), max_len=200),  # doctor.temp_path: the real limit
-        python=None if val("python") is None else v.line("python", val("python")),
-        setup=tuple(v.line(f"setup[{i}]", s) for i, s in enumerate(v.str_list("setup", val("setup")))),
-        env=v.env(val("env")),
-        sbatch_args=v.sbatch_args(val("sbatch_args")),
-        ray_args=tuple(v.line("ray_args", a) for a in v.str_list("ray_args", val("ray_args"))),
-        ray_start=v.choice("ray_start", val("ray_start"), ("agent", "command")),
-        object_store_fraction=v.fraction("object_store_fraction", val("object_store_fraction")),
-        ready_timeout=v.integer("ready_timeout", val("ready_timeout"), minimum=10, maximum=86400),
-        auth=v.boolean("auth", val("auth")),
-        spare_nodes=v.integer("spare_nodes", val("spare_nodes"), minimum=0, maximum=1000),
-        replace_lost=v.integer("replace_lost", val("replace_lost"), minimum=0, maximum=1000),
-        signal_seconds=v.optional_integer("signal_seconds", val("signal_seconds"), 10),
-        requeue=v.boolean("requeue", val("requeue")),
-        max_requeues=v.integer("max_requeues", val("max_requeues"), minimum=0, maximum=100),
-        failure_detection_s=v.integer(
-            "failure_detection_s", val("failure_detection_s"), minimum=1, maximum=300
-        ),
-        command=tuple(v.line("command", c) for c in v.str_list("command", val("command"))),
-        labels=tuple(
-            v.match(f"labels[{i}]", x, LABEL, LABEL_HELP)
-            for i, x in enumerate(v.str_list("labels", val("labels")))
-        ),
-        login=v.login(login) if login is not None else None,
-        min_nodes=v.optional_integer("min_nodes", val("min_nodes"), 1),
-        max_nodes=v.optional_integer("max_nodes", val("max_nodes"), 1),
-        idle_timeout=v.integer("idle_timeout", val("idle_timeout"), minimum=5, maximum=7 * 86400),
-        join_timeout=v.integer("join_timeout", val("join_timeout"), minimum=10, maximum=7 * 86400),
-    )
+    checked = {f.name: f.metadata["check"](v, f.name, values.get(f.name, f.default)) for f in PARAMS}
+    spec = ClusterSpec(**checked)
     v.autoscaling(spec)
     return spec
 

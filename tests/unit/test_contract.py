@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from raybridge import jobdir as jd
-from raybridge.client.profile import DEFAULTS, PROFILE_KEYS, build_spec
+from raybridge.client.profile import DEFAULTS, PARAMS, PROFILE_KEYS, build_spec
 from raybridge.client.render import render
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
 from raybridge.settings import AgentSettings, SettingsError
@@ -87,6 +87,22 @@ def test_defaults_round_trip_and_are_stated_once():
     for key, value in AGENT_DEFAULTS.items():
         if key in DEFAULTS:
             assert DEFAULTS[key] == value, key
+
+
+def test_each_parameter_is_declared_once_with_everything_derived_from_it():
+    """profile.param: the profile's keys, the CLI's flags and the agents' settings come from one list."""
+    from raybridge.cli.common import CLUSTER_ONLY, SPEC_OPTIONS
+
+    agent_fields = {f.name for f in dataclasses.fields(AgentSettings)}
+    for f in PARAMS:
+        assert f.metadata["help"], f"{f.name}: no help text"
+        if f.metadata["agent"]:  # crosses unchanged: the agents' record has it, with the same default
+            assert f.name in agent_fields and AGENT_DEFAULTS.get(f.name, f.default) == f.default, f.name
+    flagged = [f.name for f in PARAMS if f.metadata["flag"]]
+    assert [name for name, _ in SPEC_OPTIONS] == flagged and "nodes" in flagged
+    assert (
+        set(CLUSTER_ONLY) == {f.name for f in PARAMS if f.metadata["cluster_only"]} >= {"nodes", "max_nodes"}
+    )
 
 
 def test_settings_errors_name_the_variable():
