@@ -51,7 +51,7 @@ def head_agent(tmp_path, nodes=2, ready_timeout=10):
 
 
 def test_ready_waits_for_every_node_then_the_services(tmp_path, monkeypatch):
-    from raybridge.agent import node as node_mod
+    from raybridge.agent import head as node_mod
     from raybridge.agent.ray_internals import GcsUnavailable
 
     monkeypatch.setattr(node_mod.time, "sleep", lambda s: None)
@@ -64,7 +64,7 @@ def test_ready_waits_for_every_node_then_the_services(tmp_path, monkeypatch):
 
 
 def test_ready_times_out_with_what_it_was_waiting_for(tmp_path, monkeypatch):
-    from raybridge.agent import node as node_mod
+    from raybridge.agent import head as node_mod
     from raybridge.agent.ray_internals import GcsUnavailable
 
     clock = [0.0]
@@ -79,7 +79,7 @@ def test_ready_times_out_with_what_it_was_waiting_for(tmp_path, monkeypatch):
 
 
 def test_a_stop_during_bring_up_ends_the_wait(tmp_path, monkeypatch):
-    from raybridge.agent import node as node_mod
+    from raybridge.agent import head as node_mod
     from raybridge.agent.startray import StopRequested
 
     monkeypatch.setattr(node_mod.time, "sleep", lambda s: None)

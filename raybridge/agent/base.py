@@ -1,0 +1,170 @@
+"""What every node's agent has, whatever its role: state, messages, stop requests, its node record,
+its own Ray processes, and the teardown that stops exactly those (never another job's).
+
+The roles build on it: head.py (start and keep the head), worker.py (join, supervise, drain),
+recovery.py (a lost head: choose and become or join the next one); node.py puts them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from raybridge import jobdir as jd
+from raybridge.agent import keeplogs, netinfo, ports, procs
+from raybridge.agent.rendezvous import Rendezvous
+from raybridge.agent.replace import Replacer
+from raybridge.agent.startray import RayStarter
+from raybridge.settings import AgentSettings
+
+log = logging.getLogger("raybridge.agent.node")
+MAX_RAY_RESTARTS = 3
+MAX_HEAD_LOSSES = jd.MAX_HEAD_LOSSES
+
+
+def detect_seconds(env: Mapping[str, str]) -> float:
+    """Ray's own node failure detection time (the script sets it: checks 1 s apart): a head is
+    declared lost after as long."""
+    return float(env.get("RAY_health_check_failure_threshold") or 3)
+
+
+class Abdicate(Exception):
+    """This node stops being the head; the others choose a new one (the cluster is not failed)."""
+
+
+class HeadLost(Exception):
+    def __init__(self, head: jd.HeadRecord, why: str):
+        super().__init__(why)
+        self.head = head
+
+
+class AgentBase:
+    def __init__(self, settings: AgentSettings, env: Mapping[str, str]):
+        self.settings = settings
+        self.host = netinfo.short_hostname()
+        if settings.cluster_job:  # a member job's node: a worker that never becomes the head
+            self.role = "member"
+        else:
+            self.role = "head" if settings.rank == settings.head_rank else "worker"
+        self.stopping = False
+        self.restarts = 0
+        self.generation = 0
+        self.head_losses = 0
+        self.iface: netinfo.Iface | None = None
+        self.detect_s = detect_seconds(env)
+        self.watched: dict[str, psutil.Process] = {}  # name -> process, so a check is one /proc read
+        self.rendezvous = Rendezvous(settings)
+        self.replacer = Replacer(settings, self.rendezvous)
+        self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
+
+    # ------------------------------------------------------------ plumbing
+
+    def say(self, message: str) -> None:
+        log.info(message, extra={"node": f"{self.host}/{self.role}"})
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stopping:
+            self.say(f"received {signal.Signals(signum).name}; stopping this job's Ray processes")
+        self.stopping = True
+
+    def stop_requested(self) -> bool:
+        return self.stopping or self.rendezvous.stop_flagged()
+
+    def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
+        res, how = self.ray.resources, self.ray.how
+        assert res is not None and how is not None
+        self.rendezvous.write_node(
+            jd.NodeRecord(
+                rank=self.settings.rank,
+                hostname=self.host,
+                ip=iface.ip,
+                interface=iface.name,
+                cpus=res.cpus,
+                gpus=len(res.gpu_ids),
+                memory_bytes=res.memory_bytes,
+                object_store_bytes=res.object_store_bytes,
+                ports=plan.as_dict(),
+                joined_at=jd.now(),
+                restarts=self.restarts,
+                ray_started_by=how.by,
+                ray_start_reason=how.reason or None,
+                temp_dir=self.settings.temp_dir,
+                generation=self.generation,
+                member_job=self.settings.job_id if self.settings.cluster_job else None,
+            )
+        )
+
+    def has_process(self, name: str) -> bool:
+        # Listing descendants reads all of /proc; do it only when the remembered process is gone.
+        known = self.watched.get(name)
+        with contextlib.suppress(psutil.Error):
+            if known and known.is_running() and known.status() != psutil.STATUS_ZOMBIE:
+                return True
+        found = next((p for p in procs.descendants() if procs.name(p) == name), None)
+        if found:
+            self.watched[name] = found
+        else:
+            self.watched.pop(name, None)
+        return found is not None
+
+    # ------------------------------------------------------------ teardown
+
+    def kill_ray(self, grace: float = 3) -> None:
+        self.ray.spawns.stop()  # Ray may be starting something in a thread (a node, the dashboard)
+        # Ray's own order (`ray stop`): the raylet first, so the agents it shares fate with exit with
+        # it instead of failing on their own; the GCS last, so nothing waits for a GCS that is gone.
+        left = procs.stop(self.own_processes, grace=grace, first={"raylet"}, last={"gcs_server"})
+        if left:
+            self.say(f"could not stop {', '.join(left)}")
+
+    def own_processes(self) -> list[psutil.Process]:
+        return procs.descendants() + procs.marked(self.settings.job_id)
+
+    def teardown(self) -> None:
+        self.kill_ray()
+        kept = keeplogs.keep(self.settings.temp_dir, self.rendezvous.dir.kept_logs(self.host))
+        if kept:
+            self.say(f"kept {kept} Ray log files in {self.rendezvous.dir.kept_logs(self.host)}")
+        shutil.rmtree(self.settings.temp_dir, ignore_errors=True)
+        if self.role == "head":
+            with contextlib.suppress(Exception):
+                rec = self.rendezvous.cluster()
+                if rec and rec.state != "failed":
+                    self.rendezvous.update_cluster(state="stopped", stopped_at=jd.now())
+                rec = self.rendezvous.cluster()
+                if rec and rec.state in ("stopped", "failed"):  # not when handing over to a new head
+                    self.rendezvous.withdraw_targets()
+        self.say("stopped this job's Ray processes")
+
+
+def private_dir(path: str) -> None:
+    """Create path (mode 0700), or accept it only as this user's own private folder: on a node with a
+    shared /tmp another user could create rb-<job id> before the job (or a link in its place) and
+    then own the folder that holds Ray's sockets and logs."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}"
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        problem = f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise RuntimeError(f"{path} already exists and {problem}: remove it, or set node_tmp in the profile")

@@ -1,0 +1,161 @@
+"""The head's duties: start Ray's head and publish it, wait until every node is in, keep the cluster
+record current, replace nodes that die (--replace-lost), and end the job when Slurm took its batch
+host away."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+
+from raybridge import jobdir as jd
+from raybridge.agent import netinfo, ports, procs, slurmjob
+from raybridge.agent.base import Abdicate, AgentBase
+from raybridge.agent.ray_internals import GcsUnavailable, GcsView
+from raybridge.agent.startray import StopRequested
+from raybridge.errors import RaybridgeError
+from raybridge.slurm import SlurmClient
+from raybridge.transport.runner import LocalRunner
+
+BATCH_CHECK_S = 5.0  # how often the head asks Slurm whether the batch host is still in the job
+
+
+class HeadRole(AgentBase):
+    def become_head(self, generation: int, in_process: bool, expected: Callable[[], int]) -> GcsView:
+        """Start Ray's head here, publish it, and wait until the expected nodes are in."""
+        self.role = "head"
+        self.generation = generation
+        iface = self.iface or netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces())
+        self.iface = iface
+        published: dict[str, jd.HeadRecord] = {}
+
+        def publish(plan: ports.PortPlan, ray_dirs: dict[str, str] | None) -> None:
+            # The rendezvous: nodes start joining now.
+            published["head"] = jd.HeadRecord(
+                ip=iface.ip,
+                hostname=self.host,
+                interface=iface.name,
+                ports=plan.as_dict(),
+                gcs_up_at=jd.now(),
+                ray_dirs=ray_dirs,
+                rank=self.settings.rank,
+                generation=generation,
+            )
+            self.rendezvous.publish_head(published["head"])
+
+        plan = self.ray.start(iface, None, in_process=in_process, on_gcs_up=publish)
+        head_up = jd.now()
+        head = dataclasses.replace(published["head"], up_at=head_up)
+        self.write_node(iface, plan)
+        self.say(f"head up at {iface.ip}:{plan.gcs}; waiting for {expected()} nodes")
+        self.rendezvous.update_cluster(
+            head=head,
+            address=head.gcs_address,
+            ports=plan.as_dict(),
+            dashboard_url=f"http://{iface.ip}:{plan.dashboard}",
+            head_up_at=head_up,
+        )
+        gcs = GcsView(head.gcs_address)
+        self.wait_until_ready(gcs, expected)
+        nodes = self.rendezvous.node_records(gcs.nodes())
+        if generation:
+            self.rendezvous.log_event(
+                "head_replaced", self.host, f"generation {generation}, {len(nodes)} nodes"
+            )
+        self.rendezvous.update_cluster(state="ready", ready_at=jd.now(), nodes=nodes)
+        self.rendezvous.publish_targets()
+        if self.ray.started:
+            self.ray.started.start_background()
+        self.say(f"all {len(nodes)} nodes alive; cluster ready")
+        return gcs
+
+    def wait_until_ready(self, gcs: GcsView, expected: Callable[[], int]) -> None:
+        """Ready = every raylet alive in the GCS (what `ray.nodes()` reports), every agent has
+        recorded its node (interface, resources), so status is complete from the first moment, and
+        the head's services answer (dashboard/Jobs API, Ray Client): what `up` prints works."""
+        deadline = time.monotonic() + self.settings.ready_timeout
+        alive_at: float | None = None
+        alive, gcs_error = 0, ""
+        started = self.ray.started  # None: `ray start` returned only once its services were up
+        while True:
+            try:
+                alive, gcs_error = gcs.alive_count(), ""
+            except GcsUnavailable as e:  # not up yet or busy: the next poll may get through
+                gcs_error = str(e)
+            joined = self.rendezvous.joined()
+            want = expected()
+            if alive_at is None and alive >= want and joined >= want:
+                alive_at = jd.now()
+                self.rendezvous.update_cluster(nodes_alive_at=alive_at)
+                if started:
+                    started.start_services()
+            waiting = started.services_pending() if alive_at and started else ""
+            if alive_at is not None and not waiting:
+                return
+            if self.stop_requested():
+                raise StopRequested()
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {alive} of {want} Ray nodes alive after "
+                    f"{self.settings.ready_timeout}s ({joined} agents reported)"
+                    + (f"; still waiting for {waiting}" if waiting else "")
+                    + (f"; the GCS did not answer: {gcs_error}" if gcs_error else "")
+                )
+            time.sleep(0.1)
+
+    def watch_head(self, gcs: GcsView) -> int:
+        """Until stop: reap orphans, keep cluster.json current (a node that died may be replaced), and
+        leave if another node took over as head or this node's GCS died."""
+        last_refresh = 0.0
+        batch_check = time.monotonic()
+        while not self.stop_requested():
+            procs.reap()
+            now = time.monotonic()
+            if now - last_refresh > 2:
+                last_refresh = now
+                self.refresh(gcs)
+            if self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
+                batch_check = now
+                self.check_batch_host()
+            time.sleep(0.2)
+        return 0
+
+    def refresh(self, gcs: GcsView) -> None:
+        newer = self.rendezvous.head()
+        if newer and newer.generation > self.generation:
+            raise Abdicate(f"{newer.hostname} took over as head")
+        if not self.has_process("gcs_server"):
+            if self.settings.nodes > 1:
+                raise Abdicate("the GCS server on this node died")
+            raise RuntimeError("the GCS server on the head node died")
+        with contextlib.suppress(GcsUnavailable):  # busy: the next refresh tells
+            nodes = self.rendezvous.node_records(gcs.nodes())
+            if before := self.rendezvous.cluster():
+                for node in self.rendezvous.node_changes(before.nodes, nodes):
+                    self.replacer.on_dead(node)
+            self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
+            self.rendezvous.publish_targets()
+
+    def check_batch_host(self) -> None:
+        """With --no-kill, Slurm removes a failed batch host from the job, kills the batch script and
+        lets the job run on (until its time limit) with nobody to run or restart the driver. The head
+        notices (the batch host is no longer in the job's node list) and ends this start of the job:
+        a requeue if the job may be requeued, else a cancel with the reason recorded."""
+        slurm = SlurmClient(LocalRunner())
+        lost = slurmjob.batch_host_lost(slurm, self.settings.job_id)
+        if lost is None:
+            return
+        host, requeue = lost
+        self.rendezvous.log_event("batch_host_lost", host, "requeue" if requeue else "no requeue: job ends")
+        if requeue:
+            self.say(f"the batch host {host} was lost; requeueing the job")
+            slurm.requeue(self.settings.job_id)
+        else:
+            error = f"the batch host {host} was lost (the job was not submitted with --requeue)"
+            self.say(f"{error}; ending the job")
+            self.rendezvous.update_cluster(state="failed", error=error)
+            self.role = "former head"  # keep that record as it is
+            with contextlib.suppress(RaybridgeError):
+                slurm.cancel(self.settings.job_id)
+        raise StopRequested()

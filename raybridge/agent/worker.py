@@ -1,0 +1,128 @@
+"""A worker's duties: join the head, keep its raylet alive, notice a lost head, and leave with Ray's
+drain notice when its member job is released."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from raybridge import jobdir as jd
+from raybridge.agent import netinfo, procs
+from raybridge.agent.base import MAX_RAY_RESTARTS, AgentBase, HeadLost
+from raybridge.agent.ray_internals import GcsUnavailable, GcsView
+from raybridge.agent.startray import StopRequested
+
+DRAIN_GRACE_S = 3.0  # a released member node's work gets this long after Ray's drain notice
+
+
+class WorkerRole(AgentBase):
+    def join(self) -> jd.HeadRecord | None:
+        """Wait for the head's record, start Ray here and join it; None when stopped first."""
+        head = self.rendezvous.wait_for_head(self.stop_requested)
+        if head is None:
+            return None
+        self.iface = netinfo.choose(list(self.settings.interface), netinfo.ipv4_interfaces(), head.ip)
+        plan = self.ray.start(self.iface, head)
+        self.write_node(self.iface, plan)
+        self.say(f"joined head {head.ip}")
+        return head
+
+    def watch_worker(self, head: jd.HeadRecord) -> int:
+        """Until stop: reap orphans, restart a dead raylet, leave when released (member nodes), and
+        raise HeadLost when the head's GCS has not answered for Ray's failure detection time or a
+        newer head was published."""
+        last_head_check = 0.0
+        missing_since: float | None = None
+        head_down_since: float | None = None
+        background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
+        while not self.stop_requested():
+            procs.reap()
+            now = time.monotonic()
+            started = self.ray.started
+            if started and not started.background_started:
+                rec = self.rendezvous.cluster()
+                if (rec and rec.state == "ready") or now > background_due:
+                    started.start_background()
+            if self.role == "member" and self.rendezvous.release_flagged():
+                self.drain(head)
+                raise StopRequested()
+            if now - last_head_check >= 0.5:
+                last_head_check = now
+                newer = self.rendezvous.head()
+                if newer and newer.generation > head.generation:
+                    raise HeadLost(head, f"{newer.hostname} took over")
+                if port_open(head.ip, head.ports["gcs"]):
+                    head_down_since = None
+                else:
+                    head_down_since = head_down_since or now
+                    if now - head_down_since >= self.detect_s:
+                        raise HeadLost(
+                            head, f"its GCS {head.gcs_address} did not answer for {self.detect_s:.0f}s"
+                        )
+            if head_down_since is None and not self.has_process("raylet"):
+                missing_since = missing_since or now
+                if now - missing_since > 1 and self.iface:
+                    self.restart_worker(self.iface, head)
+                    missing_since = None
+            time.sleep(0.2)
+        return 0
+
+    def restart_worker(self, iface: netinfo.Iface, head: jd.HeadRecord) -> None:
+        if self.restarts >= MAX_RAY_RESTARTS:
+            raise RuntimeError(f"the raylet on this node died {self.restarts + 1} times; giving up")
+        self.restarts += 1
+        self.say(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
+        self.kill_ray()
+        self.ray.started = None
+        plan = self.ray.start(iface, head, in_process=False)  # a fresh `ray start`: no state kept
+        self.write_node(iface, plan)
+
+    def drain(self, head: jd.HeadRecord) -> None:
+        """Ray's drain notice for this node (`ray drain-node`, reason preemption): the scheduler stops
+        placing work here and tells what runs here that the node goes; the work is retried elsewhere
+        when the node's Ray stops. A Ray without the command: the node just leaves."""
+        node_id = self.own_node_id(head)
+        ray = shutil.which(
+            "ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        )
+        if not (ray and node_id):
+            self.say("released: no drain notice (no node id or no `ray` command); leaving")
+            return
+        cmd = [
+            ray,
+            "drain-node",
+            f"--address={head.gcs_address}",
+            f"--node-id={node_id}",
+            "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=raybridge scale --remove",
+            f"--deadline-remaining-seconds={int(DRAIN_GRACE_S)}",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        if r.returncode != 0:
+            self.say(f"released: Ray refused the drain ({(r.stderr or r.stdout).strip()[-200:]}); leaving")
+            return
+        self.say(f"released: drain notice given to Ray; leaving in {DRAIN_GRACE_S:.0f}s")
+        deadline = time.monotonic() + DRAIN_GRACE_S
+        while time.monotonic() < deadline and not self.stopping:
+            time.sleep(0.2)
+
+    def own_node_id(self, head: jd.HeadRecord) -> str | None:
+        with contextlib.suppress(GcsUnavailable, Exception):
+            for n in GcsView(head.gcs_address).nodes():
+                if n.get("ip") == (self.iface.ip if self.iface else None) and n.get("alive"):
+                    return n.get("node_id")
+        return None
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """A TCP connect: refused at once when the process is gone, times out when the node is."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
