@@ -5,15 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import psutil
 import typer
 
 from raybridge import jobdir as jd
@@ -21,7 +18,6 @@ from raybridge.cli.common import AcceptKey, JobArg, Login, Profile, connected, s
 from raybridge.client import cluster as lib
 from raybridge.client.profile import ClusterSpec
 from raybridge.errors import ClusterError, RaybridgeError
-from raybridge.transport.runner import LocalRunner
 
 
 def access():  # -> the raybridge.client.access module
@@ -35,12 +31,6 @@ def is_remote(runner: object) -> bool:
     from raybridge.transport.ssh import SSHRunner
 
     return isinstance(runner, SSHRunner)
-
-
-def tunnel_dir() -> Path:
-    d = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raybridge" / "tunnels"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
 
 
 @contextlib.contextmanager
@@ -84,64 +74,6 @@ def print_connection(
     sys.stdout.flush()
 
 
-def stop_tunnels(job: str | None) -> None:
-    files = sorted(tunnel_dir().glob(f"{job or '*'}.json"))
-    if not files:
-        say("no background tunnel" + (f" for job {job}" if job else ""))
-        return
-    for f in files:
-        rec = json.loads(f.read_text())
-        proc = tunnel_process(rec)
-        if proc:
-            proc.terminate()
-            # Wait, so that its local ports are free when this returns (a new tunnel may want them).
-            if psutil.wait_procs([proc], timeout=5)[1]:
-                proc.kill()
-        f.unlink(missing_ok=True)
-        say(
-            f"stopped the tunnel for job {f.stem} (pid {rec['pid']})"
-            if proc
-            else f"the tunnel for job {f.stem} had already ended"
-        )
-
-
-def new_login_link(job: str | None) -> None:
-    """Ask a background tunnel for a fresh sign-in link (the old one is single-use and short-lived)."""
-    from raybridge.transport.tunnel import LINK_TTL_S, login_url
-
-    files = sorted(tunnel_dir().glob(f"{job or '*'}.json"))
-    if not files:
-        raise RaybridgeError("no background tunnel" + (f" for job {job}" if job else ""))
-    if len(files) > 1:
-        raise RaybridgeError("name the job: " + ", ".join(f.stem for f in files))
-    rec = json.loads(files[0].read_text())
-    proc = tunnel_process(rec)
-    if proc is None:
-        raise RaybridgeError(f"the tunnel for job {files[0].stem} is not running (start it again)")
-    proc.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    while (new := json.loads(files[0].read_text()))["nonce"] == rec["nonce"]:
-        if time.monotonic() > deadline:
-            raise RaybridgeError(f"the tunnel for job {files[0].stem} did not answer")
-        time.sleep(0.05)
-    print(login_url(new["ports"]["dashboard"], new["nonce"]))
-    say(f"one use, valid for {LINK_TTL_S / 60:.0f} minutes")
-
-
-def tunnel_process(rec: dict[str, Any]) -> psutil.Process | None:
-    """The background tunnel of this record, if it still runs (not another process with its pid)."""
-    try:
-        proc = psutil.Process(rec["pid"])
-        if (
-            abs(proc.create_time() - rec.get("started", proc.create_time())) > 1
-            or "tunnel" not in proc.cmdline()
-        ):
-            return None
-    except psutil.Error:
-        return None
-    return proc
-
-
 def tunnel_cmd(
     ctx: typer.Context,
     job: JobArg = None,
@@ -157,11 +89,25 @@ def tunnel_cmd(
     accept_new_host_key: AcceptKey = False,
 ) -> None:
     """Forward the head's dashboard (and optionally client/GCS ports) to this machine."""
+    from raybridge.client import tunnels
+
     if stop:
-        stop_tunnels(job)
+        stopped = tunnels.stop(job)
+        if not stopped:
+            say("no background tunnel" + (f" for job {job}" if job else ""))
+        for job_id, pid, ran in stopped:
+            say(
+                f"stopped the tunnel for job {job_id} (pid {pid})"
+                if ran
+                else f"the tunnel for job {job_id} had already ended"
+            )
         return
     if login_link:
-        new_login_link(job)
+        from raybridge.transport.tunnel import LINK_TTL_S, login_url
+
+        port, nonce = tunnels.renew_link(job)
+        print(login_url(port, nonce))
+        say(f"one use, valid for {LINK_TTL_S / 60:.0f} minutes")
         return
     wanted = [p.strip() for p in ports.split(",") if p.strip()]
     bad = [p for p in wanted if p not in access().PORT_NAMES]
@@ -186,7 +132,12 @@ def tunnel_cmd(
         if port:
             check_free(port)
     if background:
-        daemonize(spec, cluster.job_dir, cluster.job_id, local, token, info)
+        rec = tunnels.start(spec, cluster.job_dir, cluster.job_id, local, token)
+        say(
+            f"tunnel running in the background (pid {rec['pid']}); "
+            f"stop it with: raybridge tunnel --stop {cluster.job_id}"
+        )
+        print_connection(rec["ports"], rec["nonce"], token, cluster.job_id, info.head)
         return
     fwd = access().make_forwarder(spec, cluster.job_dir, local, token, log=say)
     fwd.start()
@@ -368,64 +319,3 @@ def follow_job(client: Any, ray_job: str) -> str:
         if status in terminal:
             return status
         time.sleep(0.5)
-
-
-def daemonize(
-    spec: ClusterSpec,
-    job_dir: str,
-    job_id: str,
-    local: dict[str, int],
-    token: Path | None,
-    info: jd.ClusterRecord,
-) -> None:
-    """Fork a detached tunnel; report its addresses once it listens (or its error)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        with os.fdopen(r) as pipe:
-            msg = pipe.read()
-        if not msg.startswith("{"):
-            raise RaybridgeError(msg.strip() or "the background tunnel did not start")
-        rec = json.loads(msg)
-        LocalRunner().write_text(str(tunnel_dir() / f"{job_id}.json"), msg)
-        say(
-            f"tunnel running in the background (pid {rec['pid']}); stop it with: raybridge tunnel --stop {job_id}"
-        )
-        print_connection(rec["ports"], rec["nonce"], token, job_id, info.head)
-        return
-    os.close(r)
-    os.setsid()
-    log = open(tunnel_dir() / f"{job_id}.log", "a")  # noqa: SIM115 - lives as long as the daemon
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    try:
-        fwd = access().make_forwarder(
-            spec,
-            job_dir,
-            local,
-            token,
-            log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True),
-        )
-        fwd.start()
-        me = {"pid": os.getpid(), "started": psutil.Process().create_time()}
-
-        def record() -> str:
-            return json.dumps(me | {"ports": fwd.local_ports, "nonce": fwd.nonce})
-
-        # A new sign-in link (on request, or for a new token) goes where `--login-link` reads it.
-        fwd.on_new_link = lambda _url: LocalRunner().write_text(
-            str(tunnel_dir() / f"{job_id}.json"), record()
-        )
-        os.write(w, record().encode())
-        os.close(w)
-        signal.signal(signal.SIGTERM, lambda *_: fwd.stop())
-        signal.signal(signal.SIGUSR1, lambda *_: fwd.renew_login())
-        fwd.wait()
-    except Exception as e:
-        with contextlib.suppress(OSError):
-            os.write(w, str(e).encode())
-        os._exit(1)
-    os._exit(0)
