@@ -317,6 +317,31 @@ class ClusterSpec:
 PARAMS = tuple(f for f in dataclasses.fields(ClusterSpec) if "check" in f.metadata)
 PROFILE_KEYS = {f.name for f in PARAMS if f.metadata["profile"]}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClusterSpec)}
+
+
+def reference() -> str:
+    """The profile keys as a Markdown table, from their declarations (docs/profile.md holds it)."""
+    rows = ["| key | default | flag | what |", "|---|---|---|---|"]
+    for f in PARAMS:
+        if not f.metadata["profile"]:
+            continue
+        if f.default is None:
+            default = "—"
+        else:
+            value = {} if f.name == "env" else _plain(f.default)  # a mapping in the profile
+            default = (
+                "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() + "`"
+            )
+        flag = " ".join(f"`{n}`" for n in f.metadata["flag"].names) if f.metadata["flag"] else ""
+        scope = " Fixed for the whole cluster (not with `scale`)." if f.metadata["cluster_only"] else ""
+        rows.append(f"| `{f.name}` | {default} | {flag} | {f.metadata['help']}{scope} |")
+    return "\n".join(rows) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return list(_plain(v) for v in value) if isinstance(value, tuple) else value
+
+
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
 
 

@@ -105,6 +105,16 @@ def test_each_parameter_is_declared_once_with_everything_derived_from_it():
     )
 
 
+def test_the_documented_profile_keys_are_the_declared_ones():
+    from pathlib import Path
+
+    from raybridge.client.profile import reference
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "profile.md").read_text()
+    documented = doc.split("<!-- keys:begin -->\n", 1)[1].split("<!-- keys:end -->", 1)[0]
+    assert documented == reference(), "docs/profile.md is out of date: paste reference() between the markers"
+
+
 def test_settings_errors_name_the_variable():
     env = exported_env(render(build_spec({"shared_dir": "/s"})))
     with pytest.raises(SettingsError, match="RAYBRIDGE_READY_TIMEOUT has an invalid value 'soon'"):
