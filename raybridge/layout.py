@@ -25,6 +25,8 @@ RUNS = "runs"
 PROMETHEUS = "prometheus"
 DOCTOR = "doctor"
 OUTPUT_PATTERN = "%x-%j.out"  # sbatch's --output: <job name>-<job id>.out
+# In runs/<run>/checkpoint_*/: written last by raybridge.train; a checkpoint without it is incomplete.
+CHECKPOINT_MARKER = "raybridge-checkpoint.json"
 
 
 @dataclass(frozen=True)

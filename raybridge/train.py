@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from raybridge.jobdir import JobDir, add_event
-from raybridge.layout import SharedDir
+from raybridge.layout import CHECKPOINT_MARKER, SharedDir
 from raybridge.settings import JOB_DIR_VAR, env_name
 
 RUN_NAME_VAR = "RAYBRIDGE_RUN_NAME"  # `raybridge run --resume RUN` sets it: continue that run
-MARKER = "raybridge-checkpoint.json"  # written last: a checkpoint without it is incomplete
+MARKER = CHECKPOINT_MARKER  # written last: a checkpoint without it is incomplete
 STATE = "state.pt"
 
 

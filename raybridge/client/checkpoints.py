@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybridge.errors import RaybridgeError
-from raybridge.layout import SharedDir
+from raybridge.layout import CHECKPOINT_MARKER, SharedDir
 from raybridge.transport import transfer
 from raybridge.transport.runner import Runner
 
@@ -249,14 +249,12 @@ def newest_complete(runner: Runner, run_dir: str) -> tuple[CheckpointInfo, int |
     """The run's newest checkpoint with its completion marker (written last), and its step."""
     import json
 
-    from raybridge.train import MARKER
-
     try:
         cps = list_checkpoints(runner, run_dir)
     except RaybridgeError:
         return None
     for cp in reversed(cps):
-        meta = runner.read_text(posixpath.join(cp.path, MARKER))
+        meta = runner.read_text(posixpath.join(cp.path, CHECKPOINT_MARKER))
         if meta is None:
             continue
         try:

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 
 from raybridge import envcheck
+from raybridge.agent.doctor import MARK
 from raybridge.client.profile import ClusterSpec
+from raybridge.client.render import exports, resources
 from raybridge.errors import RaybridgeError
 from raybridge.transport.runner import Runner
 
@@ -123,8 +125,6 @@ def refuse(spec: ClusterSpec, runner: Runner) -> None:
 
 def node_script(spec: ClusterSpec, folder: str, nodes: int, mark: str) -> str:
     """What each task of the doctor's step runs: the cluster's own environment, then the checks."""
-    from raybridge.client.render import exports
-
     q = shlex.quote
     python = q(spec.python or "python3")
     lines = [*spec.setup, *exports(spec)]
@@ -148,8 +148,6 @@ def mebibytes(memory: str | None) -> int | None:
 
 
 def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
-    from raybridge.client.render import resources
-
     cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
     cmd += ["--job-name=raybridge-doctor", "--comment=raybridge-doctor", "--time=5", "--kill-on-bad-exit=0"]
     return [*cmd, *resources(spec, time=False), "bash", "-c", script]
@@ -168,8 +166,6 @@ def node_checks(spec: ClusterSpec, runner: Runner, nodes: int, timeout: float = 
         )
     finally:
         runner.run(["rm", "-rf", folder], check=False)
-    from raybridge.agent.doctor import MARK
-
     results, rows = [], []
     for text in by_task(r.stdout).values():
         if MARK in text:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from raybridge import envcheck
+from raybridge.client import doctor
 from raybridge.client.cluster import Cluster
 from raybridge.client.profile import ClusterSpec
 from raybridge.client.render import render, render_member
@@ -62,8 +63,6 @@ def request(spec: ClusterSpec, runner: Runner) -> Request:
 
 def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     """Write the request's script into <shared_dir>/scripts and sbatch it. Returns at once."""
-    from raybridge.client import doctor
-
     req = request(spec, runner)
     spec = req.spec
     doctor.refuse(spec, runner)  # the login node's own checks: one line, before Slurm is asked
