@@ -85,6 +85,8 @@ def find_error(output: str, python: str | None = None) -> str | None:
             return line[len(ERROR_MARK) :].strip()
         if "No module named 'raybridge'" in line or "module specification for 'raybridge" in line:
             return f"the job's Python cannot import raybridge ({line.strip()[:200]}); {FIX}"
+        if line.startswith("Unknown option: -P"):  # raybridge runs its modules with -P (Python >= 3.11)
+            return f"the job's Python {python or 'python3'} is older than 3.11 (it has no -P option); {FIX}"
         if python and python in line and ("No such file" in line or "command not found" in line):
             return f"the job's Python {python} is not there on the node ({line.strip()[:200]}); {FIX}"
     return None

@@ -177,6 +177,15 @@ def pid_alive(pid: int | None) -> bool:
 # ---------------------------------------------------------------------- running it
 
 
+def set_path0(folder: str) -> None:
+    """What `python` puts first on sys.path for the program. The launcher itself runs with -P (nothing
+    from the job's working directory shadows raybridge), so there is no such entry to replace yet."""
+    if sys.flags.safe_path:
+        sys.path.insert(0, folder)
+    else:
+        sys.path[0] = folder
+
+
 def run_in_process(program: Program) -> int:
     """Run the program as `python` would; returns its exit code (or re-raises SystemExit)."""
     import runpy
@@ -186,11 +195,11 @@ def run_in_process(program: Program) -> int:
             stream.reconfigure(line_buffering=True, write_through=program.unbuffered)
     if program.kind == "script":
         sys.argv = [program.target, *program.args]
-        sys.path[0] = os.path.dirname(os.path.realpath(program.target))
+        set_path0(os.path.dirname(os.path.realpath(program.target)))
         run = lambda: runpy.run_path(program.target, run_name="__main__")  # noqa: E731
     else:
         sys.argv = [program.target, *program.args]  # runpy sets argv[0] to the module's file
-        sys.path[0] = os.getcwd()
+        set_path0(os.getcwd())
         run = lambda: runpy.run_module(program.target, run_name="__main__", alter_sys=True)  # noqa: E731
     try:
         run()

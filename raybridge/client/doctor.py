@@ -131,9 +131,9 @@ def node_script(spec: ClusterSpec, folder: str, nodes: int, mark: str) -> str:
     if mib := mebibytes(spec.memory_per_node):  # a batch job gets it from sbatch; this step does not
         lines.append(f'export SLURM_MEM_PER_NODE="${{SLURM_MEM_PER_NODE:-{mib}}}"')
     lines.append(
-        f"{python} -m raybridge.envcheck >/dev/null || {{ {python} -m raybridge.envcheck; exit 3; }}"
+        f"{python} -P -m raybridge.envcheck >/dev/null || {{ {python} -P -m raybridge.envcheck; exit 3; }}"
     )
-    lines.append(f"exec {python} -m raybridge.agent doctor {q(folder)} {nodes} {q(mark)}")
+    lines.append(f"exec {python} -P -m raybridge.agent doctor {q(folder)} {nodes} {q(mark)}")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ restarts=0
 set +e
 while :; do
   rm -f "$RAYBRIDGE_JOB_DIR/{restart}" "$RAYBRIDGE_JOB_DIR/{exited}"
-  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {python} -m raybridge.agent driver -- {command} &
+  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {python} -P -m raybridge.agent driver -- {command} &
   driver=$!
   while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
     wait "$driver"
@@ -57,14 +57,14 @@ while :; do
   fi
   [ "$rc" = 0 ] && rc=1  # killed: not a success, whatever srun says
   [ "$restarts" -lt {max_restarts} ] || break
-  next=$({python} -m raybridge.agent new-head "$generation") || break
+  next=$({python} -P -m raybridge.agent new-head "$generation") || break
   read -r driver_host generation <<<"$next"
   restarts=$((restarts + 1))
   echo "raybridge: starting the driver again on the new head $driver_host ($restarts of {max_restarts})"
 done
 set -e
 echo "raybridge: driver exited with code $rc"
-{python} -m raybridge.agent stop
+{python} -P -m raybridge.agent stop
 wait "$agents" || true
 {requeue}exit "$rc"
 """

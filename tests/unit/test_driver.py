@@ -88,7 +88,7 @@ def cluster(tmp_path: Path, alive: bool, state: str = "starting") -> None:
 
 
 def launch(tmp_path: Path, *command: str, cwd: Path | None = None, agents: str = "") -> subprocess.Popen:
-    argv = [PY, "-m", "raybridge.agent", "driver", *([agents] if agents else []), "--", *command]
+    argv = [PY, "-P", "-m", "raybridge.agent", "driver", *([agents] if agents else []), "--", *command]
     return subprocess.Popen(
         argv,
         cwd=cwd or tmp_path,

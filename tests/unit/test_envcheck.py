@@ -42,3 +42,26 @@ def test_the_cli_finds_pythons_and_the_shells_own_lines():
     )
     assert "is not there on the node" in (envcheck.find_error(missing, "/home/u/venv/bin/python") or "")
     assert envcheck.find_error("all fine\nTraceback (most recent call last):", "python3") is None
+
+
+def test_a_folder_named_raybridge_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """A job started from home has ~/raybridge (the default shared folder) in its working directory; the
+    script's own Python lines must import the installed raybridge, not that folder (an editable install
+    is found after the working directory, so a plain `python -m` would take the folder for the package)."""
+    from raybridge.client.profile import build_spec
+    from raybridge.client.render import render
+
+    (tmp_path / "raybridge" / "jobs").mkdir(parents=True)
+    line = next(x for x in render(build_spec({"shared_dir": "/s"})).splitlines() if "raybridge.envcheck" in x)
+    argv = [sys.executable, *line.split()[1:]]  # the script's own line, with this interpreter
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PYTHONPATH", "RAYBRIDGE_VERSIONS")}
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "raybridge: environment ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_python_older_than_311_is_one_line():
+    out = (
+        "Unknown option: -P\nusage: /usr/bin/python3.9 [option] ... [-c cmd | -m mod | file | -] [arg] ...\n"
+    )
+    why = envcheck.find_error(out, "/usr/bin/python3.9")
+    assert why and why.startswith("the job's Python /usr/bin/python3.9 is older than 3.11")

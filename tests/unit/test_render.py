@@ -130,7 +130,7 @@ def test_driver_command_is_quoted_word_by_word(tmp_path):
     )
     assert out.stdout.splitlines() == [
         *("srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", "n2"),
-        *("/opt/py 3/bin/python", "-m", "raybridge.agent", "driver", "--"),
+        *("/opt/py 3/bin/python", "-P", "-m", "raybridge.agent", "driver", "--"),
         *("python", "train.py", "--name", "it's a; $(rm -rf /)", "--lr=1e-3"),
     ]
 
