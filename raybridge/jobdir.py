@@ -11,6 +11,7 @@
     events/            one small JSON file per event written outside the head (driver start and end,
                        checkpoint restores): no two writers share a file; kept across requeues
     members/<job>.json MemberRecord of a worker job added by `raybridge scale`; <job>.release: drain it
+    member.sbatch      the member script the head submits (lost-node replacement, Ray's autoscaler)
 
 Records carry a schema version; a reader meets a newer one with one clear line, not a KeyError.
 Records are written atomically (temp file + rename): a reader never sees half a file.
@@ -47,6 +48,7 @@ MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started aga
 LOGS = "logs"
 EVENTS = "events"
 MEMBERS = "members"
+MEMBER_SCRIPT = "member.sbatch"
 
 R = TypeVar("R", bound="Record")
 
@@ -95,6 +97,12 @@ class JobDir:
 
     def member(self, job_id: str) -> str:
         return self.join(MEMBERS, f"{job_id}.json")
+
+    @property
+    def member_script(self) -> str:
+        """The member script (`up`/`run` render it at submission): what the head submits for a lost node
+        or Ray's autoscaler, read only if it passes the trust rule (trust.read_private)."""
+        return self.join(MEMBER_SCRIPT)
 
     def release(self, job_id: str) -> str:
         """Flag: the member job's nodes drain and leave the cluster (`raybridge scale --remove`)."""

@@ -1,8 +1,7 @@
 """The shared folder's layout: every path under `shared_dir`, named once.
 
 <shared_dir>/                  (the profile's shared_dir, on storage every node and the login node see)
-    scripts/                   submitted batch scripts (0700), one per submission
-    scripts/member-of-<job>.sbatch   the member script the head submits (replacement, autoscaler)
+    scripts/                   a copy of each submitted batch script (sbatch gets the bytes themselves)
     logs/%x-%j.out             Slurm's output of every job
     jobs/<job id>/             the job folder (jobdir.JobDir: records, flags, kept logs)
     runs/<run name>/           Ray Train's storage (raybridge.train): checkpoints
@@ -47,10 +46,6 @@ class SharedDir:
 
     def script(self, name: str) -> str:
         return self.join(SCRIPTS, f"{name}.sbatch")
-
-    def member_script(self, cluster_job: str) -> str:
-        """The member script of a cluster, rendered at its submission; the head submits it."""
-        return self.script(f"member-of-{cluster_job}")
 
     @property
     def logs(self) -> str:

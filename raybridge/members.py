@@ -6,6 +6,7 @@ The one implementation of the member-job protocol, used by every caller:
     lost-node replacement            (agent/replace.py, on the head)
     Ray's autoscaler                 (autoscaler/provider.py, in the head's monitor)
 
+    script    the member script `up`/`run` left in the job folder, if it passes the trust rule
     submit    sbatch a member script with the cluster's remaining time; its MemberRecord goes to
               <job>/members/<member job>.json (a job nobody could know of is cancelled again)
     release   the record marks it released; a member whose Ray joined gets the release flag
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from raybridge import jobdir as jd
+from raybridge import trust
 from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.slurm import JobInfo, SlurmClient
 from raybridge.transport.runner import Runner
@@ -101,21 +103,18 @@ class Members:
         script: str,
         output: str,
         *,
+        copy: str | None = None,
         time_limit: str | None = None,
         tags: dict[str, str] | None = None,
         partition: str | None = None,
         gpus_per_node: int | None = None,
         labels: tuple[str, ...] = (),
     ) -> jd.MemberRecord:
-        """sbatch one member script with the cluster's remaining time (else time_limit) and record it.
-        SlurmError with Slurm's words when it refuses; ClusterError when there is no script."""
-        if self.runner.read_text(script) is None:
-            raise ClusterError(
-                f"no member script {script}: adding or replacing nodes needs a cluster started by "
-                "`raybridge up` or `run` (they write it), not a plain sbatch of the script"
-            )
+        """sbatch one member script (its text: sbatch gets those bytes) with the cluster's remaining time
+        (else time_limit) and record it; `copy`: where a copy of it was kept for people to read.
+        SlurmError with Slurm's words when it refuses."""
         left = self.slurm.time_left(self.cluster_job) or time_limit
-        sub = self.slurm.submit_script(script, output, left)
+        sub = self.slurm.submit_text(script, output, left)
         rec = jd.MemberRecord(
             job_id=sub.job_id,
             cluster_job=self.cluster_job,
@@ -123,7 +122,7 @@ class Members:
             gpus_per_node=gpus_per_node,
             labels=tuple(labels),
             submitted_at=sub.submitted_at,
-            script=script,
+            script=copy,
             tags=dict(tags) if tags is not None else None,
         )
         try:
@@ -132,6 +131,20 @@ class Members:
             self.slurm.cancel(sub.job_id)
             raise ClusterError(f"cannot record member job {sub.job_id} ({e}); cancelled it") from None
         return rec
+
+    def script(self) -> str:
+        """The cluster's member script from its job folder, if it passes the trust rule (the head runs
+        it as the user, with the cluster's token): ClusterError in one line if there is none or it does
+        not."""
+        try:
+            return trust.read_private(self.dir.member_script)
+        except trust.TrustError as e:
+            if not self.runner.listdir(self.dir.path) or "does not exist" in str(e):
+                raise ClusterError(
+                    f"no member script {self.dir.member_script}: adding or replacing nodes needs a cluster "
+                    "started by `raybridge up` or `run` (they write it), not a plain sbatch of the script"
+                ) from None
+            raise ClusterError(f"member script refused: {e}") from None
 
     def write(self, rec: jd.MemberRecord) -> None:
         self.runner.makedirs(self.dir.members)

@@ -201,11 +201,16 @@ class SlurmClient:
         self._user: str | None = None
 
     def submit(
-        self, script_path: str, args: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        script_path: str | None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        text: str | None = None,
     ) -> str:
-        argv = ["sbatch", "--parsable", *(args or []), script_path]
+        """sbatch a script file, or (script_path None) the script's text on sbatch's standard input."""
+        argv = ["sbatch", "--parsable", *(args or []), *([script_path] if script_path else [])]
         try:
-            out = self.runner.run(argv, env=env, timeout=120).stdout.strip()
+            out = self.runner.run(argv, env=env, timeout=120, input=text).stdout.strip()
         except CommandError as e:
             msg = (
                 " ".join(line.strip() for line in (e.stderr or e.stdout).strip().splitlines()) or "no output"
@@ -216,13 +221,14 @@ class SlurmClient:
             raise SlurmError(f"sbatch printed no job id: {out!r}")
         return job_id
 
-    def submit_script(self, script_path: str, output: str, time: str | None = None) -> Submitted:
-        """sbatch a script that raybridge wrote: its output to `output` (layout.SharedDir.output), an
-        optional time limit (a member job gets its cluster's remaining time), and the submission time
-        in the job's environment (the cluster record's start: settings.SUBMITTED_AT_VAR)."""
+    def submit_text(self, script: str, output: str, time: str | None = None) -> Submitted:
+        """sbatch a script raybridge rendered, as those very bytes (on sbatch's standard input: never
+        re-read from a path someone else could write): its output to `output` (layout's), an optional
+        time limit (a member job gets its cluster's remaining time), and the submission time in the
+        job's environment (the cluster record's start: settings.SUBMITTED_AT_VAR)."""
         submitted_at = round(clock.time(), 3)
         args = [f"--output={output}"] + ([f"--time={time}"] if time else [])
-        job_id = self.submit(script_path, args, env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"})
+        job_id = self.submit(None, args, env={SUBMITTED_AT_VAR: f"{submitted_at:.3f}"}, text=script)
         return Submitted(job_id, submitted_at)
 
     def user(self) -> str:
@@ -274,7 +280,7 @@ class SlurmClient:
             argv.append(f"--signal={signal}")
         if batch_only:
             argv.append("--batch")
-        self.runner.run([*argv, job_id])
+        self.runner.run([*argv, "--", job_id])
 
     def requeue(self, job_id: str) -> bool:
         return self.runner.run(["scontrol", "requeue", job_id], check=False).returncode == 0

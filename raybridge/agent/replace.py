@@ -1,7 +1,7 @@
 """`--replace-lost K`: the head submits a member job for a node that died, at most K times.
 
-The member script was rendered by `raybridge up`/`run` at submission (layout: member-of-<job>.sbatch);
-members.Members submits it with the cluster's remaining time. A loss beyond the bound, or a replacement
+The member script was rendered by `raybridge up`/`run` at submission (<job folder>/member.sbatch, read
+only if it passes the trust rule); members.Members submits it with the cluster's remaining time. A loss beyond the bound, or a replacement
 Slurm refused, is an event (`not_replaced`) that `status` shows.
 """
 
@@ -36,7 +36,7 @@ class Replacer:
             return None
         layout = self.settings.layout
         try:
-            member = self.members.submit(layout.member_script(self.settings.job_id), layout.output)
+            member = self.members.submit(self.members.script(), layout.output)
         except RaybridgeError as e:
             self.rendezvous.log_event("not_replaced", host, str(e))
             return None

@@ -6,7 +6,8 @@ SlurmNodeProvider through its documented `provider: {type: external, module: ...
 for nodes. Here a node is a one-node
 member job (slurm/raybridge-member.sbatch.in, the same script `--replace-lost` submits):
 
-    create_node     sbatch the member script with the cluster's remaining time; tags go into the
+    create_node     sbatch the member script (<job>/member.sbatch, if it passes the trust rule) with the
+                    cluster's remaining time; tags go into the
                     job's MemberRecord (<job>/members/<member job>.json)
     terminate_node  the release flag (the member's agent gives Ray's drain notice and leaves), then
                     scancel; a member still pending is cancelled at once
@@ -41,9 +42,7 @@ def config_path(job_dir: str) -> str:
     return posixpath.join(job_dir, "autoscaler.yaml")  # (the job folder may be across SSH: POSIX)
 
 
-def autoscaling_config(
-    settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int, script: str
-) -> dict[str, Any]:
+def autoscaling_config(settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int) -> dict[str, Any]:
     """The autoscaler's cluster config (YAML; written as JSON, which YAML reads). Complete as Ray's
     `prepare_config` would make it: the monitor reads the file as it is. A member node has the
     head's shape (same partition and per-node resources as the allocation)."""
@@ -64,7 +63,6 @@ def autoscaling_config(
             "disable_node_updaters": True,  # the member's own agent starts Ray: no SSH
             "job_dir": settings.job_dir,
             "cluster_job": settings.job_id,
-            "script": script,
             "logs": settings.layout.output,
             "join_timeout": settings.join_timeout,
             "limits": {  # for `status` (Ray passes provider keys through untouched)
@@ -101,9 +99,8 @@ def autoscaling_config(
 
 def write_config(settings: AgentSettings, cpus: int, gpus: int, memory_bytes: int) -> str:
     """Write the head's autoscaler config into the job folder (0600); its path."""
-    script = settings.layout.member_script(settings.job_id)
     path = config_path(settings.job_dir)
-    jd.write_json(path, autoscaling_config(settings, cpus, gpus, memory_bytes, script))
+    jd.write_json(path, autoscaling_config(settings, cpus, gpus, memory_bytes))
     return path
 
 

@@ -42,7 +42,6 @@ class SlurmNodeProvider(NodeProvider):
         super().__init__(provider_config, cluster_name)
         self.dir = jd.JobDir(provider_config["job_dir"])
         self.cluster_job = str(provider_config["cluster_job"])
-        self.script = provider_config["script"]
         self.logs = provider_config["logs"]
         self.join_timeout = float(provider_config.get("join_timeout", 600))
         self.members = Members(LocalRunner(), self.dir, self.cluster_job)
@@ -156,7 +155,7 @@ class SlurmNodeProvider(NodeProvider):
         created = {}
         for _ in range(count):
             try:
-                rec = self.members.submit(self.script, self.logs, tags=tags)
+                rec = self.members.submit(self.members.script(), self.logs, tags=tags)
             except RaybridgeError as e:
                 self.failed(str(e))
                 raise

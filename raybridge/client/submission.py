@@ -31,12 +31,13 @@ class Request:
 
     spec: ClusterSpec  # completed, ~ resolved
     script: str
-    path: str  # where the script is written (0700) before sbatch reads it
+    path: str  # where a copy of the script is kept (0700); sbatch reads the text itself
     output: str  # sbatch --output
 
     def sbatch_line(self) -> str:
-        """The command that submits it (plus the submission time in the job's environment)."""
-        return shlex.join(["sbatch", f"--output={self.output}", self.path])
+        """The command that submits it (plus the submission time in the job's environment): the script's
+        bytes on sbatch's standard input, and a copy at `path` for people to read."""
+        return f"{shlex.join(['sbatch', f'--output={self.output}'])} < {shlex.quote(self.path)}"
 
 
 def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
@@ -69,16 +70,17 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
     layout = spec.layout
     for d in (layout.path, layout.scripts, layout.logs, layout.jobs):
         runner.makedirs(d)
-    runner.write_text(req.path, req.script, mode=0o700)
-    sub = SlurmClient(runner).submit_script(req.path, req.output)
+    runner.write_text(req.path, req.script, mode=0o700)  # for people to read: sbatch gets the text
+    sub = SlurmClient(runner).submit_text(req.script, req.output)
     c = Cluster(
         runner, sub.job_id, spec.job_dir(sub.job_id), expected=spec.total_nodes, submitted_at=sub.submitted_at
     )
     c.python = spec.python or "python3"
     # What the head submits when a node dies (agent/replace.py) or Ray's autoscaler wants one.
     if spec.replace_lost or spec.autoscaling:
-        script = render_member(member_spec(spec, sub.job_id, None))
-        runner.write_text(layout.member_script(sub.job_id), script, mode=0o700)
+        folder = c.dir
+        runner.makedirs(folder.path)  # (0700; the job's own start finds it there)
+        runner.write_text(folder.member_script, render_member(member_spec(spec, sub.job_id, None)))
     return c
 
 
@@ -123,10 +125,12 @@ def add_members(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
     ids = []
     for _ in range(count):
         path = layout.script(f"{spec.job_name}-member-{time.time_ns()}")
-        runner.write_text(path, render_member(spec), mode=0o700)
+        script = render_member(spec)
+        runner.write_text(path, script, mode=0o700)  # for people to read: sbatch gets the text
         rec = cluster.members.submit(
-            path,
+            script,
             layout.output,
+            copy=path,
             time_limit=spec.time,
             partition=spec.partition,
             gpus_per_node=spec.gpus_per_node,

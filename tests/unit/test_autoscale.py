@@ -26,7 +26,7 @@ def test_config_is_complete_as_rays_autoscaler_reads_it(tmp_path):
 
     from raybridge.autoscaler.provider import SlurmNodeProvider
 
-    cfg = autoscale.autoscaling_config(settings(tmp_path, idle_timeout=20), 2, 1, 1 << 30, "/s/m.sbatch")
+    cfg = autoscale.autoscaling_config(settings(tmp_path, idle_timeout=20), 2, 1, 1 << 30)
     validate_config(cfg)
     # The monitor reads the file as it is: it must already be what `ray up` would prepare.
     assert prepare_config(json.loads(json.dumps(cfg))) == cfg
@@ -40,7 +40,7 @@ def test_config_is_complete_as_rays_autoscaler_reads_it(tmp_path):
 
 def test_limits_count_the_allocation(tmp_path):
     s = dataclasses.replace(settings(tmp_path), nodes=3, min_nodes=4, max_nodes=6)
-    cfg = autoscale.autoscaling_config(s, 2, 0, 1 << 30, "x")
+    cfg = autoscale.autoscaling_config(s, 2, 0, 1 << 30)
     shown = {"min_nodes": 4, "max_nodes": 6, "idle_timeout": 60, "join_timeout": 600}
     assert autoscale.limits(json.dumps(cfg)) == shown  # what `status` shows
     assert autoscale.limits(None) is None and autoscale.limits("{not json") is None
@@ -84,7 +84,7 @@ class FakeSlurm:
         self.next = 100
         self.asked = 0
 
-    def submit_script(self, script, output, time=None):
+    def submit_text(self, script, output, time=None):
         self.next += 1
         self.queue[str(self.next)] = ("PENDING", "Priority")
         self.time = time
@@ -125,9 +125,8 @@ def provider(tmp_path, monkeypatch):
     )
     jd.write(folder.node("0"), jd.NodeRecord(ip="10.0.0.1", rank=0, hostname="n1"))
     jd.write(folder.node("1"), jd.NodeRecord(ip="10.0.0.2", rank=1, hostname="n2"))
-    script = tmp_path / "member.sbatch"
-    script.write_text("#!/bin/bash\n")
-    cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30, str(script))
+    Path(folder.member_script).write_text("#!/bin/bash\n")
+    cfg = autoscale.autoscaling_config(settings(tmp_path, join_timeout=60), 2, 0, 1 << 30)
     p = slurmprovider.SlurmNodeProvider(cfg["provider"], cfg["cluster_name"])
     p.members.slurm = slurm
     return p, slurm, folder
@@ -214,7 +213,7 @@ def test_provider_waits_when_slurm_does_not_answer(provider, monkeypatch):
 
 def test_a_missing_member_script_is_one_event_not_one_per_retry(provider):
     p, slurm, folder = provider
-    os.unlink(p.script)
+    os.unlink(folder.member_script)
     for _ in range(3):  # the autoscaler retries every second
         with pytest.raises(ClusterError, match="needs a cluster started by `raybridge up`"):
             p.create_node({}, {"ray-node-type": "worker"}, 1)

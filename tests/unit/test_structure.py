@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[2] / "raybridge"
 
 # Lowest first; a module may import from its own layer or below, never above.
 LAYERS = [
-    {"raybridge.errors", "raybridge.layout", "raybridge.settings", "raybridge.envcheck"},
+    {"raybridge.errors", "raybridge.layout", "raybridge.settings", "raybridge.envcheck", "raybridge.trust"},
     {"raybridge.transport.transfer", "raybridge.transport.runner", "raybridge.jobdir"},
     {"raybridge.slurm", "raybridge.metrics"},
     {"raybridge.members"},

@@ -1,0 +1,93 @@
+"""The one trust rule for files on shared storage and shared hosts, as OpenSSH's StrictModes has it.
+
+raybridge reads, follows or executes a file only if the user owns it and nobody else can write it, and
+every folder on the way to it is the user's or root's and writable by nobody else — unless it has the
+sticky bit (like /tmp), where others may create files but not replace ours. Otherwise it refuses in one
+line that names the path and the fix. Links are not followed into a file (O_NOFOLLOW), and the checks
+are made on the open file (fstat), so the file cannot be swapped between check and use.
+
+Standard library only: the agents use it inside the allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from raybridge.errors import RaybridgeError
+
+GROUP_OR_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH
+MAX_READ = 4 << 20  # a script or record: more is not raybridge's
+
+
+class TrustError(RaybridgeError):
+    """A file or folder someone else could have written."""
+
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def check_folders(path: str) -> None:
+    """Every folder from / down to path's own folder: owned by this user or root, and writable by nobody
+    else unless sticky."""
+    me = os.getuid()
+    folder = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    for folder in reversed(chain):
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            raise TrustError(f"cannot check {folder}: {e.strerror}") from None
+        if st.st_uid not in (me, 0):
+            raise TrustError(
+                f"{folder} belongs to {_who(st.st_uid)}: raybridge uses files under it only in folders that "
+                "you or root own (fix: use a shared_dir of your own)"
+            )
+        if st.st_mode & GROUP_OR_OTHER_WRITE and not st.st_mode & stat.S_ISVTX:
+            raise TrustError(
+                f"{folder} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone who can write it "
+                f"could replace what raybridge reads there (fix: chmod go-w {folder}, or set the sticky bit)"
+            )
+
+
+def read_private(path: str) -> str:
+    """The text of a file that only this user can have written (the module's rule); TrustError if not."""
+    check_folders(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise TrustError(f"{path} does not exist") from None
+    except OSError as e:
+        why = "is a symbolic link" if os.path.islink(path) else e.strerror
+        raise TrustError(f"{path} {why}: raybridge does not follow links to what it runs") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TrustError(f"{path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise TrustError(f"{path} belongs to {_who(st.st_uid)}, not to you: raybridge does not use it")
+        if st.st_mode & GROUP_OR_OTHER_WRITE:
+            raise TrustError(
+                f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): raybridge does not use it "
+                f"(fix: chmod go-w {path})"
+            )
+        data = b""
+        while len(data) <= MAX_READ and (chunk := os.read(fd, MAX_READ + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_READ:
+        raise TrustError(f"{path} is larger than {MAX_READ} bytes: not a file raybridge wrote")
+    return data.decode("utf-8", errors="replace")
