@@ -25,12 +25,12 @@ import itertools
 import json
 import os
 import posixpath
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from raybridge import trust
 from raybridge.errors import RaybridgeError
 from raybridge.layout import SharedDir
 
@@ -329,17 +329,7 @@ def read(path: str | Path, kind: type[R]) -> R | None:
 
 def write_json(path: str | Path, data: dict[str, Any] | list[Any], mode: int = 0o600) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    trust.write_atomic(str(path), json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

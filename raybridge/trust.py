@@ -6,13 +6,17 @@ sticky bit (like /tmp), where others may create files but not replace ours. Othe
 line that names the path and the fix. Links are not followed into a file (O_NOFOLLOW), and the checks
 are made on the open file (fstat), so the file cannot be swapped between check and use.
 
+Writing is the other half: write_atomic never writes through a name someone else chose.
+
 Standard library only: the agents use it inside the allocation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 
 from raybridge.errors import RaybridgeError
 
@@ -91,3 +95,19 @@ def read_private(path: str) -> str:
     if len(data) > MAX_READ:
         raise TrustError(f"{path} is larger than {MAX_READ} bytes: not a file raybridge wrote")
     return data.decode("utf-8", errors="replace")
+
+
+def write_atomic(path: str, text: str, mode: int = 0o600) -> None:
+    """Write a file whole or not at all: a temp file beside it (mkstemp: a fresh name, O_EXCL, never a
+    link someone planted), its mode set on the open file, then renamed over path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

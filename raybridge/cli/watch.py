@@ -86,8 +86,8 @@ class Watcher:
         if not info.head or "dashboard" not in info.ports:
             return []
         headers = {}
-        if info.token_path:
-            token = (self.c.runner.read_text(info.token_path) or "").strip()
+        if info.auth == "token":
+            token = (self.c.runner.read_text(self.c.dir.token) or "").strip()
             headers["Authorization"] = f"Bearer {token}"
         try:
             body = rbm.http_get(self.c.runner, info.head.ip, info.ports["dashboard"], "/api/jobs/", headers)

@@ -45,12 +45,13 @@ def ready_info(cluster: Cluster) -> jd.ClusterRecord:
 
 
 def fetch_token(cluster: Cluster, info: jd.ClusterRecord) -> Path | None:
-    """Copy the cluster's token to the local cache (mode 0600); None when auth is off."""
-    if info.auth != "token" or not info.token_path:
+    """Copy the cluster's token to the local cache (mode 0600); None when auth is off. The token is read
+    where the job folder's layout puts it, never where a record says (a record is data, not a pointer)."""
+    if info.auth != "token":
         return None
-    text = cluster.runner.read_text(info.token_path)
+    text = cluster.runner.read_text(cluster.dir.token)
     if not text:
-        raise ClusterError(f"cannot read the cluster token {info.token_path}")
+        raise ClusterError(f"cannot read the cluster token {cluster.dir.token}")
     dest = cache_dir(cluster.runner, cluster.job_id) / "token"
     LocalRunner().write_text(str(dest), text.strip())  # atomic, 0600 from the start
     return dest
@@ -88,9 +89,9 @@ def make_forwarder(
                     info = jd.parse(f.read().decode(), jd.ClusterRecord, folder.cluster)
                 if info is None or info.state != "ready":
                     raise ClusterError(f"cluster not ready (state {info.state if info else 'unknown'})")
-                start = (info.started_at, info.token_path)
-                if info.auth == "token" and info.token_path and known.get("start") != start:
-                    with sftp.open(info.token_path) as f:
+                start = info.started_at
+                if info.auth == "token" and known.get("start") != start:
+                    with sftp.open(folder.token) as f:
                         known.update(start=start, token=f.read().decode().strip())
                     if token_file:
                         LocalRunner().write_text(str(token_file), known["token"])

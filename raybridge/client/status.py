@@ -78,6 +78,7 @@ def of(cluster: Cluster) -> ClusterStatus:
     members = cluster.members
     released = members.released()
     side = timeline.side_events(cluster.runner, cluster.dir)
+    head_events = [e for e in map(timeline.clean, info.events if info else ()) if e is not None]
     acct = cluster.slurm.accounting(cluster.job_id)
     return ClusterStatus(
         job_id=cluster.job_id,
@@ -100,7 +101,7 @@ def of(cluster: Cluster) -> ClusterStatus:
         log=job.stdout if job else None,
         timestamps=info.timestamps if info else {},
         generation=info.generation if info else 0,
-        events=tuple(sorted([*(info.events if info else ()), *side], key=lambda e: e.get("at") or 0)),
+        events=tuple(sorted([*head_events, *side], key=lambda e: e["at"])),
         timeline=tuple(timeline.build(info, side)),
         accounting=acct.as_dict() if acct else None,
         members=tuple(

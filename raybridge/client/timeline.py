@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from typing import Any
 
@@ -25,21 +26,36 @@ PHASES = {
     "stopped_at": "stopped",
 }
 MAX_SIDE_EVENTS = 500  # a job folder is shared storage: bounded reads, whatever was planted there
+MAX_EVENT_BYTES = 4096
+EARLIEST, LATEST = 946684800.0, 4102444800.0  # 2000-01-01 .. 2100-01-01: any other time is not a job's
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(data: Any) -> dict[str, Any] | None:
+    """An event as it may be shown: a time in range, short texts without control characters (a terminal
+    must not take them as commands); None for anything else."""
+    at = data.get("at") if isinstance(data, dict) else None
+    if isinstance(at, bool) or not isinstance(at, int | float) or not EARLIEST <= at <= LATEST:
+        return None
+    return {k: CONTROL.sub(" ", str(data.get(k) or ""))[:300] for k in ("event", "node", "detail")} | {
+        "at": at
+    }
 
 
 def side_events(runner: Runner, folder: jd.JobDir) -> list[dict[str, Any]]:
-    """The events/ files (newest MAX_SIDE_EVENTS); anything unreadable or malformed is skipped."""
+    """The events/ files (newest MAX_SIDE_EVENTS, each read up to MAX_EVENT_BYTES); anything unreadable,
+    malformed or out of range is skipped."""
     names = sorted(n for n in runner.listdir(folder.events) if n.endswith(".json") and "/" not in n)
     out = []
     for name in names[-MAX_SIDE_EVENTS:]:
         try:
-            data = json.loads(runner.read_text(posixpath.join(folder.events, name)) or "")
+            data = json.loads(
+                runner.read_from(posixpath.join(folder.events, name), 0, MAX_EVENT_BYTES) or b""
+            )
         except (ValueError, OSError):
             continue
-        if isinstance(data, dict) and isinstance(data.get("at"), int | float):
-            out.append(
-                {k: str(data.get(k) or "")[:300] for k in ("event", "node", "detail")} | {"at": data["at"]}
-            )
+        if (event := clean(data)) is not None:
+            out.append(event)
     return out
 
 
@@ -58,7 +74,7 @@ def build(info: jd.ClusterRecord | None, extra: list[dict[str, Any]] = ()) -> li
                 out.append(
                     {"at": n.joined_at, "event": "node_joined", "node": n.hostname or n.ip, "detail": gen}
                 )
-        out += [dict(e) for e in info.events]
+        out += [e for e in map(clean, info.events) if e is not None]
     return sorted(out, key=lambda e: e.get("at") or 0)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from raybridge import trust
 from raybridge.errors import CommandError
 from raybridge.transport.transfer import RangeReader
 
@@ -126,12 +127,7 @@ class LocalRunner:
             return None
 
     def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        trust.write_atomic(path, text, mode)
 
     def makedirs(self, path: str, mode: int = 0o700) -> None:
         os.makedirs(path, mode=mode, exist_ok=True)

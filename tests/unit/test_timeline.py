@@ -6,6 +6,8 @@ from raybridge import jobdir as jd
 from raybridge.client import timeline
 from raybridge.transport.runner import LocalRunner
 
+T0 = 1_765_000_000.0  # a time in this century (events from any other are refused)
+
 
 def test_phases_nodes_events_and_side_events_in_time_order(tmp_path):
     folder = jd.JobDir(str(tmp_path))
@@ -20,15 +22,18 @@ def test_phases_nodes_events_and_side_events_in_time_order(tmp_path):
         state="ready",
         expected_nodes=2,
         job_dir=str(tmp_path),
-        submitted_at=100.0,
-        started_at=101.0,
-        head_up_at=102.0,
-        nodes_alive_at=104.0,
-        ready_at=105.0,
-        nodes=(jd.NodeRecord(ip="10.0.0.2", hostname="n2", joined_at=103.5), jd.NodeRecord(ip="10.0.0.1")),
-        events=({"at": 110.0, "event": "node_dead", "node": "n3", "detail": ""},),
+        submitted_at=T0 + 100.0,
+        started_at=T0 + 101.0,
+        head_up_at=T0 + 102.0,
+        nodes_alive_at=T0 + 104.0,
+        ready_at=T0 + 105.0,
+        nodes=(
+            jd.NodeRecord(ip="10.0.0.2", hostname="n2", joined_at=T0 + 103.5),
+            jd.NodeRecord(ip="10.0.0.1"),
+        ),
+        events=({"at": T0 + 110.0, "event": "node_dead", "node": "n3", "detail": ""},),
     )
-    side[0]["at"] = 104.5
+    side[0]["at"] = T0 + 104.5
     got = timeline.build(info, side)
     assert [e["event"] for e in got] == [
         "queued",
@@ -47,3 +52,26 @@ def test_phases_nodes_events_and_side_events_in_time_order(tmp_path):
         "n3",
     ]
     assert timeline.lines([]) == ["(no timeline: the job has not written its records yet)"]
+
+
+def test_planted_events_are_bounded_and_cleaned(tmp_path):
+    """The job folder is shared storage: an event file may be huge, carry terminal escapes, or a time
+    that breaks formatting (1e300 crashed `status`)."""
+    folder = jd.JobDir(str(tmp_path))
+    (tmp_path / "events").mkdir()
+    events = tmp_path / "events"
+    (events / "a.json").write_text(json.dumps({"at": 1e300, "event": "x"}))
+    (events / "b.json").write_text(json.dumps({"at": True, "event": "x"}))
+    (events / "c.json").write_text(json.dumps({"at": T0, "event": "evil\x1b]0;owned\x07", "detail": "a\nb"}))
+    (events / "d.json").write_text(json.dumps({"at": T0, "event": "big", "detail": "x" * 10_000}))
+    side = timeline.side_events(LocalRunner(), folder)
+    assert [e["event"] for e in side] == ["evil ]0;owned "]  # d.json is cut short: no longer JSON
+    assert side[0]["detail"] == "a b"
+    info = jd.ClusterRecord(
+        job_id="7",
+        state="ready",
+        expected_nodes=1,
+        job_dir=str(tmp_path),
+        events=({"at": 1e300, "event": "x"},),
+    )
+    assert timeline.build(info) == [] and timeline.lines(timeline.build(info, side))
