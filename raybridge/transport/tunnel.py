@@ -345,9 +345,11 @@ def peek_headers(conn: socket.socket, limit: int = 8192, timeout: float = 2.0) -
 
 
 def next_page(raw: bytes | None) -> str:
-    """Where a signed-in browser goes: a page of this dashboard (a path, never another site)."""
+    """Where a signed-in browser goes: a page of this dashboard (a path, never another site, and nothing
+    that would end the Location header: no control characters or spaces once decoded)."""
     page = unquote(raw.decode()) if raw else "/"
-    return page if page.startswith("/") and not page.startswith("//") and "\\" not in page else "/"
+    plain = page.isprintable() and " " not in page
+    return page if plain and page.startswith("/") and not page.startswith("//") and "\\" not in page else "/"
 
 
 def login_url(port: int, nonce: str) -> str:

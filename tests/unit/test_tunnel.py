@@ -106,3 +106,20 @@ def test_a_sign_in_request_that_arrives_in_pieces_is_read_whole():
         assert fwd._maybe_login(b)
         a.settimeout(2)
         assert a.recv(4096).startswith(b"HTTP/1.1 302 Found")
+
+
+@pytest.mark.parametrize(
+    "raw, page",
+    [
+        (b"/%23/cluster", "/#/cluster"),
+        (None, "/"),
+        (b"//evil.example", "/"),
+        (b"/%0d%0aSet-Cookie:%20x=1", "/"),  # would end the Location header and add one of its own
+        (b"/a%09b", "/"),
+        (b"/%5c%5cevil", "/"),
+    ],
+)
+def test_where_a_signed_in_browser_goes(raw, page):
+    from raybridge.transport.tunnel import next_page
+
+    assert next_page(raw) == page
