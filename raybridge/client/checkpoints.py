@@ -20,6 +20,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def pull(
     if not files:
         raise RaybridgeError(f"checkpoint {folder} is empty or missing")
     partial = dest / f".partial-{name}"
-    partial.mkdir(parents=True, exist_ok=True)
+    private_folder(partial)
     root = partial.resolve()
     items: list[transfer.Item] = []
     for entry in files:
@@ -234,10 +235,34 @@ def pull(
             f"{wrong[0]}: copy does not match the source (sha256); run the pull again "
             f"({len(wrong)} file(s) to copy again, the others are kept)"
         )
-    for p in partial.rglob("*.part*"):  # leftovers of a killed pull that the manifest no longer lists
-        p.unlink()
+    # Leftovers of a killed pull that the manifest no longer lists: only the copy's own names.
+    for p in partial.rglob("*"):
+        if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
+            p.unlink()
     os.replace(partial, final)
     return final
+
+
+def private_folder(path: Path) -> None:
+    """Create the pull's partial folder (0700), or accept an existing one only as this user's own,
+    private, real folder: a link or a folder someone else can write would let them choose where the
+    copy's bytes go."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder (a link?)"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}"
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        problem = f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise RaybridgeError(f"{path} {problem}: remove it and pull again")
 
 
 def inside(path: Path, root: Path) -> bool:

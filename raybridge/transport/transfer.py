@@ -119,11 +119,14 @@ def copy(
     try:
         for item in items:
             done = finished_offsets(item)
-            fd = os.open(part_of(item.target), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(part_of(item.target), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as e:  # ELOOP: a link planted where the copy goes
+                raise RaybridgeError(f"cannot write {part_of(item.target)}: {e.strerror}") from None
             fds[item.target] = fd
             os.ftruncate(fd, item.size)  # a resumed part keeps its bytes; a new one gets its size at once
             if not done:
-                done_of(item.target).write_text("")
+                append_line(done_of(item.target), None)
             segs = segments(item, segment_size)
             digests[item.target] = Digest(item, fd, {x.offset: x.length for x in segs})
             pending = [x for x in segs if x.offset not in done]
@@ -141,6 +144,17 @@ def copy(
     if missing:
         raise RaybridgeError(f"internal error: {missing[0]} was copied but not hashed")
     return {t: d.hexdigest for t, d in digests.items() if d.hexdigest}
+
+
+def append_line(path: Path, line: str | None) -> None:
+    """Append to a segment record (None: start it empty), never through a link planted in its place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if line else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if line:
+            os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _run(
@@ -161,8 +175,7 @@ def _run(
         try:
             while (seg := landed.get()) is not None:
                 os.fdatasync(fds[seg.item.target])  # on disk before it is recorded as done
-                with open(done_of(seg.item.target), "a") as f:
-                    f.write(f"{seg.offset}\n")
+                append_line(done_of(seg.item.target), f"{seg.offset}\n")
                 digests[seg.item.target].landed(seg.offset)
         except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
             errors.append(e)

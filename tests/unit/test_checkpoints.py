@@ -64,11 +64,41 @@ def test_links_are_never_followed_and_targets_stay_inside(tmp_path):
     dest = tmp_path / "dest"
     outside = tmp_path / "outside"
     outside.mkdir()
-    (dest / ".partial-checkpoint_000003").mkdir(parents=True)
+    (dest / ".partial-checkpoint_000003").mkdir(parents=True, mode=0o700)  # as a pull leaves it
     os.symlink(outside, dest / ".partial-checkpoint_000003" / "real")
     with pytest.raises(RaybridgeError, match="would be written outside"):
         ck.pull(LocalRunner(), str(cp), dest)
     assert list(outside.iterdir()) == []
+
+
+def test_a_partial_folder_that_is_not_ours_alone_is_refused_and_part_files_are_not_links(tmp_path):
+    cp = tmp_path / "checkpoint_000004"
+    cp.mkdir()
+    (cp / "w.pt").write_bytes(b"weights")
+    (cp / "shard.part1.bin").write_bytes(b"s")  # a name with ".part" in it: the checkpoint's, kept
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    partial = dest / ".partial-checkpoint_000004"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    partial.symlink_to(elsewhere)  # the copy's bytes would go wherever the link points
+    with pytest.raises(RaybridgeError, match="is not a folder .*remove it and pull again"):
+        ck.pull(LocalRunner(), str(cp), dest)
+    partial.unlink()
+    partial.mkdir(mode=0o777)
+    os.chmod(partial, 0o777)  # another user could plant links in it
+    with pytest.raises(RaybridgeError, match=r"is open to others \(mode 777\)"):
+        ck.pull(LocalRunner(), str(cp), dest)
+    os.chmod(partial, 0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (partial / "w.pt.part").symlink_to(victim)  # a link where the part file goes
+    with pytest.raises(RaybridgeError, match="cannot write .*w.pt.part"):
+        ck.pull(LocalRunner(), str(cp), dest)
+    assert victim.read_text() == "keep me"
+    (partial / "w.pt.part").unlink()
+    final = ck.pull(LocalRunner(), str(cp), dest)
+    assert (final / "w.pt").read_bytes() == b"weights" and (final / "shard.part1.bin").read_bytes() == b"s"
 
 
 def test_a_cut_listing_is_an_error():

@@ -88,7 +88,7 @@ def test_pull_catches_a_resumed_range_that_went_bad_and_copies_that_file_again(t
     dest = tmp_path / "dest"
     # An interrupted earlier pull: the whole part is there and recorded done, but one byte is wrong.
     partial = dest / ".partial-checkpoint_000002"
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, mode=0o700)  # as a pull leaves it
     bad = bytearray(data)
     bad[5] ^= 0xFF
     (partial / "model.pt.part").write_bytes(bytes(bad))
