@@ -221,6 +221,24 @@ def pull(
     hasher.join()
     if failed:
         raise failed[0]
+    keep_verified(files, items, fresh, local, remote)
+    # Leftovers of a killed pull that the manifest no longer lists: only the copy's own names.
+    for p in partial.rglob("*"):
+        if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
+            p.unlink()
+    os.replace(partial, final)
+    return final
+
+
+def keep_verified(
+    files: list[FileEntry],
+    items: list[transfer.Item],
+    fresh: list[transfer.Item],
+    local: dict[Path, str],
+    remote: dict[str, str],
+) -> None:
+    """Each file whose two hashes match becomes the file (a fresh copy: its .part renamed); any other is
+    dropped, and the pull fails."""
     wrong = []
     for entry, item in zip(files, items, strict=True):
         if local.get(item.target) == remote.get(entry.path):
@@ -235,12 +253,6 @@ def pull(
             f"{wrong[0]}: copy does not match the source (sha256); run the pull again "
             f"({len(wrong)} file(s) to copy again, the others are kept)"
         )
-    # Leftovers of a killed pull that the manifest no longer lists: only the copy's own names.
-    for p in partial.rglob("*"):
-        if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
-            p.unlink()
-    os.replace(partial, final)
-    return final
 
 
 def private_folder(path: Path) -> None:
