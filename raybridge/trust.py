@@ -37,33 +37,42 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
+def folder_problem(folder: str, uid: int, mode: int, me: int, own: bool = False) -> str | None:
+    """The rule for one folder, in words (None: it passes). own: a folder that must be the user's
+    (the shared folder itself), not root's."""
+    if uid != me and (own or uid != 0):
+        return (
+            f"{folder} belongs to {_who(uid)}: raybridge uses files only in folders that you"
+            + ("" if own else " or root")
+            + " own (fix: use a shared_dir of your own)"
+        )
+    if mode & GROUP_OR_OTHER_WRITE and not mode & stat.S_ISVTX:
+        return (
+            f"{folder} is writable by others (mode {stat.S_IMODE(mode):o}): anyone who can write it could "
+            f"replace what raybridge reads there (fix: chmod go-w {folder}, or ask for the sticky bit: "
+            f"chmod +t {folder})"
+        )
+    return None
+
+
+def ancestors(path: str) -> list[str]:
+    """/, then every folder down to path itself."""
+    chain = [path]
+    while (parent := os.path.dirname(chain[-1])) != chain[-1]:
+        chain.append(parent)
+    return chain[::-1]
+
+
 def check_folders(path: str) -> None:
-    """Every folder from / down to path's own folder: owned by this user or root, and writable by nobody
-    else unless sticky."""
+    """Every folder from / down to path's own folder passes folder_problem."""
     me = os.getuid()
-    folder = os.path.dirname(os.path.abspath(path))
-    chain = []
-    while True:
-        chain.append(folder)
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    for folder in reversed(chain):
+    for folder in ancestors(os.path.dirname(os.path.abspath(path))):
         try:
             st = os.stat(folder)
         except OSError as e:
             raise TrustError(f"cannot check {folder}: {e.strerror}") from None
-        if st.st_uid not in (me, 0):
-            raise TrustError(
-                f"{folder} belongs to {_who(st.st_uid)}: raybridge uses files under it only in folders that "
-                "you or root own (fix: use a shared_dir of your own)"
-            )
-        if st.st_mode & GROUP_OR_OTHER_WRITE and not st.st_mode & stat.S_ISVTX:
-            raise TrustError(
-                f"{folder} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone who can write it "
-                f"could replace what raybridge reads there (fix: chmod go-w {folder}, or set the sticky bit)"
-            )
+        if why := folder_problem(folder, st.st_uid, st.st_mode, me):
+            raise TrustError(why)
 
 
 def read_private(path: str) -> str:

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
 
-from raybridge import envcheck
+from raybridge import envcheck, trust
 from raybridge.agent.doctor import MARK
 from raybridge.client.profile import ClusterSpec
 from raybridge.client.render import exports, resources
@@ -89,6 +89,27 @@ def shared_dir(spec: ClusterSpec, runner: Runner) -> Check:
     return Check("shared storage", "login", "pass", f"{folder} writable")
 
 
+def shared_trust(spec: ClusterSpec, runner: Runner) -> Check:
+    """The trust rule (trust.py) for the shared folder and every folder above it, on the login node: a
+    colleague who can write one of them could swap what raybridge reads and runs there."""
+    folder = spec.shared_dir
+    try:
+        real = runner.run(["readlink", "-f", "--", folder]).stdout.strip() or folder
+        me = int(runner.run(["id", "-u"]).stdout.strip())
+        chain = trust.ancestors(real)
+        listed = runner.run(["stat", "-c", "%u %f", "--", *chain]).stdout.split("\n")
+        stats = [(int(line.split()[0]), int(line.split()[1], 16)) for line in listed if line.strip()]
+    except (RaybridgeError, ValueError, IndexError) as e:
+        return Check("shared folder", "login", "fail", f"cannot check {folder}: {e}", "")
+    for (uid, mode), path in zip(stats, chain, strict=False):
+        if why := trust.folder_problem(path, uid, mode, me, own=path == real):
+            text, _, fix = why.partition(" (fix: ")
+            return Check("shared folder", "login", "fail", text, fix.rstrip(")"))
+    return Check(
+        "shared folder", "login", "pass", f"{real} and the folders above it are yours or root's alone"
+    )
+
+
 def token_auth(spec: ClusterSpec, local: bool) -> Check:
     if not spec.auth:
         return Check(
@@ -110,7 +131,10 @@ def token_auth(spec: ClusterSpec, local: bool) -> Check:
 
 def login_checks(spec: ClusterSpec, runner: Runner) -> list[Check]:
     """What `up` checks itself before submitting (fast: no Slurm job)."""
-    return [shared_dir(spec, runner), temp_path(spec), token_auth(spec, local=not runner.host)]
+    checks = [shared_dir(spec, runner)]
+    if checks[0].status == "pass":
+        checks.append(shared_trust(spec, runner))
+    return [*checks, temp_path(spec), token_auth(spec, local=not runner.host)]
 
 
 def refuse(spec: ClusterSpec, runner: Runner) -> None:

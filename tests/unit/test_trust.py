@@ -7,7 +7,7 @@ import pytest
 
 from raybridge import jobdir as jd
 from raybridge import trust
-from raybridge.errors import ClusterError
+from raybridge.errors import ClusterError, RaybridgeError
 from raybridge.members import Members
 from raybridge.transport.runner import LocalRunner
 
@@ -79,3 +79,29 @@ def test_the_head_submits_a_member_script_only_if_it_passes(tmp_path):
     os.chmod(script, 0o664)
     with pytest.raises(ClusterError, match="member script refused: .*member.sbatch is writable by others"):
         members.script()
+
+
+def test_up_refuses_a_shared_folder_others_could_swap(tmp_path):
+    """The login node's check (doctor and `up`): the shared folder is yours alone and no folder above it
+    lets others rename it away, unless sticky (a setgid project folder must be sticky, as /tmp is)."""
+    from raybridge.client import doctor
+    from raybridge.client.profile import build_spec
+
+    project = tmp_path / "proj42"
+    project.mkdir(mode=0o755)
+    spec = build_spec({"shared_dir": str(project / "raybridge")})
+    assert [c.status for c in doctor.login_checks(spec, LocalRunner())][:2] == ["pass", "pass"]
+    os.chmod(project, 0o2775)  # a group-writable project folder: a colleague could rename ours away
+    check = doctor.shared_trust(spec, LocalRunner())
+    assert check.status == "fail" and f"{project} is writable by others (mode 2775)" in check.detail
+    assert "chmod +t" in check.fix
+    with pytest.raises(RaybridgeError, match="shared folder on login: .*proj42 is writable by others"):
+        doctor.refuse(spec, LocalRunner())
+    os.chmod(project, 0o3775)  # sticky: others may add, not rename ours
+    assert doctor.shared_trust(spec, LocalRunner()).status == "pass"
+    os.chmod(project / "raybridge", 0o770)
+    assert "raybridge is writable by others (mode 770)" in doctor.shared_trust(spec, LocalRunner()).detail
+    if os.getuid() == 0:
+        os.chmod(project / "raybridge", 0o700)
+        os.chown(project / "raybridge", 65534, 65534)  # another user's folder: never
+        assert "belongs to" in doctor.shared_trust(spec, LocalRunner()).detail
