@@ -17,6 +17,7 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 
 from raybridge.errors import RaybridgeError
 
@@ -61,6 +62,22 @@ def ancestors(path: str) -> list[str]:
     while (parent := os.path.dirname(chain[-1])) != chain[-1]:
         chain.append(parent)
     return chain[::-1]
+
+
+def chain_problem(run: Callable[[list[str]], str], folder: str) -> str | None:
+    """folder_problem for a folder and every folder above it, on the host where `run` runs commands
+    (this one, or the login node over SSH): the folder itself must be the user's. None when all pass;
+    the first problem otherwise. CommandError when the host cannot say (e.g. the folder is not there)."""
+    real = run(["readlink", "-f", "--", folder]).strip() or folder
+    me = int(run(["id", "-u"]).strip())
+    chain = ancestors(real)
+    lines = [line.split() for line in run(["stat", "-c", "%u %f", "--", *chain]).splitlines() if line.strip()]
+    if len(lines) != len(chain):
+        return f"cannot check the folders above {folder}"
+    for path, (uid, mode) in zip(chain, lines, strict=True):
+        if why := folder_problem(path, int(uid), int(mode, 16), me, own=path == real):
+            return why
+    return None
 
 
 def check_folders(path: str) -> None:

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raybridge import envcheck
+from raybridge import envcheck, trust
 from raybridge import jobdir as jd
 from raybridge.client.profile import ClusterSpec
-from raybridge.errors import ClusterError, JobNotFound
+from raybridge.errors import ClusterError, JobNotFound, RaybridgeError
 from raybridge.layout import SharedDir
 from raybridge.members import Members
 from raybridge.slurm import Accounting, JobInfo, SlurmClient
@@ -31,7 +31,8 @@ POLL = 0.5  # seconds between Slurm queries while waiting for a cluster
 FOLLOW_EVERY = {"local": 0.1, "ssh": 0.2}  # seconds between reads of a followed log or record
 JOB_EVERY = 1.0  # seconds between Slurm queries while following a log
 CHUNK = 1 << 20
-REQUEUE_MARGIN = 3.0  # seconds after a requeue before moving the job's begin time to now
+REQUEUE_MARGIN = 3.0
+TRUST_EVERY = 0.5  # seconds between checks of a job folder that is not there yet  # seconds after a requeue before moving the job's begin time to now
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Cluster:
         self.expected = expected
         self.submitted_at = submitted_at  # set by submit(): older records are a previous job's
         self.python: str | None = None  # the job's interpreter, when submit() knows it
+        self.trusted_at: float | None = None  # when the job folder passed the trust rule
+        self.checked_at = -1e9
 
     @property
     def layout(self) -> SharedDir:
@@ -90,9 +93,29 @@ class Cluster:
         """The cluster's member jobs (`raybridge scale`, replacements, the autoscaler's)."""
         return Members(self.runner, self.dir, self.job_id, self.slurm)
 
+    def trusted(self) -> bool:
+        """Whether the job folder passes the trust rule (trust.py: yours, and nobody else can write it or
+        a folder above it unless sticky), checked once it exists; ClusterError when it does not pass.
+        Its records say where the head is: a planted one would send the token elsewhere."""
+        if self.trusted_at is not None:
+            return True
+        if time.monotonic() - self.checked_at < TRUST_EVERY:
+            return False
+        self.checked_at = time.monotonic()
+        try:
+            why = trust.chain_problem(lambda argv: self.runner.run(argv).stdout, self.job_dir)
+        except (RaybridgeError, ValueError):
+            return False  # not there yet
+        if why:
+            raise ClusterError(f"job {self.job_id}: not using its folder: {why}")
+        self.trusted_at = time.monotonic()
+        return True
+
     def info(self) -> jd.ClusterRecord | None:
         """The cluster record, or None before the job wrote it (or when it is a previous job's with
         the same id: Slurm's ids start again after a controller reset)."""
+        if not self.trusted():
+            return None
         rec = jd.parse(self.runner.read_text(self.dir.cluster), jd.ClusterRecord, self.dir.cluster)
         if rec and self.submitted_at and (rec.submitted_at or 0) < self.submitted_at - 1:
             return None

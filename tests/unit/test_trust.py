@@ -105,3 +105,21 @@ def test_up_refuses_a_shared_folder_others_could_swap(tmp_path):
         os.chmod(project / "raybridge", 0o700)
         os.chown(project / "raybridge", 65534, 65534)  # another user's folder: never
         assert "belongs to" in doctor.shared_trust(spec, LocalRunner()).detail
+
+
+def test_a_cluster_record_is_read_only_from_a_folder_nobody_else_can_write(tmp_path):
+    """A planted cluster.json would send the token to another address: the client reads the job folder's
+    records only once the folder passed the rule."""
+    from raybridge.client.cluster import Cluster
+
+    shared = tmp_path / "shared"
+    folder = jd.JobDir.of(str(shared), "7")
+    os.makedirs(folder.path, mode=0o700)
+    jd.write(
+        folder.cluster, jd.ClusterRecord(job_id="7", state="ready", expected_nodes=1, job_dir=folder.path)
+    )
+    assert Cluster(LocalRunner(), "7", folder.path).info().state == "ready"
+    os.chmod(shared / "jobs", 0o777)  # anyone could have renamed the job's folder and planted this one
+    with pytest.raises(ClusterError, match=r"job 7: not using its folder: .*/jobs is writable by others"):
+        Cluster(LocalRunner(), "7", folder.path).info()
+    assert Cluster(LocalRunner(), "8", str(shared / "jobs" / "8")).info() is None  # not there yet
