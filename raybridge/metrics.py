@@ -10,11 +10,13 @@ targets appear when nodes join and go when they die or the job ends.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from raybridge import jobdir as jd
+from raybridge import trust
 from raybridge.layout import SharedDir
 from raybridge.transport.runner import Runner
 
@@ -55,6 +57,9 @@ def write_sd(shared_dir: str, info: jd.ClusterRecord) -> None:
     except OSError:
         pass
     path.parent.mkdir(mode=0o755, exist_ok=True)
+    st = path.parent.lstat()  # one someone else made (or a link): not where this cluster's targets go
+    if why := trust.folder_problem(str(path.parent), st.st_uid, st.st_mode, os.getuid(), own=True):
+        raise trust.TrustError(why)
     jd.write_json(path, groups, mode=0o644)
 
 

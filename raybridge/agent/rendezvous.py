@@ -17,6 +17,7 @@ from typing import Any
 
 from raybridge import jobdir as jd
 from raybridge.settings import AgentSettings
+from raybridge.trust import TrustError
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Rendezvous:
 
         rec = self.cluster()
         if rec is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TrustError):  # (a prometheus/ folder that is not ours)
                 metrics.write_sd(self.settings.shared_dir, rec)
 
     def withdraw_targets(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from raybridge import trust
 from raybridge.errors import ConfigError
 from raybridge.layout import SharedDir
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
@@ -385,6 +386,7 @@ def find_profile(name: str | None) -> Path | None:
 
 
 def read_profile(path: Path) -> dict[str, Any]:
+    check_owner(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -405,6 +407,24 @@ def read_profile(path: Path) -> dict[str, Any]:
             f"profile {path}: unknown key {show(unknown[0])} (valid keys: {', '.join(sorted(PROFILE_KEYS))})"
         )
     return data
+
+
+def check_owner(path: Path) -> None:
+    """A profile's `setup` lines run as whoever uses it: a profile someone else could have written (the
+    file, or its folder) is refused, as OpenSSH refuses such a config; root's (a site's) is fine."""
+    me = os.getuid()
+    try:
+        folder, st = path.parent.stat(), path.stat()
+    except OSError:
+        return  # reading it says what is wrong
+    if why := trust.folder_problem(str(path.parent), folder.st_uid, folder.st_mode, me):
+        raise ConfigError(f"profile {path}: {why}")
+    if st.st_uid not in (me, 0) or st.st_mode & trust.GROUP_OR_OTHER_WRITE:
+        who = "is writable by others" if st.st_uid in (me, 0) else "belongs to another user"
+        raise ConfigError(
+            f"profile {path} {who} (mode {st.st_mode & 0o7777:o}): its setup lines would run as you "
+            f"(fix: chmod go-w {path}, or use a copy of your own)"
+        )
 
 
 # ------------------------------------------------------------------ building a spec

@@ -53,6 +53,26 @@ def test_one_target_group_per_alive_node_written_only_when_changed(tmp_path):
     assert not path.exists()
 
 
+def test_targets_are_not_written_into_a_prometheus_folder_someone_else_made(tmp_path):
+    import os
+
+    import pytest
+
+    from raybridge.trust import TrustError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "prometheus").symlink_to(elsewhere)  # a link planted where the folder goes
+    with pytest.raises(TrustError, match="writable by others"):
+        metrics.write_sd(str(tmp_path), record(tmp_path))
+    (tmp_path / "prometheus").unlink()
+    (tmp_path / "prometheus").mkdir(mode=0o777)
+    os.chmod(tmp_path / "prometheus", 0o777)
+    with pytest.raises(TrustError, match="writable by others"):
+        metrics.write_sd(str(tmp_path), record(tmp_path))
+    assert list(elsewhere.iterdir()) == [] and list((tmp_path / "prometheus").iterdir()) == []
+
+
 def test_a_page_is_summarized():
     m = metrics.summarize("n2", "10.0.0.2:9001", PAGE)
     assert (m.cpu_percent, m.mem_used, m.mem_total, m.tasks_running) == (37.5, 2 << 30, 8 << 30, 3)

@@ -170,3 +170,25 @@ def test_profile_values_are_matched_whole_and_echoed_short(tmp_path):
     latin.write_bytes("job_name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_spec(str(latin))
+
+
+def test_a_profile_others_could_have_written_is_refused(tmp_path):
+    """Its `setup` lines run as the user: a group-writable profile, or one in a folder others can write,
+    is one clear line (as OpenSSH treats such a config)."""
+    import os
+
+    from raybridge.errors import ConfigError
+
+    folder = tmp_path / "profiles"
+    folder.mkdir(mode=0o755)
+    path = folder / "site.yaml"
+    path.write_text("nodes: 2\nsetup: ['module load x']\n")
+    os.chmod(path, 0o644)
+    assert load_spec(str(path)).nodes == 2
+    os.chmod(path, 0o664)
+    with pytest.raises(ConfigError, match=r"site.yaml is writable by others \(mode 664\): its setup lines"):
+        load_spec(str(path))
+    os.chmod(path, 0o644)
+    os.chmod(folder, 0o777)
+    with pytest.raises(ConfigError, match=r"profiles is writable by others \(mode 777\)"):
+        load_spec(str(path))
