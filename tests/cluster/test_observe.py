@@ -53,7 +53,12 @@ def test_first_contact_runs_the_clis_own_environment(testbed):
 
 
 def test_a_node_python_without_raybridges_dependencies_is_one_line(testbed):
+    # Debian's Python, with raybridge (this checkout, on PYTHONPATH) but none of its dependencies. (Not
+    # from the working directory: the job's own Python lines run with -P.)
     profile = bare_profile(testbed, "system-python", "python: /usr/bin/python3\n")
+    text = Path(profile).read_text()
+    assert "\nenv:\n" in text
+    Path(profile).write_text(text.replace("\nenv:\n", f"\nenv:\n  PYTHONPATH: {REPO}\n", 1))
     r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", profile, timeout=300)
     job = job_id_from(r.stderr)
     assert r.returncode != 0
