@@ -77,6 +77,7 @@ def ls_cmd(
     for c in cps:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.mtime))
         warn = f"  ({c.unsafe} file names raybridge will not copy: pull refuses it)" if c.unsafe else ""
+        warn += "" if c.complete else "  (incomplete: no completion marker)"
         print(f"{c.name:40} {c.files:5} files {human(c.size):>10}  {stamp}{warn}")
 
 
@@ -85,7 +86,9 @@ def pull_cmd(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run name.")],
     dest: Annotated[Path, typer.Argument(help="Local folder to copy into.")],
-    latest: Annotated[bool, typer.Option("--latest", help="The newest checkpoint (default).")] = False,
+    latest: Annotated[
+        bool, typer.Option("--latest", help="The newest complete checkpoint (default).")
+    ] = False,
     name: Annotated[str | None, typer.Option("--name", help="A checkpoint by name.")] = None,
     streams: Annotated[
         int, typer.Option("--streams", min=1, max=16, help="Parallel copy streams (SSH connections).")
@@ -104,14 +107,10 @@ def pull_cmd(
         cps = ck.list_checkpoints(runner, posixpath.join(ck.runs_dir(shared), run))
         if not cps:
             raise RaybridgeError(f"run {run} has no checkpoints")
-        chosen = next((c for c in cps if c.name == name), None) if name else cps[-1]
-        if chosen is None:
-            raise RaybridgeError(
-                f"run {run} has no checkpoint {name!r} (have: {', '.join(c.name for c in cps)})"
-            )
+        chosen = ck.choose(run, cps, name)
         dest.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        final = ck.pull(runner, chosen.path, dest, Bar(chosen.name), streams=streams)
+        final = ck.pull(runner, chosen.path, dest, Bar(chosen.name), streams=streams, complete=True)
         took = time.monotonic() - started
     say(
         f"pulled {chosen.name} ({chosen.files} files, {human(chosen.size)}, sha256 verified) to {final} "

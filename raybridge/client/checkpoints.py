@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from raybridge import train
 from raybridge.errors import RaybridgeError
 from raybridge.layout import CHECKPOINT_MARKER, SharedDir
 from raybridge.transport import transfer
@@ -72,6 +73,7 @@ class CheckpointInfo:
     size: int
     mtime: float
     unsafe: int = 0  # files with names raybridge will not copy (pull refuses the checkpoint)
+    complete: bool = False  # its completion marker is there (raybridge.train writes it last)
 
 
 def runs_dir(shared_dir: str) -> str:
@@ -111,8 +113,32 @@ def list_checkpoints(runner: Runner, run_dir: str) -> list[CheckpointInfo]:
         path = posixpath.join(run_dir, name)
         sizes = file_sizes(runner, path)
         unsafe = sum(1 for f in sizes if not safe_relpath(f))
-        out.append(CheckpointInfo(name, path, len(sizes), sum(sizes.values()), float(mtime), unsafe))
+        complete = CHECKPOINT_MARKER in sizes
+        out.append(
+            CheckpointInfo(name, path, len(sizes), sum(sizes.values()), float(mtime), unsafe, complete)
+        )
     return out
+
+
+def choose(run: str, cps: list[CheckpointInfo], name: str | None = None) -> CheckpointInfo:
+    """The checkpoint to pull: by name, or the newest complete one (the rule resume uses); an
+    incomplete one is refused in one line."""
+    done = [c for c in cps if c.complete]
+    chosen = next((c for c in cps if c.name == name), None) if name else (done[-1] if done else None)
+    if chosen is None and not name:
+        raise RaybridgeError(
+            f"run {run} has no complete checkpoint yet ({len(cps)} without their completion marker: "
+            "still being written, or not saved by raybridge.train)"
+        )
+    if chosen is None:
+        raise RaybridgeError(f"run {run} has no checkpoint {name!r} (have: {', '.join(c.name for c in cps)})")
+    if not chosen.complete:
+        newest = f"; the newest complete one is {done[-1].name}" if done else ""
+        raise RaybridgeError(
+            f"checkpoint {chosen.name} of run {run} is incomplete (no completion marker: still being "
+            f"written, or its save failed){newest}"
+        )
+    return chosen
 
 
 def file_sizes(runner: Runner, folder: str) -> dict[str, int]:
@@ -162,11 +188,14 @@ def pull(
     dest: Path,
     progress: Callable[[int, int], None] = lambda d, t: None,
     streams: int = transfer.STREAMS,
+    complete: bool = False,
 ) -> Path:
     """Copy one checkpoint folder to dest/<name>, verified; resumable. Returns the final path.
 
     The login node hashes the files while `streams` parallel streams copy them in byte ranges
-    (transfer.py), each file hashed here in order as its ranges land."""
+    (transfer.py), each file hashed here in order as its ranges land. complete: the copy must also be
+    a complete checkpoint by the rule resume uses (its marker matches its state), checked here before
+    it becomes visible."""
     name = posixpath.basename(folder.rstrip("/"))
     if not safe_name(name):
         raise RaybridgeError(f"not a checkpoint name raybridge will create: {name[:100]!r}")
@@ -226,6 +255,8 @@ def pull(
     for p in partial.rglob("*"):
         if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
             p.unlink()
+    if complete and not train.is_complete(partial):
+        raise RaybridgeError(f"the copy of {name} is not a complete checkpoint (its marker does not match)")
     os.replace(partial, final)
     return final
 

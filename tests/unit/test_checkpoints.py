@@ -104,3 +104,32 @@ def test_a_partial_folder_that_is_not_ours_alone_is_refused_and_part_files_are_n
 def test_a_cut_listing_is_an_error():
     with pytest.raises(RaybridgeError, match="cut short"):
         ck.fields("a\x0010\x00b\x00", 2)
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_an_incomplete_one_is_refused(tmp_path):
+    """A pull during training: the newest folder may still be written (no marker yet). --latest takes
+    the newest complete one, --name of an incomplete one is one line, and the copy is checked again."""
+    from raybridge import train
+
+    run = tmp_path / "run"
+    for i, state in ((1, {"step": 10}), (2, {"step": 20})):
+        (run / f"checkpoint_00000{i}").mkdir(parents=True)
+        train.write_checkpoint_dir(run / f"checkpoint_00000{i}", state)
+    (run / "checkpoint_000003").mkdir()
+    (run / "checkpoint_000003" / "state.pt").write_bytes(b"half")  # its marker is not written yet
+    cps = ck.list_checkpoints(LocalRunner(), str(run))
+    assert [c.complete for c in cps] == [True, True, False]
+    assert ck.choose("run", cps).name == "checkpoint_000002"
+    with pytest.raises(
+        RaybridgeError, match="checkpoint_000003 of run run is incomplete .*newest complete one"
+    ):
+        ck.choose("run", cps, "checkpoint_000003")
+    with pytest.raises(RaybridgeError, match="run run has no complete checkpoint yet"):
+        ck.choose("run", cps[2:])
+    final = ck.pull(LocalRunner(), cps[1].path, tmp_path / "dest", complete=True)
+    assert train.is_complete(final)
+    # A marker that does not match the state it came with is not a complete copy: not made visible.
+    (run / "checkpoint_000001" / "state.pt").write_bytes(b"changed after the marker")
+    with pytest.raises(RaybridgeError, match="not a complete checkpoint"):
+        ck.pull(LocalRunner(), cps[0].path, tmp_path / "dest", complete=True)
+    assert not (tmp_path / "dest" / "checkpoint_000001").exists()
