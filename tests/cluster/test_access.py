@@ -187,6 +187,14 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def mark_complete(folder: Path) -> None:
+    """What raybridge.train writes last: state.pt's sha256 in the completion marker."""
+    state = folder / "state.pt"
+    if not state.exists():
+        state.write_bytes(os.urandom(100))
+    (folder / "raybridge-checkpoint.json").write_text(json.dumps({"sha256": sha256(state), "step": 1}))
+
+
 def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
     run = Path(testbed.shared) / "raybridge" / "runs" / "pull-test"
     shutil.rmtree(run, ignore_errors=True)
@@ -196,10 +204,12 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
     (run / "checkpoint_000001" / "meta.json").write_text('{"epoch": 2}')
     for i in range(3):
         (run / "checkpoint_000001" / "shards" / f"s{i}.bin").write_bytes(os.urandom(120_000_000))
+    mark_complete(run / "checkpoint_000001")
     dest = Path(testbed.shared) / "pulled"
     shutil.rmtree(dest, ignore_errors=True)
     ls = testbed.raybridge("laptop", "checkpoints", "ls", "pull-test", "--profile", testbed.remote_profile)
-    assert "checkpoint_000001" in ls.stdout and "4 files" in ls.stdout
+    assert "checkpoint_000001" in ls.stdout and "6 files" in ls.stdout
+    assert "checkpoint_000000" in ls.stdout and "(incomplete: no completion marker)" in ls.stdout
     # Interrupt a parallel pull once a few ranges are recorded done: nothing may look complete.
     p = testbed.start_raybridge(
         "laptop",
@@ -364,6 +374,8 @@ def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, rem
     (run / "checkpoint_000004").symlink_to("/etc")
     (run / "checkpoint_000005\x1b[31m").mkdir()
     (run / "checkpoint_000005\x1b[31m" / "f").write_text("f")
+    for c in (c1, run / "checkpoint_000002", c3):
+        mark_complete(c)  # as raybridge.train leaves a checkpoint: complete, the names aside
     prof = ["--profile", testbed.remote_profile]
     before = tree(area)
 
@@ -377,7 +389,12 @@ def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, rem
     ok = pull("checkpoint_000003")
     assert ok.returncode == 0, ok.stderr
     got = dest / "checkpoint_000003"
-    assert tree(got) == {"real", "real/model.pt"}  # the links stayed behind, nothing followed
+    assert tree(got) == {
+        "real",
+        "real/model.pt",
+        "state.pt",
+        "raybridge-checkpoint.json",
+    }  # no links followed
     assert not any(p.is_symlink() for p in got.rglob("*"))
     for name in ("checkpoint_000004", "checkpoint_000005\x1b[31m"):
         assert "has no checkpoint" in one_line(pull(name))
@@ -390,7 +407,13 @@ def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, rem
         "checkpoint_000003",
     ]
     assert "33 file names raybridge will not copy" in rows[0] and "1 file names" in rows[1], rows
-    pulled = {"dest/checkpoint_000003", "dest/checkpoint_000003/real", "dest/checkpoint_000003/real/model.pt"}
+    pulled = {
+        "dest/checkpoint_000003",
+        "dest/checkpoint_000003/real",
+        "dest/checkpoint_000003/real/model.pt",
+        "dest/checkpoint_000003/state.pt",
+        "dest/checkpoint_000003/raybridge-checkpoint.json",
+    }
     assert tree(area) == before | pulled
     assert not (area / ".bashrc").exists()
     shutil.rmtree(run)
