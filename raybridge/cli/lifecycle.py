@@ -230,10 +230,7 @@ def status_cmd(
     if not records:
         print("no raybridge jobs")
     for r in records:
-        print(
-            f"job {r.job_id} ({r.name}): Slurm {r.slurm_state}, Ray {r.ray_state}, "
-            f"{r.alive_nodes}/{r.expected_nodes or '?'} nodes alive"
-        )
+        print(f"job {r.job_id} ({r.name}): Slurm {r.slurm_state}, Ray {r.ray_state}, {r.nodes_line()}")
         if r.dashboard_url:
             print(f"  address {r.address}  dashboard {r.dashboard_url}")
         if r.accounting:
@@ -249,7 +246,7 @@ def status_cmd(
             print("  " + node_line(n.to_dict()))
         for m in r.members:
             pending = m.slurm_state == "PENDING"
-            where = m.node or (f"reason {m.reason}" if pending else "")
+            where = m.node or (f"reason {m.reason}" if pending and m.reason not in (None, "None") else "")
             how = ", autoscaled" if m.autoscaled else ""
             print(
                 f"  member job {m.job_id} ({m.partition or 'default'}{how}): "

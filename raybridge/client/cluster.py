@@ -48,7 +48,8 @@ class Progress:
     def line(self) -> str:
         t = f"{self.elapsed:5.1f}s"
         if self.phase == "queued":
-            return f"[{t}] job {self.job_id}: {self.slurm_state.lower()} (reason: {self.reason})"
+            why = f" (reason: {self.reason})" if self.reason and self.reason != "None" else ""
+            return f"[{t}] job {self.job_id}: {self.slurm_state.lower()}{why}"
         if self.phase == "ready":
             return f"[{t}] job {self.job_id}: all {self.expected} nodes joined, cluster ready"
         if self.phase == "alive":

@@ -62,6 +62,16 @@ class ClusterStatus:
     members: tuple[MemberStatus, ...]
     autoscale: dict[str, int] | None
 
+    def nodes_line(self) -> str:
+        """`2/2 nodes alive, 2 member nodes, 1 lost`: the allocation's nodes against what it asked for,
+        then what member jobs brought, then nodes that died (released ones left: not lost)."""
+        own = sum(1 for n in self.nodes if n.record.alive and not n.record.member_job)
+        members = sum(1 for n in self.nodes if n.record.alive and n.record.member_job)
+        lost = sum(1 for n in self.nodes if not n.record.alive and not n.left)
+        text = f"{own}/{self.expected_nodes or '?'} nodes alive"
+        text += f", {members} member node{'s' if members != 1 else ''}" if members else ""
+        return text + (f", {lost} lost" if lost else "")
+
     def to_dict(self) -> dict[str, Any]:
         """As `status --json` prints it."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass
 
 from raybridge import envcheck
+from raybridge.autoscaler import config as autoscale
 from raybridge.client import doctor
 from raybridge.client.cluster import Cluster
 from raybridge.client.profile import ClusterSpec
 from raybridge.client.render import render, render_member
 from raybridge.errors import ClusterError
+from raybridge.jobdir import ClusterRecord
 from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import Runner
 
@@ -116,6 +118,7 @@ def add_members(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
     info = cluster.info()
     if job is None or job.state != "running" or info is None or info.head is None:
         raise ClusterError(f"job {cluster.job_id} has no running Ray cluster to add nodes to")
+    within_limit(cluster, info, count)
     runner = cluster.runner
     spec = member_spec(
         complete(spec.with_home(runner.home()), local=not runner.host), cluster.job_id, spec.time
@@ -138,3 +141,18 @@ def add_members(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
         )
         ids.append(rec.job_id)
     return ids
+
+
+def within_limit(cluster: Cluster, info: ClusterRecord, count: int) -> None:
+    """An autoscaled cluster stays within its --max-nodes: nodes added by hand count too."""
+    limits = autoscale.limits(cluster.runner.read_text(autoscale.config_path(cluster.job_dir)))
+    if limits is None:
+        return
+    members = sum(1 for m in cluster.members.listing() if m.active and m.record.released_at is None)
+    now = info.expected_nodes + members
+    if now + count > limits["max_nodes"]:
+        raise ClusterError(
+            f"job {cluster.job_id} autoscales up to {limits['max_nodes']} nodes and has {now} "
+            f"({info.expected_nodes} in the allocation, {members} member jobs): --add {count} would "
+            "go beyond it"
+        )

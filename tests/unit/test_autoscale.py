@@ -219,3 +219,36 @@ def test_a_missing_member_script_is_one_event_not_one_per_retry(provider):
             p.create_node({}, {"ray-node-type": "worker"}, 1)
     assert len(list(Path(folder.events).glob("*autoscale_failed.json"))) == 1
     assert slurm.next == 100  # nothing submitted
+
+
+def test_scale_add_stays_within_the_autoscaling_limit_and_status_counts_add_up(tmp_path):
+    """`up --max-nodes 3`, then `scale --add`: hand-added nodes count against the limit too; status
+    says `2/2 nodes alive, 1 member node`, not `3/2`."""
+    from raybridge.client import status, submission
+    from raybridge.client.cluster import Cluster
+    from raybridge.transport.runner import LocalRunner
+
+    s = dataclasses.replace(settings(tmp_path), nodes=2, max_nodes=3)
+    folder = jd.JobDir(s.job_dir)
+    Path(folder.members).mkdir(parents=True)
+    jd.write_json(autoscale.config_path(folder.path), autoscale.autoscaling_config(s, 2, 0, 1 << 30))
+    info = jd.ClusterRecord(job_id="7", state="ready", expected_nodes=2, job_dir=folder.path)
+    cluster = Cluster(LocalRunner(), "7", folder.path)
+    cluster.slurm = FakeSlurm()
+    submission.within_limit(cluster, info, 1)  # 2 + 1 = 3: fine
+    cluster.slurm.queue["101"] = ("RUNNING", "None")
+    jd.write(folder.member("101"), jd.MemberRecord(job_id="101", cluster_job="7"))
+    with pytest.raises(
+        ClusterError, match=r"autoscales up to 3 nodes and has 3 \(2 in the allocation, 1 member"
+    ):
+        submission.within_limit(cluster, info, 1)
+    nodes = [
+        status.NodeStatus(jd.NodeRecord(ip="a", alive=True), left=False),
+        status.NodeStatus(jd.NodeRecord(ip="b", alive=True), left=False),
+        status.NodeStatus(jd.NodeRecord(ip="c", alive=True, member_job="101"), left=False),
+        status.NodeStatus(jd.NodeRecord(ip="d", alive=False, member_job="100"), left=True),
+        status.NodeStatus(jd.NodeRecord(ip="e", alive=False), left=False),
+    ]
+    fields = {f.name: None for f in dataclasses.fields(status.ClusterStatus)}
+    st = status.ClusterStatus(**(fields | {"nodes": tuple(nodes), "expected_nodes": 3}))
+    assert st.nodes_line() == "2/3 nodes alive, 1 member node, 1 lost"  # the released one left
