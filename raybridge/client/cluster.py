@@ -300,13 +300,15 @@ class Cluster:
                 # Not in the second of the requeue: Slurm revoked the previous start's credential then,
                 # and refuses a start whose new credential carries that same second.
                 if job and held_since and on_requeue and time.monotonic() - held_since >= REQUEUE_MARGIN:
-                    ran, held_since = False, None
                     held = f" until {job.eligible_time}" if job.eligible_time[:1].isdigit() else ""
                     if self.slurm.start_now(self.job_id):
+                        ran, held_since = False, None
                         on_requeue(
                             f"job {self.job_id} was requeued and held{held} for Slurm's credential expiry; "
                             "starting it now"
                         )
+                    else:  # refused (e.g. still the second of the requeue): again after another margin
+                        held_since = time.monotonic()
             while path and (data := self.runner.read_from(path, offset, CHUNK)):
                 offset += len(data)
                 write(decode.decode(data))

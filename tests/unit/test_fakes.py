@@ -167,3 +167,40 @@ def test_fetch_token_copies_it_private(tmp_path, monkeypatch):
     assert copy.read_text() == "s3cret" and oct(copy.stat().st_mode)[-3:] == "600"
     assert oct(copy.parent.stat().st_mode)[-3:] == "700"
     assert access.fetch_token(Cluster(LocalRunner(), "8", folder.path), rec.with_changes(auth="none")) is None
+
+
+def test_a_requeued_job_held_by_slurm_is_started_even_when_the_first_try_is_refused(tmp_path, monkeypatch):
+    """`run` follows a requeued job: Slurm holds it (BeginTime) for its credential lifetime; the owner
+    may move its start. A refused try (the second of the requeue) is tried again, not given up."""
+    from raybridge.client import cluster as cluster_mod
+    from raybridge.client.cluster import Cluster
+    from raybridge.slurm import JobInfo
+    from raybridge.transport.runner import LocalRunner
+
+    monkeypatch.setattr(cluster_mod, "JOB_EVERY", 0.0)
+    monkeypatch.setattr(cluster_mod, "REQUEUE_MARGIN", 0.0)
+    monkeypatch.setattr(cluster_mod, "FOLLOW_EVERY", {"local": 0.0, "ssh": 0.0})
+    log = tmp_path / "job.out"
+    log.write_text("step 1\n")
+
+    class Held:
+        def __init__(self):
+            self.states = [("RUNNING", "None")] + [("PENDING", "BeginTime")] * 4 + [("COMPLETED", "None")]
+            self.tries = 0
+
+        def job(self, job_id):
+            state, reason = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            return JobInfo(job_id, "rb", state, reason, "n1", str(log), 0, "raybridge", eligible_time="x")
+
+        def start_now(self, job_id):
+            self.tries += 1
+            if self.tries == 2:
+                self.states = [("RUNNING", "None"), ("COMPLETED", "None")]
+            return self.tries == 2  # the first try is refused
+
+    c = Cluster(LocalRunner(), "9", str(tmp_path))
+    c.slurm = Held()
+    said, out = [], []
+    job = c.follow_output(out.append, on_requeue=said.append)
+    assert job.slurm_state == "COMPLETED" and "".join(out) == "step 1\n"
+    assert c.slurm.tries == 2 and len(said) == 1 and "was requeued and held" in said[0]
