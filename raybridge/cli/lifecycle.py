@@ -142,6 +142,10 @@ def run_cmd(
             "--resume", metavar="RUN", help="Continue this training run (raybridge.train) in the new job."
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also show the node agents' own lines (always in the job log)."),
+    ] = False,
 ) -> None:
     """Bring up a cluster, run COMMAND with RAY_ADDRESS set, tear down.
     Exits with the command's exit code."""
@@ -154,12 +158,19 @@ def run_cmd(
     with connected(spec) as runner, submitted(spec, runner) as c:
         c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), ended_ok=True, until="alive")
         say(f"all nodes alive; running: {' '.join(command)}")
-        job = c.follow_output(lambda s: (sys.stdout.write(s), sys.stdout.flush()), on_requeue=say)
+        show = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
+        out = show if verbose else lib.ProgramOutput(show)
+        job = c.follow_output(out, on_requeue=say)
+        if not verbose:
+            out.flush()
         code = job.exit_code if job and job.exit_code is not None else 1
         state = job.slurm_state if job else "unknown"
         if code == 0 and state != "COMPLETED":
             code = 1  # cancelled or failed from outside (a lost batch host): not the driver's success
-        say(f"job {c.job_id} finished: {state}, exit code {code}")
+        say(
+            f"job {c.job_id} finished: {state}, exit code {code}"
+            + (f"; its log: {c.log_path(job)}" if job else "")
+        )
         if acct := c.accounting():
             say(f"job {c.job_id} used {acct.line()}")
         if code != 0 and state in LOST:

@@ -321,6 +321,34 @@ class Cluster:
             time.sleep(every)
 
 
+class ProgramOutput:
+    """The job log as `run` shows it: the program's output; raybridge's own lines (every agent's and the
+    driver launcher's `raybridge[host/role] ...`, the environment check, the driver's exit line) stay
+    in the job log. A partial line is held only while it could still become one of those: a progress
+    bar without a newline shows at once."""
+
+    OWN = ("raybridge[", "raybridge: environment ok", "raybridge: driver exited with code")
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+        self.held = ""
+
+    def __call__(self, text: str) -> None:
+        lines = (self.held + text).split("\n")
+        self.held = lines.pop()
+        shown = [line + "\n" for line in lines if not line.startswith(self.OWN)]
+        if self.held and not any(o.startswith(self.held[: len(o)]) for o in self.OWN):
+            shown.append(self.held)  # cannot become one of ours: no reason to wait for its newline
+            self.held = ""
+        if shown:
+            self.write("".join(shown))
+
+    def flush(self) -> None:
+        if self.held and not self.held.startswith(self.OWN):
+            self.write(self.held)
+        self.held = ""
+
+
 def job_dir_for(spec: ClusterSpec, runner: Runner, job_id: str, job: JobInfo | None = None) -> str:
     """The job's folder: under the profile's shared_dir, or next to the script Slurm ran."""
     spec = spec.with_home(runner.home())

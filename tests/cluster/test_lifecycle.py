@@ -165,15 +165,22 @@ def test_run_propagates_the_driver_exit_code(testbed, how):
         script = f"{testbed.shared}/exit-code-driver.py"
         open(script, "w").write(driver.replace("; ", "\n"))
         code, command = 3, ["python", script, "it's a; $(x)", "3"]
-    r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", testbed.local_profile, "--", *command)
+    # The node agents' own lines are in the job log; on the terminal only with --verbose.
+    verbose = ["--verbose"] if how == "in-process" else []
+    r = testbed.raybridge(
+        "login", "run", "--nodes", "2", *verbose, "--profile", testbed.local_profile, "--", *command
+    )
     assert r.returncode == code, r.stderr + r.stdout
     assert "driver nodes 2 10.212.0." in r.stdout
+    job = job_id_from(r.stderr)
+    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
     if how == "in-process":
         assert "args [\"it's a; $(x)\", '3'] __main__" in r.stdout
         assert "running (in process, Ray imported early)" in r.stdout
     else:
-        assert "running (child process)" in r.stdout
-    job = job_id_from(r.stderr)
+        assert "running (child process)" in log.read_text()
+        assert "raybridge[" not in r.stdout and "environment ok" not in r.stdout, r.stdout
+        assert f"exit code {code}; its log: {log}" in r.stderr
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
 

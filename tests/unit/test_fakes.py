@@ -204,3 +204,20 @@ def test_a_requeued_job_held_by_slurm_is_started_even_when_the_first_try_is_refu
     job = c.follow_output(out.append, on_requeue=said.append)
     assert job.slurm_state == "COMPLETED" and "".join(out) == "step 1\n"
     assert c.slurm.tries == 2 and len(said) == 1 and "was requeued and held" in said[0]
+
+
+def test_run_shows_the_programs_output_and_keeps_the_agents_lines_in_the_log():
+    from raybridge.client.cluster import ProgramOutput
+
+    shown: list[str] = []
+    out = ProgramOutput(shown.append)
+    out("raybridge: environment ok: /v/bin/python, Python 3.11, Ray 2.60.0\nraybridge[n2/he")
+    out("ad] 12:00:00.000 starting Ray on ib0\nepoch 1 loss 0.5\nraybr")
+    assert "".join(shown) == "epoch 1 loss 0.5\n"  # "raybr" may still become an agent's line: held
+    out("ay is the program's word\n  3%|#  | 3/100\r")
+    assert "".join(shown).endswith("raybray is the program's word\n  3%|#  | 3/100\r")  # a bar: at once
+    out("raybridge: driver exited with code 0\nraybridge: requeueing job 7 (restart 1 of 3)\ntail")
+    out.flush()
+    text = "".join(shown)
+    assert "raybridge[" not in text and "environment ok" not in text and "driver exited" not in text
+    assert text.endswith("raybridge: requeueing job 7 (restart 1 of 3)\ntail")  # progress stays
