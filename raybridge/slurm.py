@@ -6,6 +6,7 @@ head's autoscaler over a LocalRunner inside the allocation. Slurm's job states a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time as clock
 from dataclasses import dataclass
@@ -120,6 +121,17 @@ class Accounting:
     node_s: int  # elapsed x nodes
     alloc_cpu_s: int  # elapsed x allocated CPUs
     total_cpu_s: float  # CPU time used by every step (complete once the steps ended)
+    member_jobs: int = 0  # member jobs (scale, replacements, the autoscaler) counted in too
+
+    def plus(self, member: Accounting) -> Accounting:
+        """This cluster's figures with a member job's added (the state stays the cluster's)."""
+        return dataclasses.replace(
+            self,
+            node_s=self.node_s + member.node_s,
+            alloc_cpu_s=self.alloc_cpu_s + member.alloc_cpu_s,
+            total_cpu_s=round(self.total_cpu_s + member.total_cpu_s, 3),
+            member_jobs=self.member_jobs + 1,
+        )
 
     @property
     def node_hours(self) -> float:
@@ -139,6 +151,8 @@ class Accounting:
         starts += (
             f", {self.resizes} resize{'s' if self.resizes > 1 else ''} (a lost node)" if self.resizes else ""
         )
+        if self.member_jobs:
+            starts += f", {self.member_jobs} member job{'s' if self.member_jobs > 1 else ''} included"
         text = f"{self.node_hours:.4f} node-hours ({self.node_s} node-seconds{starts})"
         if self.running:
             return text + ", CPU efficiency once the job ends (sacct)"
@@ -154,6 +168,7 @@ class Accounting:
             "node_hours": round(self.node_hours, 6),
             "cpu_efficiency": None if self.cpu_efficiency is None else round(self.cpu_efficiency, 4),
             "total_cpu_s": self.total_cpu_s,
+            "member_jobs": self.member_jobs,
             "summary": self.line(),
         }
 

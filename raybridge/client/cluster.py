@@ -126,14 +126,18 @@ class Cluster:
         return self.slurm.job(self.job_id)
 
     def accounting(self, settle: float = 5.0) -> Accounting | None:
-        """sacct's record of the job; after its end, waits up to `settle` s for the final one (the
-        controller hands it to slurmdbd a moment after the job ended)."""
+        """sacct's record of the job, its member jobs' added; after its end, waits up to `settle` s
+        for the final one (the controller hands it to slurmdbd a moment after the job ended)."""
         deadline = time.monotonic() + settle
         while True:
             acct = self.slurm.accounting(self.job_id)
             if acct is None or not acct.running or time.monotonic() > deadline:
-                return acct
+                break
             time.sleep(0.5)
+        for rec in self.members.records() if acct else ():
+            if member := self.slurm.accounting(rec.job_id):
+                acct = acct.plus(member)
+        return acct
 
     def joined(self) -> int:
         return sum(1 for n in self.runner.listdir(self.dir.nodes) if n.endswith(".json"))

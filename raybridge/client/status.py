@@ -89,7 +89,7 @@ def of(cluster: Cluster) -> ClusterStatus:
     released = members.released()
     side = timeline.side_events(cluster.runner, cluster.dir)
     head_events = [e for e in map(timeline.clean, info.events if info else ()) if e is not None]
-    acct = cluster.slurm.accounting(cluster.job_id)
+    acct = cluster.accounting(settle=0)
     return ClusterStatus(
         job_id=cluster.job_id,
         name=job.name if job else (info.job_name if info else None),

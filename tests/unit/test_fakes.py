@@ -1,6 +1,7 @@
 """The library's logic against fakes: the head's readiness loop, Cluster.stop, and access.py."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,29 @@ def test_run_shows_the_programs_output_and_keeps_the_agents_lines_in_the_log():
     text = "".join(shown)
     assert "raybridge[" not in text and "environment ok" not in text and "driver exited" not in text
     assert text.endswith("raybridge: requeueing job 7 (restart 1 of 3)\ntail")  # progress stays
+
+
+def test_accounting_counts_the_member_jobs_too(tmp_path):
+    """Node-hours of a cluster that grew: its own job's and every member job's."""
+    from raybridge import jobdir as jd
+    from raybridge.client.cluster import Cluster
+    from raybridge.slurm import Accounting
+    from raybridge.transport.runner import LocalRunner
+
+    folder = jd.JobDir(str(tmp_path / "jobs" / "7"))
+    os.makedirs(folder.members, mode=0o700)
+    for member in ("11", "12"):
+        jd.write(folder.member(member), jd.MemberRecord(job_id=member, cluster_job="7"))
+
+    class Sacct:
+        figures = {"7": (7200, 14400, 3600.0), "11": (3600, 7200, 1800.0), "12": (1800, 3600, 0.0)}
+
+        def accounting(self, job_id):
+            node_s, cpu_s, used = self.figures[job_id]
+            return Accounting("COMPLETED", 1, 0, node_s // 2, node_s, cpu_s, used)
+
+    c = Cluster(LocalRunner(), "7", folder.path)
+    c.slurm = Sacct()
+    acct = c.accounting(settle=0)
+    assert acct.node_s == 12600 and acct.member_jobs == 2 and acct.cpu_efficiency == 5400 / 25200
+    assert acct.line().startswith("3.5000 node-hours (12600 node-seconds, 2 member jobs included)")
