@@ -90,6 +90,19 @@ class Members:
                         return rec
         return None
 
+    def ever_joined(self, job_id: str) -> bool:
+        """Did this member's Ray join this cluster at any head generation (a new head keeps the previous
+        generation's node records in nodes-gen<N>/ while the members rejoin it)?"""
+        folders = [
+            n for n in self.runner.listdir(self.dir.path) if n == jd.NODES or n.startswith("nodes-gen")
+        ]
+        prefix = f"m{job_id}-"
+        return any(
+            name.startswith(prefix) and name.endswith(".json")
+            for folder in folders
+            for name in self.runner.listdir(self.dir.join(folder))
+        )
+
     def released(self) -> set[str]:
         """Members given the release flag: their nodes left on purpose, they did not die."""
         return {

@@ -104,7 +104,8 @@ class SlurmNodeProvider(NodeProvider):
                 if ip:
                     nodes[rec.job_id] = {"ip": ip, "tags": {TAG_RAY_NODE_KIND: NODE_KIND_UNMANAGED}}
                 continue
-            if ip is None and time.time() - (rec.submitted_at or 0) > self.join_timeout:
+            late = time.time() - (rec.submitted_at or 0) > self.join_timeout
+            if ip is None and late and not self.members.ever_joined(rec.job_id):  # (rejoining a new head)
                 why = f"Slurm {state}" + (f" ({reason})" if reason and reason != "None" else "")
                 self.release(rec, f"did not join within {self.join_timeout:.0f}s: {why}", "not_joined")
                 continue

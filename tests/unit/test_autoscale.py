@@ -252,3 +252,19 @@ def test_scale_add_stays_within_the_autoscaling_limit_and_status_counts_add_up(t
     fields = {f.name: None for f in dataclasses.fields(status.ClusterStatus)}
     st = status.ClusterStatus(**(fields | {"nodes": tuple(nodes), "expected_nodes": 3}))
     assert st.nodes_line() == "2/3 nodes alive, 1 member node, 1 lost"  # the released one left
+
+
+def test_a_member_rejoining_a_new_head_is_not_taken_for_one_that_never_joined(provider):
+    """After a head crash the new head's provider starts with an empty nodes/ folder while the members
+    rejoin: one that joined the old head is waited for, not released as `not_joined`."""
+    p, slurm, folder = provider
+    (job,) = p.create_node({}, {"ray-node-type": "worker"}, 1)
+    rec = jd.read(folder.member(job), jd.MemberRecord)
+    jd.write(folder.member(job), dataclasses.replace(rec, submitted_at=rec.submitted_at - 61))
+    slurm.queue[job] = ("RUNNING", "None")
+    old = Path(folder.join("nodes-gen0"))
+    old.mkdir()
+    jd.write(str(old / f"m{job}-0.json"), jd.NodeRecord(ip="10.0.0.3", member_job=job))
+    assert job in p.non_terminated_nodes({}) and slurm.cancelled == []
+    old.joinpath(f"m{job}-0.json").unlink()  # it never joined at all: released after join_timeout
+    assert job not in p.non_terminated_nodes({}) and slurm.cancelled == [job]
