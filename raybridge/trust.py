@@ -137,3 +137,24 @@ def write_atomic(path: str, text: str, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def private_folder_problem(path: str) -> str | None:
+    """Create path (mode 0700), or accept it only as this user's own private, real folder; the problem
+    in words otherwise (someone else made it, or a link in its place, and would choose what goes in)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        return None
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
-import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from raybridge import jobdir as jd
+from raybridge import trust
 from raybridge.agent import keeplogs, netinfo, ports, procs
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.replace import Replacer
@@ -150,21 +148,5 @@ def private_dir(path: str) -> None:
     """Create path (mode 0700), or accept it only as this user's own private folder: on a node with a
     shared /tmp another user could create rb-<job id> before the job (or a link in its place) and
     then own the folder that holds Ray's sockets and logs."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-        return
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a folder"
-    elif st.st_uid != os.getuid():
-        problem = f"belongs to uid {st.st_uid}"
-    elif stat.S_IMODE(st.st_mode) & 0o077:
-        problem = f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-        return
-    raise RuntimeError(f"{path} already exists and {problem}: remove it, or set node_tmp in the profile")
+    if problem := trust.private_folder_problem(path):
+        raise RuntimeError(f"{path} already exists and {problem}: remove it, or set node_tmp in the profile")

@@ -20,13 +20,12 @@ import hashlib
 import os
 import posixpath
 import re
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybridge import train
+from raybridge import train, trust
 from raybridge.errors import RaybridgeError
 from raybridge.layout import CHECKPOINT_MARKER, SharedDir
 from raybridge.transport import transfer
@@ -206,7 +205,10 @@ def pull(
     if not files:
         raise RaybridgeError(f"checkpoint {folder} is empty or missing")
     partial = dest / f".partial-{name}"
-    private_folder(partial)
+    # A real, private folder of ours (a link or a folder others can write would let them choose where the
+    # copy's bytes go).
+    if problem := trust.private_folder_problem(str(partial)):
+        raise RaybridgeError(f"{partial} {problem}: remove it and pull again")
     root = partial.resolve()
     items: list[transfer.Item] = []
     for entry in files:
@@ -284,28 +286,6 @@ def keep_verified(
             f"{wrong[0]}: copy does not match the source (sha256); run the pull again "
             f"({len(wrong)} file(s) to copy again, the others are kept)"
         )
-
-
-def private_folder(path: Path) -> None:
-    """Create the pull's partial folder (0700), or accept an existing one only as this user's own,
-    private, real folder: a link or a folder someone else can write would let them choose where the
-    copy's bytes go."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=0o700)
-        return
-    except FileExistsError:
-        pass
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        problem = "is not a folder (a link?)"
-    elif st.st_uid != os.getuid():
-        problem = f"belongs to uid {st.st_uid}"
-    elif stat.S_IMODE(st.st_mode) & 0o077:
-        problem = f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-        return
-    raise RaybridgeError(f"{path} {problem}: remove it and pull again")
 
 
 def inside(path: Path, root: Path) -> bool:

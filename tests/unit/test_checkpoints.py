@@ -82,7 +82,7 @@ def test_a_partial_folder_that_is_not_ours_alone_is_refused_and_part_files_are_n
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     partial.symlink_to(elsewhere)  # the copy's bytes would go wherever the link points
-    with pytest.raises(RaybridgeError, match="is not a folder .*remove it and pull again"):
+    with pytest.raises(RaybridgeError, match="is a symbolic link: remove it and pull again"):
         ck.pull(LocalRunner(), str(cp), dest)
     partial.unlink()
     partial.mkdir(mode=0o777)
