@@ -205,8 +205,12 @@ def test_profile_ray_start_command_uses_rays_own_start(testbed):
     r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", path, "--", "python", "-c", driver)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "alive 2" in r.stdout
-    assert r.stdout.count("using the `ray start` command (profile: ray_start: command)") == 2  # both nodes
     job = job_id_from(r.stderr)
+    # The agents say so in the job log (`run` shows the program's output; --verbose adds their lines).
+    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
+    assert (
+        log.read_text().count("using the `ray start` command (profile: ray_start: command)") == 2
+    )  # both nodes
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
 
