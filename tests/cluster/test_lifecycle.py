@@ -194,7 +194,11 @@ def test_profile_ray_args_reach_every_node(testbed):
     r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", path, "--", "python", "-c", driver)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "rb_slot total 4.0" in r.stdout
-    assert "using the `ray start` command" not in r.stdout + r.stderr  # in the agent, no fallback
+    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job_id_from(r.stderr)}.out")
+    text = log.read_text()
+    assert (
+        "starting Ray on" in text and "using the `ray start` command" not in text
+    )  # in the agent, no fallback
 
 
 def test_profile_ray_start_command_uses_rays_own_start(testbed):
