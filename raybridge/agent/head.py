@@ -18,7 +18,7 @@ from raybridge.errors import RaybridgeError
 from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import LocalRunner
 
-BATCH_CHECK_S = 5.0  # how often the head asks Slurm whether the batch host is still in the job
+BATCH_CHECK_S = 2.0  # how often the head asks Slurm whether the batch host is still in the job
 
 
 class HeadRole(AgentBase):
@@ -119,6 +119,11 @@ class HeadRole(AgentBase):
                 batch_check = now
                 self.check_batch_host()
             time.sleep(0.2)
+        if self.stopping and self.settings.rank != 0:
+            # Slurm stops the step's tasks (SIGTERM) when the batch host died with the step's srun:
+            # this is the last moment to requeue the job, or nobody will.
+            with contextlib.suppress(StopRequested, RaybridgeError, OSError):
+                self.check_batch_host()
         return 0
 
     def refresh(self, gcs: GcsView) -> None:
