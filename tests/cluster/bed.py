@@ -1,10 +1,16 @@
 """Helpers for tests against the real test bed (scripts/testbed): a multi-node Slurm cluster,
-a login node with sshd and a laptop, each in its own network namespace."""
+a login node with sshd and a laptop, each in its own network namespace.
+
+raybridge runs as a normal user (alice, unless a test says otherwise), from the users' venv on
+shared storage, as on a real site; root only administers the bed (crashes, node states, cleanup)."""
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,8 +19,13 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 TESTBED = str(REPO / "scripts" / "testbed")
-RAYBRIDGE = str(REPO / ".venv" / "bin" / "raybridge")
-PYTHON = str(REPO / ".venv" / "bin" / "python")
+ROOT = Path(os.environ.get("RBTB_ROOT", "/srv/rbtb"))
+VENV = ROOT / "opt" / "venv"  # the users' venv (scripts/testbed builds it)
+RAYBRIDGE = str(VENV / "bin" / "raybridge")
+PYTHON = str(VENV / "bin" / "python")
+USER = "alice"  # who runs raybridge in the tests
+# The examples, copied where the user can read them (the checkout may be in a private folder).
+EXAMPLES = ROOT / "shared" / f"work-{USER}" / "examples"
 
 
 HTTP_PROBE = """
@@ -34,16 +45,72 @@ except OSError as e:
 class Testbed:
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.shared = env["RAYBRIDGE_TESTBED_SHARED"]
+        self.user = env["RAYBRIDGE_TESTBED_USER"]
+        self.home = Path(env["RAYBRIDGE_TESTBED_HOME"])
         self.local_profile = env["RAYBRIDGE_TESTBED_LOCAL_PROFILE"]
         self.remote_profile = env["RAYBRIDGE_TESTBED_REMOTE_PROFILE"]
         self.nodes = int(env["RAYBRIDGE_TESTBED_NODES"])
+        # raybridge's shared_dir in the user's profiles, and a folder of the user's on shared storage
+        # for the files a test makes (profiles, scripts, known_hosts).
+        self.shared_dir = Path(profile_value(self.local_profile, "shared_dir"))
+        self.shared = f"{env['RAYBRIDGE_TESTBED_SHARED']}/work-{self.user}"
+        if not os.path.isdir(self.shared):
+            os.mkdir(self.shared)
+        self.give(self.shared, 0o755)
+        # What tests run from the checkout, copied where the user can read it: the examples, and
+        # raybridge's sources alone (for a Python that has none of its dependencies).
+        shutil.copytree(REPO / "examples", f"{self.shared}/examples", dirs_exist_ok=True)
+        self.sources = f"{self.shared}/src"
+        shutil.rmtree(self.sources, ignore_errors=True)
+        shutil.copytree(
+            REPO / "raybridge",
+            f"{self.sources}/raybridge",
+            symlinks=False,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+
+    def give(self, path: str | Path, mode: int | None = None) -> None:
+        """Make a file the test wrote (as root) the user's own, as if the user had written it."""
+        pw = pwd.getpwnam(self.user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        if mode is not None:
+            os.chmod(path, mode)
+
+    def give_tree(self, path: str | Path) -> None:
+        """give() for a folder the test made and everything in it (links themselves, not their targets)."""
+        pw = pwd.getpwnam(self.user)
+        for folder, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(folder, name), pw.pw_uid, pw.pw_gid)
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+
+    def user_dir(self, path: str | Path) -> Path:
+        """mkdir -p as the user (so the folders are the user's, as raybridge requires)."""
+        self.exec("login", "mkdir", "-p", "--", str(path), check=True)
+        return Path(path)
+
+    def write(self, path: str | Path, text: str, mode: int = 0o644) -> str:
+        """Write a file as the user would (the user's own, mode 0644 unless said); returns its path."""
+        Path(path).write_text(text)
+        self.give(path, mode)
+        return str(path)
 
     def exec(
-        self, host: str, *cmd: str, timeout: float = 300, input: str | None = None, check: bool = False
+        self,
+        host: str,
+        *cmd: str,
+        timeout: float = 300,
+        input: str | None = None,
+        check: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """cmd on host as the test's user (or `user`; "root" for the bed's administration)."""
         r = subprocess.run(
-            [TESTBED, "exec", host, "--", *cmd], capture_output=True, text=True, timeout=timeout, input=input
+            as_user(host, *cmd, user=user or self.user),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
         )
         if check and r.returncode != 0:
             raise AssertionError(
@@ -51,14 +118,20 @@ class Testbed:
             )
         return r
 
-    def raybridge(self, host: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return self.exec(host, RAYBRIDGE, *args, timeout=timeout)
+    def admin(self, host: str, *cmd: str, **kw) -> subprocess.CompletedProcess[str]:
+        """cmd on host as root: the bed's administrator, never raybridge's user."""
+        return self.exec(host, *cmd, user="root", **kw)
+
+    def raybridge(
+        self, host: str, *args: str, timeout: float = 300, user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.exec(host, RAYBRIDGE, *args, timeout=timeout, user=user)
 
     def start_raybridge(self, host: str, *args: str, output: bool = True) -> subprocess.Popen[str]:
         """raybridge on host in the background (text pipes, or output discarded)."""
         pipe = subprocess.PIPE if output else subprocess.DEVNULL
         return subprocess.Popen(
-            [TESTBED, "exec", host, "--", RAYBRIDGE, *args], stdout=pipe, stderr=pipe, text=True
+            as_user(host, RAYBRIDGE, *args, user=self.user), stdout=pipe, stderr=pipe, text=True
         )
 
     def http(self, host: str, url: str, token_path: str | None = None) -> str:
@@ -67,10 +140,10 @@ class Testbed:
         return self.exec(host, PYTHON, "-c", HTTP_PROBE, *args, check=True).stdout.strip()
 
     def squeue_ids(self) -> list[str]:
-        return self.exec("login", "squeue", "-h", "-o", "%i", check=True).stdout.split()
+        return self.admin("login", "squeue", "-h", "-o", "%i", check=True).stdout.split()
 
     def job_dir(self, job_id: str) -> Path:
-        return Path(self.shared) / "raybridge" / "jobs" / job_id
+        return self.shared_dir / "jobs" / job_id
 
     def cluster_json(self, job_id: str) -> dict:
         return json.loads((self.job_dir(job_id) / "cluster.json").read_text())
@@ -80,6 +153,19 @@ class Testbed:
         while job_id in self.squeue_ids():
             assert time.monotonic() < deadline, f"job {job_id} still in the queue"
             time.sleep(0.5)
+
+
+def as_user(host: str, *cmd: str, user: str = USER) -> list[str]:
+    """The argv that runs cmd on host as user ("root": as the bed's administrator)."""
+    return [TESTBED, "exec", "--user", user, host, "--", *cmd]
+
+
+def profile_value(profile: str, key: str) -> str:
+    """A top-level key of a profile the bed wrote (plain `key: value` lines)."""
+    for line in Path(profile).read_text().splitlines():
+        if line.startswith(f"{key}: "):
+            return line.split(": ", 1)[1].strip()
+    raise KeyError(f"{key} not in {profile}")
 
 
 def job_procs(job_id: str) -> list[psutil.Process]:

@@ -170,7 +170,7 @@ def sshd_sessions():
 
 def test_tunnel_reconnects_after_the_ssh_connection_dies(testbed, remote):
     token = remote["env"]["RAY_AUTH_TOKEN_PATH"]
-    log = Path.home() / ".cache" / "raybridge" / "tunnels" / f"{remote['job']}.log"
+    log = testbed.home / ".cache" / "raybridge" / "tunnels" / f"{remote['job']}.log"
     before = log.read_text().count("reconnected") if log.exists() else 0
     victims = sshd_sessions()
     assert victims, "the tunnel's SSH session should be visible on the login node"
@@ -196,7 +196,7 @@ def mark_complete(folder: Path) -> None:
 
 
 def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
-    run = Path(testbed.shared) / "raybridge" / "runs" / "pull-test"
+    run = testbed.user_dir(testbed.shared_dir / "runs") / "pull-test"
     shutil.rmtree(run, ignore_errors=True)
     (run / "checkpoint_000000").mkdir(parents=True)
     (run / "checkpoint_000001" / "shards").mkdir(parents=True)
@@ -205,6 +205,7 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
     for i in range(3):
         (run / "checkpoint_000001" / "shards" / f"s{i}.bin").write_bytes(os.urandom(120_000_000))
     mark_complete(run / "checkpoint_000001")
+    testbed.give_tree(run)
     dest = Path(testbed.shared) / "pulled"
     shutil.rmtree(dest, ignore_errors=True)
     ls = testbed.raybridge("laptop", "checkpoints", "ls", "pull-test", "--profile", testbed.remote_profile)
@@ -345,7 +346,7 @@ def tree(root: Path) -> set[str]:
 
 def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, remote):
     # Anyone who can write the run folder (training code, a colleague, a Ray job) controls its names.
-    run = Path(testbed.shared) / "raybridge" / "runs" / "hostile"
+    run = testbed.user_dir(testbed.shared_dir / "runs") / "hostile"
     shutil.rmtree(run, ignore_errors=True)
     area = Path(testbed.shared) / "pull-area"
     shutil.rmtree(area, ignore_errors=True)
@@ -369,13 +370,15 @@ def test_pull_refuses_hostile_names_and_writes_nothing_outside_dest(testbed, rem
     (c3 / "real").mkdir(parents=True)
     (c3 / "real" / "model.pt").write_bytes(b"m" * 100)
     (c3 / "passwd").symlink_to("/etc/passwd")
-    (c3 / "home").symlink_to(Path.home())
+    (c3 / "home").symlink_to(testbed.home)
     # 4: a checkpoint that is a link to somewhere else, and one whose own name is hostile.
     (run / "checkpoint_000004").symlink_to("/etc")
     (run / "checkpoint_000005\x1b[31m").mkdir()
     (run / "checkpoint_000005\x1b[31m" / "f").write_text("f")
     for c in (c1, run / "checkpoint_000002", c3):
         mark_complete(c)  # as raybridge.train leaves a checkpoint: complete, the names aside
+    testbed.give_tree(run)
+    testbed.give_tree(area)
     prof = ["--profile", testbed.remote_profile]
     before = tree(area)
 

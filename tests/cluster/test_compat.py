@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import PYTHON, REPO, assert_no_leaks
+from tests.cluster.bed import PYTHON, REPO, ROOT, VENV, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -32,11 +32,19 @@ print("hosts", sorted(ray.get(pinned)))
 
 @pytest.fixture(scope="module", params=os.environ.get("RAYBRIDGE_COMPAT_RAY", "oldest,newest").split(","))
 def venv(request):
+    # Venvs the test bed's users can run: Debian's python3, on the bed's software folder.
+    env = os.environ | {"PYTHON": "/usr/bin/python3", "RAYBRIDGE_COMPAT_CACHE": str(ROOT / "opt" / "compat")}
     r = subprocess.run(
-        [str(REPO / "scripts" / "compat-venv"), request.param], capture_output=True, text=True, timeout=900
+        [str(REPO / "scripts" / "compat-venv"), request.param],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    path = Path(r.stdout.strip().splitlines()[-1])
+    path = tests = Path(r.stdout.strip().splitlines()[-1])
+    if path == REPO / ".venv":  # the checkout's Ray: the users' venv has the same versions
+        path = VENV
     version = subprocess.run(
         [str(path / "bin" / "python"), "-c", "import ray; print(ray.__version__)"],
         capture_output=True,
@@ -54,13 +62,13 @@ def venv(request):
         check=True,
         cwd="/",  # the installed raybridge of that venv (editable: this checkout)
     ).stdout.strip()
-    return {"path": path, "version": version, "support": fast, "which": request.param}
+    return {"path": path, "tests": tests, "version": version, "support": fast, "which": request.param}
 
 
 def test_launcher_unit_tests_pass(venv):
     r = subprocess.run(
         [
-            str(venv["path"] / "bin" / "python"),
+            str(venv["tests"] / "bin" / "python"),
             "-m",
             "pytest",
             "-q",
@@ -83,7 +91,7 @@ def test_two_node_cluster(testbed, venv):
     profile = Path(testbed.shared) / f"compat-{venv['which']}.yaml"
     text = Path(testbed.local_profile).read_text()
     text = re.sub(r"source \S+/bin/activate", f"source {venv['path']}/bin/activate", text)
-    profile.write_text(text + f"python: {py}\n")
+    testbed.write(profile, text + f"python: {py}\n")
     up = testbed.exec(
         "login", str(rb), "up", "--nodes", "2", "--profile", str(profile), "--json", timeout=300
     )
@@ -124,7 +132,7 @@ def test_a_job_python_with_other_versions_is_refused_in_one_line(testbed, venv):
     if venv["version"] == ours:
         pytest.skip(f"this venv runs raybridge's own Ray {ours}")
     profile = Path(testbed.shared) / f"mismatch-{venv['which']}.yaml"
-    profile.write_text(Path(testbed.local_profile).read_text() + f"python: {venv['path']}/bin/python\n")
+    testbed.write(profile, Path(testbed.local_profile).read_text() + f"python: {venv['path']}/bin/python\n")
     r = testbed.raybridge("login", "up", "--nodes", "1", "--profile", str(profile), timeout=300)
     job = re.search(r"submitted job (\d+)", r.stderr).group(1)
     assert r.returncode != 0

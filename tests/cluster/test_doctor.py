@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import PYTHON, TESTBED, node_namespaces, processes_in
+from tests.cluster.bed import PYTHON, TESTBED, as_user, node_namespaces, processes_in
 
 pytestmark = pytest.mark.cluster
 NODES = "4"  # every node of the test bed: the broken one is always in the doctor's step
@@ -34,6 +34,7 @@ def only_failure(checks, check, node):
 
 
 def sh(host, *cmd):
+    """As root: the bed's administrator breaks the node."""
     subprocess.run([TESTBED, "exec", host, "--", *cmd], check=True, capture_output=True, timeout=60)
 
 
@@ -74,7 +75,7 @@ def test_a_port_of_the_block_held_on_one_node(testbed):
         "    s = socket.socket(); s.bind(('', ports.plan_for_block(i).gcs)); s.listen(); held.append(s)\n"
         "print('holding', flush=True)\ntime.sleep(600)\n"
     )
-    p = subprocess.Popen([TESTBED, "exec", "n4", "--", PYTHON, "-c", hold], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(as_user("n4", PYTHON, "-c", hold), stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "holding"
         rc, checks = doctor(testbed)
@@ -88,7 +89,7 @@ def test_a_port_of_the_block_held_on_one_node(testbed):
 
 def test_an_overlong_temp_path_is_refused_by_doctor_and_up_alike(testbed):
     profile = Path(testbed.shared) / "long-tmp.yaml"
-    profile.write_text(Path(testbed.local_profile).read_text() + "node_tmp: /tmp/" + "x" * 36 + "\n")
+    testbed.write(profile, Path(testbed.local_profile).read_text() + "node_tmp: /tmp/" + "x" * 36 + "\n")
     rc, checks = doctor(testbed, str(profile), "--login-only")
     assert rc == 1
     c = only_failure(checks, "temp dir", "login")
@@ -102,7 +103,8 @@ def test_an_overlong_temp_path_is_refused_by_doctor_and_up_alike(testbed):
 
 
 def test_shared_storage_read_only_on_one_node(testbed):
-    shared = testbed.shared
+    shared = str(testbed.shared_dir)
+    testbed.exec("login", "mkdir", "-p", shared, check=True)
     sh("n2", "mount", "--bind", shared, shared)
     try:
         sh("n2", "mount", "-o", "remount,bind,ro", shared)
@@ -128,7 +130,7 @@ def test_fabric_unreachable_between_two_nodes(testbed):
 def test_the_doctor_leaves_nothing_behind(testbed):
     r = testbed.raybridge("login", "doctor", "--profile", testbed.local_profile, "--nodes", "2", "--json")
     assert r.returncode == 0, r.stderr
-    assert not list((Path(testbed.shared) / "raybridge" / "doctor").iterdir())
+    assert not list((testbed.shared_dir / "doctor").iterdir())
     left = [
         f"{ns}: {' '.join(p.cmdline())}"
         for ns in node_namespaces()

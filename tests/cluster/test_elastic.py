@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import PYTHON, TESTBED, assert_no_leaks
+from tests.cluster.bed import PYTHON, TESTBED, as_user, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -89,7 +89,7 @@ def test_scale_add_remove_labels_and_down(testbed):
         victim = next(n for n in rec["nodes"] if n["hostname"] == newest["node"])
         head = testbed.cluster_json(job)["head"]["hostname"]
         drv = subprocess.Popen(
-            [TESTBED, "exec", head, "--", *driver_env(rec), PYTHON, "-c", SLOW_TASK, victim["ip"]],
+            as_user(head, *driver_env(rec), PYTHON, "-c", SLOW_TASK, victim["ip"]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -177,9 +177,9 @@ def test_replace_lost_brings_the_cluster_back_to_size_once(testbed, crashed_node
 
 def elastic_example(steps):
     """The example trainer, elastic between 2 and 3 workers, checking for more every 3 s."""
-    from tests.cluster.bed import REPO
+    from tests.cluster.bed import EXAMPLES
 
-    example = str(REPO / "examples" / "train_mlp.py")
+    example = str(EXAMPLES / "train_mlp.py")
     flags = ["--every", "20", "--elastic", "2,3", "--resize-check", "3", "--step-sleep", "0.1"]
     return ["python", example, "--steps", str(steps), *flags]
 
@@ -195,7 +195,7 @@ def test_elastic_training_grows_when_a_node_is_added(testbed):
         assert line or proc.poll() is None, "no job id"
         if m := re.search(r"submitted job (\d+)", line):
             job = m.group(1)
-    run = Path(testbed.shared) / "raybridge" / "runs" / f"raybridge-{job}"
+    run = testbed.shared_dir / "runs" / f"raybridge-{job}"
 
     def progressed():
         try:
@@ -304,7 +304,7 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
         # Five 2-CPU tasks on 2-CPU nodes want five nodes; at most three may be (the head + two).
         flag = Path(testbed.shared) / f"demand-done-{job}"
         drv = subprocess.Popen(
-            [TESTBED, "exec", head, "--", *driver_env(rec), PYTHON, "-c", DEMAND, "5", str(flag)],
+            as_user(head, *driver_env(rec), PYTHON, "-c", DEMAND, "5", str(flag)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -374,7 +374,7 @@ def test_elastic_training_gets_its_workers_from_the_autoscaler(testbed):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(re.findall(r"RESULT: (\{.*\})", r.stdout)[-1])
     assert result["final_step"] == 120
-    run = Path(testbed.shared) / "raybridge" / "runs" / f"raybridge-{job}"
+    run = testbed.shared_dir / "runs" / f"raybridge-{job}"
     ranks = {f.name for f in (run / "hosts").iterdir()}
     assert any(r.endswith("-rank2") for r in ranks), ranks  # three workers (at once, or after a resize)
     added = [m for m in status(testbed, job)["members"] if m["autoscaled"]]

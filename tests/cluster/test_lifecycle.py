@@ -47,8 +47,8 @@ def test_up_status_down_three_nodes(testbed):
         # the text itself, not a path someone could swap), and it said how up submits it.
         held = testbed.exec("login", "scontrol", "write", "batch_script", job, "-", check=True).stdout
         assert held == rendered.stdout
-        logs = f"{testbed.shared}/raybridge/logs"
-        assert f"sbatch --output={logs}/%x-%j.out < {testbed.shared}/raybridge/scripts/" in rendered.stderr
+        logs = f"{testbed.shared_dir}/logs"
+        assert f"sbatch --output={logs}/%x-%j.out < {testbed.shared_dir}/scripts/" in rendered.stderr
         assert re.search(r"job \d+: running", r.stderr)  # live progress was shown
         assert "all 3 nodes joined, cluster ready" in r.stderr
         assert f"Ray cluster ready: job {job}, 3 nodes" in r.stdout
@@ -80,7 +80,7 @@ def test_up_status_down_three_nodes(testbed):
         assert job_processes(job), "Ray processes of the job should carry the job marker"
         # Ray was started by the agent's launcher, not the slower `ray start` fallback, and the
         # processes it starts late are there: a log monitor per node, the head's monitor.
-        (output,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
+        (output,) = (testbed.shared_dir / "logs").glob(f"*-{job}.out")
         text = output.read_text()
         assert "using the `ray start` command" not in text
         assert "8.8.8.8" not in text  # Ray's "no route to the internet" warning stays out of the job log
@@ -173,7 +173,7 @@ def test_run_propagates_the_driver_exit_code(testbed, how):
     assert r.returncode == code, r.stderr + r.stdout
     assert "driver nodes 2 10.212.0." in r.stdout
     job = job_id_from(r.stderr)
-    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
+    (log,) = (testbed.shared_dir / "logs").glob(f"*-{job}.out")
     if how == "in-process":
         assert "args [\"it's a; $(x)\", '3'] __main__" in r.stdout
         assert "running (in process, Ray imported early)" in r.stdout
@@ -194,7 +194,7 @@ def test_profile_ray_args_reach_every_node(testbed):
     r = testbed.raybridge("login", "run", "--nodes", "2", "--profile", path, "--", "python", "-c", driver)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "rb_slot total 4.0" in r.stdout
-    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job_id_from(r.stderr)}.out")
+    (log,) = (testbed.shared_dir / "logs").glob(f"*-{job_id_from(r.stderr)}.out")
     text = log.read_text()
     assert (
         "starting Ray on" in text and "using the `ray start` command" not in text
@@ -211,7 +211,7 @@ def test_profile_ray_start_command_uses_rays_own_start(testbed):
     assert "alive 2" in r.stdout
     job = job_id_from(r.stderr)
     # The agents say so in the job log (`run` shows the program's output; --verbose adds their lines).
-    (log,) = (Path(testbed.shared) / "raybridge" / "logs").glob(f"*-{job}.out")
+    (log,) = (testbed.shared_dir / "logs").glob(f"*-{job}.out")
     assert (
         log.read_text().count("using the `ray start` command (profile: ray_start: command)") == 2
     )  # both nodes

@@ -3,6 +3,7 @@ runs raybridge's own environment; a node Python that cannot run it is one line w
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import RAYBRIDGE, REPO, TESTBED, assert_no_leaks
+from tests.cluster.bed import PYTHON, RAYBRIDGE, TESTBED, as_user, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -28,8 +29,7 @@ def bare_profile(testbed, name: str, extra: str = "") -> str:
     text = re.sub(r"setup:\n(  - .*\n)+", "", text)
     assert "setup" not in text and "activate" not in text
     path = Path(testbed.shared) / f"{name}.yaml"
-    path.write_text(text + extra)
-    return str(path)
+    return testbed.write(path, text + extra)
 
 
 def test_first_contact_runs_the_clis_own_environment(testbed):
@@ -38,8 +38,8 @@ def test_first_contact_runs_the_clis_own_environment(testbed):
     job = job_id_from(r.stderr)
     try:
         assert r.returncode == 0, r.stderr[-3000:]
-        log = (Path(testbed.shared) / "raybridge" / "logs" / f"raybridge-{job}.out").read_text()
-        venv_python = str(REPO / ".venv" / "bin" / "python")
+        log = (testbed.shared_dir / "logs" / f"raybridge-{job}.out").read_text()
+        venv_python = PYTHON
         assert f"raybridge: environment ok: {venv_python}," in log, log[:3000]
     finally:
         testbed.raybridge("login", "down", job, "--profile", profile)
@@ -58,7 +58,7 @@ def test_a_node_python_without_raybridges_dependencies_is_one_line(testbed):
     profile = bare_profile(testbed, "system-python", "python: /usr/bin/python3\n")
     text = Path(profile).read_text()
     assert "\nenv:\n" in text
-    Path(profile).write_text(text.replace("\nenv:\n", f"\nenv:\n  PYTHONPATH: {REPO}\n", 1))
+    testbed.write(profile, text.replace("\nenv:\n", f"\nenv:\n  PYTHONPATH: {testbed.sources}\n", 1))
     r = testbed.raybridge("login", "up", "--nodes", "2", "--profile", profile, timeout=300)
     job = job_id_from(r.stderr)
     assert r.returncode != 0
@@ -104,23 +104,20 @@ def prometheus_up(testbed, job):
 
 
 def test_metrics_service_discovery_and_a_real_prometheus(testbed, crashed_nodes, tmp_path):
-    sd_dir = Path(testbed.shared) / "raybridge" / "prometheus"
-    sd_dir.mkdir(parents=True, exist_ok=True)
+    sd_dir = testbed.shared_dir / "prometheus"
     work = Path(testbed.shared) / "prometheus-test"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    (work / "prometheus.yml").write_text(PROMETHEUS_CONF.format(sd_dir=sd_dir))
+    # The user's own Prometheus, reading the folder raybridge keeps its targets in.
+    testbed.exec("login", "mkdir", "-p", str(sd_dir), str(work), check=True)
+    testbed.write(work / "prometheus.yml", PROMETHEUS_CONF.format(sd_dir=sd_dir))
     prom = subprocess.Popen(
-        [
-            TESTBED,
-            "exec",
+        as_user(
             "login",
-            "--",
             "prometheus",
             f"--config.file={work}/prometheus.yml",
             f"--storage.tsdb.path={work}/data",
             "--web.listen-address=127.0.0.1:9099",
-        ],
+        ),
         stdout=subprocess.DEVNULL,
         stderr=open(work / "prometheus.log", "w"),
     )
@@ -192,7 +189,19 @@ def test_status_watch_renders_live_in_a_terminal(testbed):
         )
         assert sub.returncode == 0, sub.stderr
         ray_job = sub.stdout.strip()
-        watch = f"{TESTBED} exec login -- {RAYBRIDGE} status {job} --watch --interval 1 --profile {testbed.local_profile}"
+        watch = shlex.join(
+            as_user(
+                "login",
+                RAYBRIDGE,
+                "status",
+                job,
+                "--watch",
+                "--interval",
+                "1",
+                "--profile",
+                testbed.local_profile,
+            )
+        )
         tmux("kill-server")
         assert (
             tmux(

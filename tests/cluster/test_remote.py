@@ -2,11 +2,10 @@
 
 import json
 import re
-import sys
 
 import pytest
 
-from tests.cluster.bed import assert_no_leaks
+from tests.cluster.bed import PYTHON, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -16,7 +15,7 @@ def test_remote_up_status_down(testbed):
     job = re.search(r"submitted job (\d+)", r.stderr).group(1)
     try:
         assert r.returncode == 0, r.stderr + r.stdout
-        assert "on root@10.213.0.3" in r.stderr
+        assert f"on {testbed.user}@10.213.0.3" in r.stderr
         st = testbed.raybridge("laptop", "status", job, "--json", "--profile", testbed.remote_profile)
         assert st.returncode == 0, st.stderr
         rec = json.loads(st.stdout)
@@ -61,8 +60,7 @@ def profile_variant(testbed, name, **login):
     for key, value in login.items():
         text = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", text)
     path = f"{testbed.shared}/{name}.yaml"
-    open(path, "w").write(text)
-    return path
+    return testbed.write(path, text)
 
 
 def test_unreachable_login_host(testbed):
@@ -76,7 +74,7 @@ def test_unreachable_login_host(testbed):
 
 def test_unknown_host_key_is_refused_and_accept_new_records_it(testbed):
     kh = f"{testbed.shared}/remote-known-hosts"
-    open(kh, "w").close()
+    testbed.write(kh, "")
     path = profile_variant(testbed, "remote-unknown-key", known_hosts=kh)
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert "is not in" in one_line_error(r) and "refusing to connect" in r.stderr
@@ -84,7 +82,7 @@ def test_unknown_host_key_is_refused_and_accept_new_records_it(testbed):
     before = (
         "# site keys\n@cert-authority *.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZWtleWZha2Vr\n"
     )
-    open(kh, "w").write(before)
+    testbed.write(kh, before)
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert "is not in" in one_line_error(r) and "@cert-authority, are not supported" in r.stderr
     ok = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
@@ -102,8 +100,8 @@ def test_unknown_host_key_is_refused_and_accept_new_records_it(testbed):
 def test_changed_host_key_is_refused(testbed):
     kh = f"{testbed.shared}/remote-wrong-known-hosts"
     # A syntactically valid ed25519 key that is not the login node's.
-    open(kh, "w").write(
-        "10.213.0.3 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZWtleWZha2VrZXlmYWtla2V5ZmFrZWtleWZh\n"
+    testbed.write(
+        kh, "10.213.0.3 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZWtleWZha2VrZXlmYWtla2V5ZmFrZWtleWZh\n"
     )
     path = profile_variant(testbed, "remote-wrong-key", known_hosts=kh)
     r = testbed.raybridge("laptop", "status", "--profile", path, "--accept-new-host-key")
@@ -115,17 +113,18 @@ def test_wrong_client_key(testbed):
     testbed.exec("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key, check=True, input="y\n")
     path = profile_variant(testbed, "remote-wrong-client-key", identity_file=key)
     r = testbed.raybridge("laptop", "status", "--profile", path)
-    assert "authentication to root@10.213.0.3 failed" in one_line_error(r)
+    assert f"authentication to {testbed.user}@10.213.0.3 failed" in one_line_error(r)
 
 
 def test_ssh_config_alias_is_honoured(testbed):
     # `login` exists only as a Host alias in the test bed's ssh_config (HostName, User, IdentityFile).
     path = f"{testbed.shared}/remote-alias.yaml"
     text = open(testbed.remote_profile).read().split("login:")[0]
-    open(path, "w").write(
+    testbed.write(
+        path,
         text + "login:\n  host: login\n"
         f"  ssh_config: {testbed.env['RAYBRIDGE_TESTBED_SSH_CONFIG']}\n"
-        f"  known_hosts: {testbed.env['RAYBRIDGE_TESTBED_KNOWN_HOSTS']}\n"
+        f"  known_hosts: {testbed.env['RAYBRIDGE_TESTBED_KNOWN_HOSTS']}\n",
     )
     r = testbed.raybridge("laptop", "status", "--profile", path)
     assert r.returncode == 0, r.stderr
@@ -136,35 +135,36 @@ def test_proxy_jump_reaches_a_login_node_the_laptop_cannot(testbed):
     # can reach: from the laptop it takes a jump through the public address 10.213.0.3.
     key_line = open(testbed.env["RAYBRIDGE_TESTBED_KNOWN_HOSTS"]).read().split()
     kh = f"{testbed.shared}/jump-known-hosts"
-    open(kh, "w").write(f"10.211.0.3,10.213.0.3 {key_line[1]} {key_line[2]}\n")
+    testbed.write(kh, f"10.211.0.3,10.213.0.3 {key_line[1]} {key_line[2]}\n")
     base = open(testbed.remote_profile).read().split("login:")[0]
     identity = re.search(r"(?m)^  identity_file: (.*)$", open(testbed.remote_profile).read()).group(1)
 
     def profile(name, login):
         path = f"{testbed.shared}/{name}.yaml"
-        open(path, "w").write(base + "login:\n" + "".join(f"  {k}: {v}\n" for k, v in login.items()))
+        testbed.write(path, base + "login:\n" + "".join(f"  {k}: {v}\n" for k, v in login.items()))
         return path
 
-    direct = {"host": "10.211.0.3", "user": "root", "identity_file": identity, "known_hosts": kh}
+    direct = {"host": "10.211.0.3", "user": testbed.user, "identity_file": identity, "known_hosts": kh}
     r = testbed.raybridge("laptop", "status", "--json", "--profile", profile("jump-direct", direct))
-    assert "cannot reach login host root@10.211.0.3" in one_line_error(r)
+    assert f"cannot reach login host {testbed.user}@10.211.0.3" in one_line_error(r)
 
     sshd_log = f"{testbed.env['RAYBRIDGE_TESTBED_ROOT']}/state/log/sshd.log"
     seen = len(open(sshd_log).read().splitlines())
-    jumped = dict(direct, proxy_jump="root@10.213.0.3")
+    jumped = dict(direct, proxy_jump=f"{testbed.user}@10.213.0.3")
     r = testbed.raybridge("laptop", "status", "--json", "--profile", profile("jump-option", jumped))
     assert r.returncode == 0, r.stderr
     assert isinstance(json.loads(r.stdout), list)
     new = open(sshd_log).read().splitlines()[seen:]
     # First hop from the laptop, then the real session arriving over the jump host's forwarded channel.
-    assert any("Accepted publickey for root from 10.213.0.100" in line for line in new), new
-    assert any("Accepted publickey for root from 10.211.0.3" in line for line in new), new
+    assert any(f"Accepted publickey for {testbed.user} from 10.213.0.100" in line for line in new), new
+    assert any(f"Accepted publickey for {testbed.user} from 10.211.0.3" in line for line in new), new
 
     # The same through ~/.ssh/config: an alias whose ProxyJump names another alias.
     cfg = f"{testbed.shared}/jump-ssh-config"
-    open(cfg, "w").write(
-        f"Host hpc\n  HostName 10.211.0.3\n  User root\n  IdentityFile {identity}\n  ProxyJump bastion\n"
-        "Host bastion\n  HostName 10.213.0.3\n  User root\n"
+    testbed.write(
+        cfg,
+        f"Host hpc\n  HostName 10.211.0.3\n  User {testbed.user}\n  IdentityFile {identity}\n  ProxyJump bastion\n"
+        f"Host bastion\n  HostName 10.213.0.3\n  User {testbed.user}\n",
     )
     r = testbed.raybridge(
         "laptop",
@@ -178,9 +178,13 @@ def test_proxy_jump_reaches_a_login_node_the_laptop_cannot(testbed):
     # A jump host that cannot reach the destination: one clear line.
     bad = dict(direct, host="10.211.0.99")
     r = testbed.raybridge(
-        "laptop", "status", "--profile", profile("jump-bad", dict(bad, proxy_jump="root@10.213.0.3"))
+        "laptop",
+        "status",
+        "--profile",
+        profile("jump-bad", dict(bad, proxy_jump=f"{testbed.user}@10.213.0.3")),
     )
-    assert "jump host root@10.213.0.3 cannot reach root@10.211.0.99" in one_line_error(r)
+    u = testbed.user
+    assert f"jump host {u}@10.213.0.3 cannot reach {u}@10.211.0.99" in one_line_error(r)
 
 
 def test_the_ssh_connection_negotiates_the_fast_cipher_and_big_packets(testbed):
@@ -192,7 +196,7 @@ def test_the_ssh_connection_negotiates_the_fast_cipher_and_big_packets(testbed):
         "ch = t.open_channel('direct-tcpip', ('10.213.0.3', 22), ('127.0.0.1', 0))\n"
         "print(t.remote_cipher, t.local_cipher, ch.in_max_packet_size, ch.in_window_size)"
     )
-    r = testbed.exec("laptop", sys.executable, "-c", probe, testbed.remote_profile)
+    r = testbed.exec("laptop", PYTHON, "-c", probe, testbed.remote_profile)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [
         "aes128-gcm@openssh.com",

@@ -75,7 +75,7 @@ def test_unknown_host_key_is_rejected(testbed, tmp_path):
         f"UserKnownHostsFile={empty}",
         "-o",
         "GlobalKnownHostsFile=/dev/null",
-        "root@10.213.0.3",
+        f"{testbed.user}@10.213.0.3",
         "true",
         timeout=60,
     )
@@ -93,7 +93,7 @@ def test_password_login_is_refused(testbed):
         "PubkeyAuthentication=no",
         "-o",
         f"UserKnownHostsFile={testbed.env['RAYBRIDGE_TESTBED_KNOWN_HOSTS']}",
-        "root@10.213.0.3",
+        f"{testbed.user}@10.213.0.3",
         "true",
         timeout=60,
     )

@@ -11,10 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.bed import REPO, TESTBED, assert_no_leaks
+from tests.cluster.bed import EXAMPLES, TESTBED, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
-EXAMPLE = str(REPO / "examples" / "train_mlp.py")
+EXAMPLE = str(EXAMPLES / "train_mlp.py")
 STEPS, EVERY = 200, 40
 
 
@@ -52,7 +52,7 @@ def start_training(testbed, *args, nodes=2, extra=(), profile=None, steps=STEPS,
 
 
 def run_dir(testbed, job, name="raybridge"):
-    return Path(testbed.shared) / "raybridge" / "runs" / f"{name}-{job}"
+    return testbed.shared_dir / "runs" / f"{name}-{job}"
 
 
 def wait_progress(testbed, run: Path, at_least: int, proc, timeout=300):
@@ -210,11 +210,11 @@ def test_resume_skips_a_corrupt_newest_checkpoint(testbed):
 
     name = f"corrupt-{int(time.time())}"
     profile = Path(testbed.shared) / f"{name}.yaml"
-    profile.write_text(Path(testbed.local_profile).read_text() + f"  RAYBRIDGE_RUN_NAME: {name}\n")
+    testbed.write(profile, Path(testbed.local_profile).read_text() + f"  RAYBRIDGE_RUN_NAME: {name}\n")
     proc, _ = start_training(testbed, nodes=2, profile=str(profile), steps=3 * EVERY, sleep=0)
     rc, result, out, err = finish(proc)
     assert rc == 0 and result["final_step"] == 3 * EVERY, out[-2000:] + err[-2000:]
-    run = Path(testbed.shared) / "raybridge" / "runs" / name
+    run = testbed.shared_dir / "runs" / name
     # Three checkpoints (steps 40, 80, 120): resuming from the middle one tells "skip the corrupt
     # newest" apart from "take the oldest" or "take any complete one".
     steps = [rbt.read_checkpoint_dir(c)["step"] for c in rbt.checkpoints_newest_first(run)]

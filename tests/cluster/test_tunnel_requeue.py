@@ -58,7 +58,7 @@ def test_tunnel_follows_a_requeued_job_to_its_new_head(testbed):
         # The same tunnel and the same token file, now for the new head and the new token.
         wait_for("the tunnel to reach the new head", lambda: testbed.http("laptop", url, token) == "200", 30)
         assert Path(token).read_text() != old_token
-        log = (Path.home() / ".cache" / "raybridge" / "tunnels" / f"{job}.log").read_text()
+        log = (testbed.home / ".cache" / "raybridge" / "tunnels" / f"{job}.log").read_text()
         assert f"the head moved to {after['head']['ip']}" in log, log
         assert "new auth token" in log, log
     finally:
