@@ -62,6 +62,7 @@ class JobInfo:
     comment: str
     command: str = ""
     eligible_time: str = ""  # the earliest it may start (a requeued job's hold ends then): ISO time
+    user: str = ""  # who owns it (user name; "" where Slurm did not say)
 
     @property
     def state(self) -> str:
@@ -106,6 +107,7 @@ def job_from_fields(f: dict[str, str]) -> JobInfo:
         comment=f.get("Comment", "(null)"),
         command=f.get("Command", ""),
         eligible_time=f.get("EligibleTime", ""),
+        user=f.get("UserId", "").split("(")[0],
     )
 
 

@@ -381,6 +381,9 @@ def attach(spec: ClusterSpec, runner: Runner, job_id: str | None = None) -> Clus
             raise JobNotFound(f"no such job: {job_id}")
         if job.comment != "raybridge":
             raise JobNotFound(f"job {job_id} is not a raybridge job")
+        if job.user and job.user != slurm.user():
+            # Its folder is not ours to read, its Ray not ours to reach: say so before trying.
+            raise JobNotFound(f"job {job_id} belongs to {job.user}: raybridge acts only on your own jobs")
     return Cluster(runner, job_id, job_dir_for(spec, runner, job_id, job))
 
 

@@ -126,9 +126,15 @@ def token_auth(spec: ClusterSpec, local: bool) -> Check:
 
 def login_checks(spec: ClusterSpec, runner: Runner) -> list[Check]:
     """What `up` checks itself before submitting (fast: no Slurm job)."""
-    checks = [shared_dir(spec, runner)]
-    if checks[0].status == "pass":
-        checks.append(shared_trust(spec, runner))
+    # The trust rule first where the folder exists: nothing is written into a folder someone else could
+    # have made or swapped (and the refusal names the real cause, not a failed write).
+    trusted = shared_trust(spec, runner)
+    if trusted.status == "fail" and not trusted.detail.startswith("cannot check"):
+        checks = [trusted]
+    else:
+        checks = [shared_dir(spec, runner)]
+        if checks[0].status == "pass":
+            checks.append(trusted if trusted.status == "pass" else shared_trust(spec, runner))
     return [*checks, temp_path(spec), token_auth(spec, local=not runner.host)]
 
 

@@ -129,6 +129,9 @@ class Client(paramiko.SSHClient):
             hop.close()
 
 
+GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+
+
 class KnownHosts:
     """A known_hosts file as OpenSSH reads it: host keys, `@revoked` keys (never trusted, even when
     listed as a host's key), `@cert-authority` lines (host certificates are not supported: such lines
@@ -221,7 +224,9 @@ def connect(target: SSHTarget, timeout: float = 15, sock: Any = None) -> paramik
     """One SSH connection with host-key checking against known_hosts (unknown key = refused,
     unless accept_new_host_key, which records it like OpenSSH's StrictHostKeyChecking=accept-new)."""
     client = Client()
-    known = KnownHosts(os.path.expanduser("~/.ssh/known_hosts"), target.known_hosts)
+    # As OpenSSH: the user's file (the profile's, ssh_config's UserKnownHostsFile, or ~/.ssh/known_hosts)
+    # replaces ~/.ssh/known_hosts rather than adding to it; the site-wide file is read too.
+    known = KnownHosts(GLOBAL_KNOWN_HOSTS, target.known_hosts)
     for hostname, keys in known.keys.items():
         for key in keys.values():
             client.get_host_keys().add(hostname, key.get_name(), key)

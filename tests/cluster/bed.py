@@ -47,6 +47,7 @@ class Testbed:
         self.env = env
         self.user = env["RAYBRIDGE_TESTBED_USER"]
         self.home = Path(env["RAYBRIDGE_TESTBED_HOME"])
+        self.uid = pwd.getpwnam(self.user).pw_uid
         self.local_profile = env["RAYBRIDGE_TESTBED_LOCAL_PROFILE"]
         self.remote_profile = env["RAYBRIDGE_TESTBED_REMOTE_PROFILE"]
         self.nodes = int(env["RAYBRIDGE_TESTBED_NODES"])
@@ -257,3 +258,29 @@ def assert_no_leaks(job_id: str, timeout: float = 10) -> None:
     while left := leaks(job_id):
         assert time.monotonic() < deadline, f"job {job_id} left processes behind: {left}"
         time.sleep(0.2)
+
+
+def all_job_ids(bed: Testbed) -> list[int]:
+    """Every job Slurm's accounting knows of (the database is fresh at each `testbed up`)."""
+    out = bed.admin(
+        "login", "sacct", "-a", "-X", "-n", "-P", "-o", "JobIDRaw", "-S", "2000-01-01", check=True
+    )
+    return sorted({int(x) for x in out.stdout.split() if x.isdigit()})
+
+
+USERS = ("alice", "bob", "carol")
+
+
+def user_processes() -> list[str]:
+    """Processes of the bed's users on any of its hosts (laptop and login included: tunnels, CLIs)."""
+    uids = {pwd.getpwnam(u).pw_uid: u for u in USERS}
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found = []
+    for ns in sorted(line.split()[0] for line in out.splitlines() if line.startswith("rbtb-")):
+        for p in processes_in(ns):
+            try:
+                if p.uids().real in uids:
+                    found.append(f"{ns[5:]}/{uids[p.uids().real]}/{describe(p)}")
+            except psutil.Error:
+                continue
+    return found

@@ -40,7 +40,14 @@ def test_tunnel_follows_a_requeued_job_to_its_new_head(testbed):
         # The head's node goes away (drained) and the job is requeued: it must restart elsewhere.
         drained = before["head"]["hostname"]
         testbed.exec(
-            "login", "scontrol", "update", f"nodename={drained}", "state=drain", "reason=test", check=True
+            "login",
+            "scontrol",
+            "update",
+            f"nodename={drained}",
+            "state=drain",
+            "reason=test",
+            check=True,
+            user="root",
         )
         testbed.exec("login", "scontrol", "requeue", job, check=True)
         # Slurm holds a requeued job for a while (BeginTime); release it now.
@@ -63,7 +70,7 @@ def test_tunnel_follows_a_requeued_job_to_its_new_head(testbed):
         assert "new auth token" in log, log
     finally:
         if drained:
-            testbed.exec("login", "scontrol", "update", f"nodename={drained}", "state=resume")
+            testbed.admin("login", "scontrol", "update", f"nodename={drained}", "state=resume")
         testbed.raybridge("laptop", "tunnel", "--stop", job)
         testbed.raybridge("laptop", "down", job, *prof)
         testbed.wait_job_gone(job)

@@ -33,6 +33,7 @@ def test_parse_scontrol_keeps_values_with_spaces():
     job = job_from_fields(f)
     assert (job.job_id, job.state, job.reason, job.comment) == ("42", "pending", "Resources", "raybridge")
     assert job.stdout == "/shared/logs/raybridge-42.out"
+    assert job.user == "root"
 
 
 @pytest.mark.parametrize(("code", "expected"), [("0:0", 0), ("3:0", 3), ("0:9", 137)])
@@ -227,3 +228,16 @@ def test_sacct_is_summed_over_starts_and_leaves_out_steps():
     assert parse_duration("1-02:03:04.5") == 93784.5 and parse_duration("bad") == 0.0
     running = parse_sacct("8|RUNNING|20|1|2|00:00:00\n", "8")
     assert running.running and "once the job ends" in running.line()
+
+
+def test_attach_refuses_another_users_job_in_one_line():
+    from raybridge.client.cluster import attach
+    from raybridge.client.profile import ClusterSpec
+    from raybridge.errors import JobNotFound
+
+    line = LINE.replace("UserId=root(0)", "UserId=bob(1002)")
+    runner = FakeRunner([(0, line + "\n", ""), (0, "alice\n", "")])
+    with pytest.raises(JobNotFound, match=r"^job 42 belongs to bob: raybridge acts only on your own jobs$"):
+        attach(ClusterSpec(), runner, "42")
+    # Nothing of the job was read: no folder, no record, no token.
+    assert [argv[0] for argv, _ in runner.calls] == ["scontrol", "id"]
