@@ -3,11 +3,16 @@
 One SSH connection carries every forwarded connection. If it drops, the forwarder reconnects with
 backoff. It re-reads the cluster record every few seconds, after a reconnect and when the head refuses
 a connection, so it follows a requeued job: a new auth token, and a new head if the job landed elsewhere.
-The dashboard port can also sign a browser in: GET /raybridge/login/<nonce> answers with Ray's auth
-cookie and a redirect, so nobody copies tokens by hand. The link works once, within LINK_TTL_S of being
-issued, and only with a loopback Host header; the cookie is HttpOnly and lives as long as the browser
-session (pages of other local servers cannot read it). A new link is issued on request (SIGUSR1 to a
-background tunnel: `raybridge tunnel --login-link JOB`) and when the cluster restarts with a new token.
+The dashboard port can also sign a browser in: GET /raybridge/login/<nonce> answers with a session
+cookie of this tunnel and a redirect, so nobody copies tokens by hand. The link works once, within
+LINK_TTL_S of being issued, and only with a loopback Host header. The cookie is a random value, not the Ray
+token: a browser sends cookies to every port of 127.0.0.1 (cookies are scoped by host, not port), so another
+local user's server, or whoever binds the port after the tunnel stops, would receive it. The tunnel swaps a
+valid session cookie for the `Authorization` header itself, request by request (`Connection: close`, so
+each request passes here), and the Ray token never reaches the browser. The cookie is HttpOnly and lives as
+long as the browser session. A new link is issued on request (SIGUSR1 to a background tunnel:
+`raybridge tunnel --login-link JOB`) and when the cluster restarts with a new token, which also ends the
+browsers' sessions.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import paramiko
 
 from raybridge.errors import RaybridgeError
 
-COOKIE = "ray-authentication-token"  # what Ray's dashboard reads
+COOKIE = "raybridge-session"  # this tunnel's browser session (never the Ray token)
 BUFFER = 256 * 1024
 
 
@@ -61,6 +66,7 @@ class SignIn:
     def __init__(self, ttl: float = LINK_TTL_S):
         self.ttl = ttl
         self._lock = threading.Lock()
+        self.sessions: set[str] = set()
         self.renew()
 
     def renew(self) -> str:
@@ -70,14 +76,25 @@ class SignIn:
             self.used = False
             return self.nonce
 
-    def redeem(self, nonce: bytes) -> bool:
-        """True once for the current nonce, within its lifetime; constant-time comparison."""
+    def redeem(self, nonce: bytes) -> str | None:
+        """A new browser session, once for the current nonce, within its lifetime (constant-time
+        comparison); None otherwise."""
         with self._lock:
             fresh = not self.used and time.monotonic() - self.issued <= self.ttl
             if hmac.compare_digest(nonce, self.nonce.encode()) and fresh:
                 self.used = True
-                return True
-            return False
+                session = secrets.token_urlsafe(32)
+                self.sessions.add(session)
+                return session
+            return None
+
+    def valid(self, session: bytes) -> bool:
+        with self._lock:
+            return any(hmac.compare_digest(session, s.encode()) for s in self.sessions)
+
+    def end_sessions(self) -> None:
+        with self._lock:
+            self.sessions.clear()
 
 
 class PortInUse(RaybridgeError):
@@ -174,6 +191,7 @@ class Forwarder:
             self.log(f"the head moved to {head.host}; forwarding there")
         if old.token and route.token != old.token:
             self.log("the cluster restarted with a new auth token; using it")
+            self.sign_in.end_sessions()
             self.log(f"browsers sign in again with {self.renew_login()}")
 
     def refresh(self) -> None:
@@ -248,8 +266,12 @@ class Forwarder:
     def _handle(self, conn: socket.socket, peer: tuple[str, int], name: str) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
-            if name == "dashboard" and self.token and self._maybe_login(conn):
-                return
+            first = b""  # a browser's request head, with the token added (Forwarder.authorize)
+            if name == "dashboard" and self.token:
+                head = peek_headers(conn)
+                if self._maybe_login(conn, head):
+                    return
+                first = self.authorize(conn, head)
             chan = None
             for attempt in range(2):  # a second try after a reconnect or a moved head
                 target = self.targets.get(name)
@@ -278,17 +300,20 @@ class Forwarder:
             if chan is None:
                 return
             with chan:
+                if first:
+                    chan.sendall(first)
                 pump(conn, chan)
 
-    def _maybe_login(self, conn: socket.socket) -> bool:
+    def _maybe_login(self, conn: socket.socket, head: bytes | None = None) -> bool:
         """Answer a sign-in request (True), or leave the connection to the dashboard (False)."""
-        head = peek_headers(conn)
+        head = peek_headers(conn) if head is None else head
         m = LOGIN.match(head)
         if not m:
             return False
         conn.recv(len(head))
         # Only a browser on this machine, addressing the tunnel by a loopback name (no DNS rebinding).
-        if not LOOPBACK_HOST.search(head) or not self.sign_in.redeem(m.group(1)):
+        session = self.sign_in.redeem(m.group(1)) if LOOPBACK_HOST.search(head) else None
+        if session is None:
             conn.sendall(
                 b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n"
                 b"Connection: close\r\n\r\n"
@@ -297,13 +322,57 @@ class Forwarder:
             return True
         # HttpOnly: scripts of other pages served on 127.0.0.1 cannot read it; no Max-Age: it ends
         # with the browser session.
-        cookie = f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+        cookie = f"{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict"
         conn.sendall(
             f"HTTP/1.1 302 Found\r\nSet-Cookie: {cookie}\r\nLocation: {next_page(m.group(2))}\r\n"
             "Content-Length: 0\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
         )
         return True
+
+    def authorize(self, conn: socket.socket, head: bytes) -> bytes:
+        """For a request that carries a valid session cookie: read its head off the connection and
+        return it with the cookie taken out and `Authorization: Bearer <token>` put in (and
+        `Connection: close`, so the browser's next request comes through here too). Any other
+        request is left as it is, unread (b"")."""
+        end = head.find(b"\r\n\r\n")
+        token = self.token
+        if end < 0 or not token:
+            return b""
+        lines, signed_in, upgrade = [], False, False
+        for line in head[:end].split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            key = key.strip().lower()
+            if key == b"cookie":
+                others = []
+                for part in value.split(b";"):
+                    name, _, val = part.strip().partition(b"=")
+                    if name == COOKIE.encode():
+                        signed_in = signed_in or self.sign_in.valid(val)
+                    elif part.strip():
+                        others.append(part.strip())
+                if others:
+                    lines.append(b"Cookie: " + b"; ".join(others))
+                continue
+            if key == b"authorization":
+                continue  # the tunnel's own goes in below
+            if key == b"connection":
+                upgrade = b"upgrade" in value.lower()  # a WebSocket: kept open, as asked
+                if not upgrade:
+                    continue
+            lines.append(line)
+        if not signed_in:
+            return b""
+        taken = b""
+        while len(taken) < end + 4:
+            chunk = conn.recv(end + 4 - len(taken))
+            if not chunk:
+                return b""
+            taken += chunk
+        lines.append(b"Authorization: Bearer " + token.encode())
+        if not upgrade:
+            lines.append(b"Connection: close")
+        return b"\r\n".join([head.split(b"\r\n", 1)[0], *lines]) + b"\r\n\r\n"
 
     @property
     def nonce(self) -> str:

@@ -246,6 +246,14 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
         proc.kill()
     p.wait()
     done = recorded()
+    # Files already verified when the pull was killed (the small ones, at least): the resumed pulls must
+    # keep them as they are, the same inode and mtime in the final folder, not fetch them again.
+    kept = {
+        f.relative_to(partial): (st.st_ino, st.st_mtime_ns)
+        for f in partial.rglob("*")
+        if f.is_file() and ".part" not in f.name and (st := f.stat())
+    }
+    assert kept, "no file was verified before the interruption: nothing to check"
     assert sum(map(len, done.values())) < 6, (
         "pull got too far before it was interrupted"
     )  # 3 files x 2 ranges
@@ -273,6 +281,9 @@ def test_checkpoint_pull_is_byte_identical_and_resumes(testbed, remote):
     assert r.returncode == 0, r.stderr
     assert "sha256 verified" in r.stderr
     assert not partial.exists()
+    for name, before in kept.items():
+        after = (dest / "checkpoint_000001" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == before, f"{name} was fetched again"
     for f in (run / "checkpoint_000001").rglob("*"):
         if f.is_file():
             copy = dest / "checkpoint_000001" / f.relative_to(run / "checkpoint_000001")

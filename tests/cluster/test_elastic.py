@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.bed import PYTHON, TESTBED, as_user, assert_no_leaks
+from raybridge.members import RELEASE_WAIT_S
+from tests.cluster.bed import PYTHON, TESTBED, all_job_ids, as_user, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 
@@ -20,6 +21,8 @@ target = sys.argv[1]
 node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == target)
 @ray.remote(num_cpus=1, max_retries=3)
 def slow():
+    with open(sys.argv[2], "a") as f:  # every attempt says where it ran
+        f.write(socket.gethostname() + "\n")
     time.sleep(12)
     return socket.gethostname()
 ref = slow.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
@@ -88,22 +91,37 @@ def test_scale_add_remove_labels_and_down(testbed):
         newest = max(rec["members"], key=lambda m: m["submitted_at"])
         victim = next(n for n in rec["nodes"] if n["hostname"] == newest["node"])
         head = testbed.cluster_json(job)["head"]["hostname"]
+        attempts = Path(testbed.shared) / f"attempts-{job}"
+        testbed.write(attempts, "")
         drv = subprocess.Popen(
-            as_user(head, *driver_env(rec), PYTHON, "-c", SLOW_TASK, victim["ip"]),
+            as_user(head, *driver_env(rec), PYTHON, "-c", SLOW_TASK, victim["ip"], str(attempts)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         assert drv.stdout.readline().strip() == "started"
         time.sleep(2)  # the task is running on the victim now
+        t0 = time.monotonic()
         rm = testbed.raybridge("login", "scale", job, "--remove", "1", "--profile", p)
+        took = time.monotonic() - t0
         assert rm.returncode == 0, rm.stderr
         assert f"member job {newest['job_id']}: drained and released {newest['node']}" in rm.stderr, rm.stderr
         out, err = drv.communicate(timeout=120)
         assert drv.returncode == 0, err[-3000:]
         (where,) = re.findall(r"finished on (\S+)", out)
         assert where != newest["node"]
-        assert newest["job_id"] not in testbed.squeue_ids()
+        # A drain, not a kill after the release bound: the first attempt ran on the released node, the
+        # retry elsewhere; the member's agent got the notice and left on its own, inside the bound, and
+        # its job ended COMPLETED (a job scancelled after the bound ends CANCELLED).
+        assert attempts.read_text().split() == [newest["node"], where]
+        assert took < RELEASE_WAIT_S, took
+        (member_log,) = (testbed.shared_dir / "logs").glob(f"*-{newest['job_id']}.out")
+        assert "released: drain notice given to Ray; leaving in" in member_log.read_text()
+        testbed.wait_job_gone(newest["job_id"])
+        acct = testbed.exec(
+            "login", "sacct", "-j", newest["job_id"], "-X", "-n", "-P", "-o", "State", check=True
+        )
+        assert acct.stdout.split() == ["COMPLETED"], acct.stdout
         idle = testbed.exec(
             "login", "sinfo", "-h", "-N", "-p", "debug", "-n", newest["node"], "-o", "%t", check=True
         )
@@ -361,6 +379,32 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
     for m in seen:
         assert_no_leaks(m)
     assert_no_leaks(job)
+    # From Slurm's accounting rather than our once-a-second samples: every job after the cluster's but
+    # the blocker is a member the autoscaler submitted, each one recorded, and their allocations never
+    # overlapped beyond the limit (two besides the cluster's own node).
+    members = [str(j) for j in all_job_ids(testbed) if j > int(job) and str(j) != blocker]
+    assert seen <= set(members) and len(members) >= 3, (seen, members)
+    submitted = [e for e in testbed.cluster_json(job)["events"] if e["event"] == "autoscale_submitted"]
+    assert len(submitted) == len(members), (submitted, members)
+    assert most_at_once(testbed, members) <= 2
+
+
+def most_at_once(testbed, jobs: list[str]) -> int:
+    """The most of these jobs that held an allocation at the same time, by sacct's Start and End."""
+    out = testbed.admin(
+        "login", "sacct", "-j", ",".join(jobs), "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", check=True
+    ).stdout
+    edges = []
+    for line in out.splitlines():
+        _, start, end = line.split("|")
+        if start in ("Unknown", "None", "") or end in ("Unknown", "None", ""):
+            continue  # never started (cancelled while pending)
+        edges += [(start, 1), (end, -1)]
+    peak = now = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):  # an end before a start at the same second
+        now += step
+        peak = max(peak, now)
+    return peak
 
 
 def test_elastic_training_gets_its_workers_from_the_autoscaler(testbed):

@@ -145,24 +145,27 @@ def test_raylet_killed_on_a_worker_node_training_completes(testbed):
 
 
 def test_spare_node_takes_over_from_a_dead_node(testbed):
-    proc, job = start_training(testbed, nodes=2, extra=("--spare-nodes", "1"))
+    # Three training nodes and a spare (the whole bed): at least one training node is neither the batch
+    # host nor the head, so the victim is a plain worker whatever the placement.
+    proc, job = start_training(testbed, "--workers", "3", nodes=3, extra=("--spare-nodes", "1"))
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     before = hosts(run, 0)
-    assert len(before) == 2
-    # A training node other than the batch host; it may be the head (then a new head takes over too).
-    victim = sorted(h for h in before if h != job_hosts(testbed, job)[0])[0]
+    assert len(before) == 3
+    head = testbed.cluster_json(job)["head"]["hostname"]
+    victim = sorted(before - {job_hosts(testbed, job)[0], head})[0]
     # The whole node goes: its raybridge agent (no self-healing), raylet and training worker.
     assert "raylet" in kill_in_node(victim, job)
     rc, result, out, err = finish(proc)
     assert rc == 0, out[-3000:] + err[-2000:]
     assert result["final_step"] == STEPS and result["restores"] >= 1
     after = hosts(run, result["restores"])
-    assert victim not in after and len(after) == 2  # the spare replaced the dead node
+    assert victim not in after and len(after) == 3  # the spare replaced the dead node
     status = testbed.cluster_json(job)
-    dead = {n["hostname"] for n in status["nodes"] if not n["alive"]}
-    lost_heads = {e["node"] for e in status["events"] if e["event"] == "head_lost"}
-    assert victim in dead | lost_heads  # recorded as failed
+    (node,) = [n for n in status["nodes"] if n["hostname"] == victim]
+    assert not node["alive"] and node["generation"] == 0  # recorded dead; it never rejoined
+    assert status["head"]["hostname"] == head  # a worker's loss: the head stayed
+    assert not [e for e in status["events"] if e["event"] == "head_lost"]
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(testbed):

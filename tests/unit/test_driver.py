@@ -108,6 +108,10 @@ PROBE = textwrap.dedent(
         "job_dir": os.environ.get("RAYBRIDGE_JOB_DIR"), "auth": os.environ.get("RAY_AUTH_MODE"),
         "token": os.environ.get("RAY_AUTH_TOKEN_PATH"), "ray_loaded": "ray" in sys.modules,
         "line_buffered": sys.stdout.line_buffering,
+        # What the cluster record said when the program started (the driver must wait for the nodes).
+        "alive_at_start": json.load(open(os.path.join(os.environ["RAYBRIDGE_JOB_DIR"], "cluster.json"))).get(
+            "nodes_alive_at"
+        ),
     }))
     code = int(sys.argv[-1])
     if code == 99:
@@ -123,7 +127,7 @@ def test_a_script_runs_in_process_as_python_would_once_the_nodes_are_alive(tmp_p
     (sub / "probe.py").write_text("import ray\n" + PROBE)
     cluster(tmp_path, alive=False)
     p = launch(tmp_path, PY, "proj/probe.py", "it's a; $(x)", "3")
-    time.sleep(1.5)
+    time.sleep(1.5)  # the window in which a driver that does not wait would start the program
     assert p.poll() is None  # not before every node is alive
     cluster(tmp_path, alive=True)
     out, err = p.communicate(timeout=60)
@@ -136,6 +140,7 @@ def test_a_script_runs_in_process_as_python_would_once_the_nodes_are_alive(tmp_p
     assert seen["job_dir"] == str(tmp_path / "shared" / "jobs" / "77")
     assert seen["auth"] == "token" and seen["token"].endswith("/jobs/77/token")
     assert seen["ray_loaded"] and seen["line_buffered"]
+    assert seen["alive_at_start"] is not None  # it started only once the head had recorded every node
     assert "running (in process, Ray imported early)" in err
 
 
