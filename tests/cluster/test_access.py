@@ -33,7 +33,12 @@ def remote(testbed):
     env = dict(e.split("=", 1) for e in exports)
     login_url = re.search(r"browser +(http://\S+)", t.stdout).group(1)
     yield {"job": job, "env": env, "login_url": login_url, "info": testbed.cluster_json(job)}
-    testbed.raybridge("laptop", "tunnel", "--stop", job)
+    stop = testbed.raybridge("laptop", "tunnel", "--stop", job)
+    assert stop.returncode == 0, stop.stderr
+    # Nothing listens on the tunnel's port any more (a connection is refused at once).
+    assert "ERR" in http(testbed, "http://127.0.0.1:18265/api/version") and "refused" in http(
+        testbed, "http://127.0.0.1:18265/api/version"
+    )
     testbed.raybridge("laptop", "down", job, "--profile", testbed.remote_profile)
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
