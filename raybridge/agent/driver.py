@@ -253,6 +253,9 @@ def watch_in_process(folder: jd.JobDir, generation: int) -> None:
     to a cluster that is gone) with the restart flag set."""
 
     def loop() -> None:
+        # Signals for the program go to the main thread: one delivered here would leave the program's
+        # sleep or wait uninterrupted (Python runs handlers only in the main thread, when it wakes).
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         while (info := head_lost(folder, generation)) is None:
             time.sleep(WATCH)
         flag_restart(folder, info)

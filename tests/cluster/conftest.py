@@ -68,8 +68,15 @@ def no_job_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     bed: Testbed = request.getfixturevalue("testbed")
+    # The bed's own lifecycle tests take it down and up: no jobs to follow there.
+    bed_up = lambda: subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0  # noqa: E731
+    if not bed_up():
+        yield
+        return
     known = set(all_job_ids(bed))
     yield
+    if not bed_up():
+        return
     for job in [j for j in all_job_ids(bed) if j not in known]:
         bed.wait_job_gone(str(job), timeout=120)
         assert_no_leaks(str(job), timeout=30)
