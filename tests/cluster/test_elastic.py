@@ -20,12 +20,12 @@ ray.init()
 target = sys.argv[1]
 node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == target)
 @ray.remote(num_cpus=1, max_retries=3)
-def slow():
-    with open(sys.argv[2], "a") as f:  # every attempt says where it ran
-        f.write(socket.gethostname() + "\n")
+def slow(attempts):
+    with open(attempts, "a") as f:  # every attempt says where it ran
+        print(socket.gethostname(), file=f)
     time.sleep(12)
     return socket.gethostname()
-ref = slow.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
+ref = slow.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(sys.argv[2])
 print("started", flush=True)
 print("finished on", ray.get(ref), flush=True)
 """
@@ -384,7 +384,7 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
     # overlapped beyond the limit (two besides the cluster's own node).
     members = [str(j) for j in all_job_ids(testbed) if j > int(job) and str(j) != blocker]
     assert seen <= set(members) and len(members) >= 3, (seen, members)
-    submitted = [e for e in testbed.cluster_json(job)["events"] if e["event"] == "autoscale_submitted"]
+    submitted = [e for e in s["events"] if e["event"] == "autoscale_submitted"]  # (status, before down)
     assert len(submitted) == len(members), (submitted, members)
     assert most_at_once(testbed, members) <= 2
 
