@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.bed import RAYBRIDGE, assert_no_leaks
+from tests.cluster.bed import PYTHON, RAYBRIDGE, assert_no_leaks
 
 pytestmark = pytest.mark.cluster
 CHROMIUM = shutil.which("chromium")
@@ -125,6 +125,22 @@ def test_plain_ray_job_submit_through_the_tunnel(testbed, remote):
     )
     assert no_token.returncode != 0
     assert "token" in (no_token.stdout + no_token.stderr).lower()
+
+
+def test_another_user_on_the_laptop_cannot_use_the_tunnel(testbed, remote, bob):
+    """bob shares the laptop (a shared workstation, a jump host): alice's tunnel port is open to him, as
+    any local port is, but without her token or a session of her browser the dashboard refuses him."""
+    url = "http://127.0.0.1:18265/api/version"
+    assert bob.http("laptop", url) == "401"
+    cookie = "import sys, urllib.request as u; r = u.Request(sys.argv[1], headers={'Cookie': 'raybridge-session=x'})\n"
+    cookie += (
+        "try: print(u.urlopen(r, timeout=10).status)\nexcept Exception as e: print(getattr(e, 'code', e))"
+    )
+    assert bob.exec("laptop", PYTHON, "-c", cookie, url, check=True).stdout.strip() == "401"
+    token = remote["env"]["RAY_AUTH_TOKEN_PATH"]
+    r = bob.exec("laptop", "cat", token)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    assert http(testbed, url, token) == "200"  # alice's own still works
 
 
 @pytest.mark.parametrize("code", [0, 3])

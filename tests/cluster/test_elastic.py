@@ -387,16 +387,28 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
     submitted = [e for e in s["events"] if e["event"] == "autoscale_submitted"]  # (status, before down)
     assert len(submitted) == len(members), (submitted, members)
     assert most_at_once(testbed, members) <= 2
+    # Released by a drain, not killed: each member that ran left on its own (COMPLETED, where a job
+    # scancelled after the release bound ends CANCELLED), with the drain notice in its log.
+    ran = [row for row in accounting(testbed, members) if row[1] not in ("Unknown", "None", "")]
+    assert len(ran) >= 2, ran
+    for job_id, _, _, state in ran:
+        assert state == "COMPLETED", (job_id, state)
+        (log,) = (testbed.shared_dir / "logs").glob(f"*-{job_id}.out")
+        assert "released: drain notice given to Ray; leaving in" in log.read_text(), job_id
+
+
+def accounting(testbed, jobs: list[str]) -> list[tuple[str, str, str, str]]:
+    """(job id, Start, End, State) of each job, from sacct."""
+    out = testbed.admin(
+        "login", "sacct", "-j", ",".join(jobs), "-X", "-n", "-P", "-o", "JobIDRaw,Start,End,State", check=True
+    ).stdout
+    return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]
 
 
 def most_at_once(testbed, jobs: list[str]) -> int:
     """The most of these jobs that held an allocation at the same time, by sacct's Start and End."""
-    out = testbed.admin(
-        "login", "sacct", "-j", ",".join(jobs), "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", check=True
-    ).stdout
     edges = []
-    for line in out.splitlines():
-        _, start, end = line.split("|")
+    for _, start, end, _ in accounting(testbed, jobs):
         if start in ("Unknown", "None", "") or end in ("Unknown", "None", ""):
             continue  # never started (cancelled while pending)
         edges += [(start, 1), (end, -1)]
@@ -427,4 +439,62 @@ def test_elastic_training_gets_its_workers_from_the_autoscaler(testbed):
     for m in added:
         testbed.wait_job_gone(m["job_id"])
         assert_no_leaks(m["job_id"])
+    assert_no_leaks(job)
+
+
+def test_a_head_crash_keeps_the_autoscaled_members(testbed, crashed_nodes):
+    """Two autoscaled member nodes run when the head's node crashes: the new head's autoscaler takes
+    them over (they rejoin it) instead of releasing them as nodes that never joined."""
+    p = testbed.local_profile
+    args = ["--nodes", "2", "--max-nodes", "4", "--idle-timeout", "120", "--join-timeout", "30"]
+    r = testbed.raybridge("login", "up", *args, "--profile", p)
+    job = re.search(r"submitted job (\d+)", r.stderr).group(1)
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        rec = testbed.cluster_json(job) | {"token_path": str(testbed.job_dir(job) / "token")}
+        head = rec["head"]["hostname"]
+        batch = testbed.exec("login", "squeue", "-h", "-j", job, "-o", "%B", check=True).stdout.strip()
+        assert head != batch  # the head runs on the second node: its crash leaves the allocation
+        # Four 2-CPU tasks want four nodes: the autoscaler adds two member jobs. The driver runs on the
+        # head's node and dies with it.
+        flag = Path(testbed.shared) / f"head-crash-demand-{job}"
+        drv = subprocess.Popen(
+            as_user(head, *driver_env(rec), PYTHON, "-c", DEMAND, "4", str(flag)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert drv.stdout.readline().strip() == "started"
+        grown = wait_for("4 alive nodes", lambda: (s := status(testbed, job))["alive_nodes"] == 4 and s, 150)
+        members = {m["job_id"]: m["node"] for m in grown["members"] if m["autoscaled"]}
+        assert len(members) == 2, grown["members"]
+        crashed_nodes.append(head)
+        subprocess.run([TESTBED, "crash", head], check=True, capture_output=True)
+        drv.kill()
+        drv.communicate()
+
+        def recovered():
+            s = status(testbed, job)
+            return s["ray_state"] == "ready" and s["alive_nodes"] == 3 and s
+
+        s = wait_for("the new head with both members", recovered, 120)
+        info = testbed.cluster_json(job)
+        assert info["generation"] == 1 and info["head"]["hostname"] != head
+        # The same two member jobs, still running, their nodes rejoined to the new head; none released.
+        now = {m["job_id"]: m for m in s["members"] if m["autoscaled"]}
+        assert set(now) == set(members) and all(m["slurm_state"] == "RUNNING" for m in now.values()), now
+        rejoined = {n["hostname"]: n for n in s["nodes"] if n["alive"]}
+        assert set(members.values()) <= set(rejoined), rejoined
+        assert all(rejoined[node]["generation"] == 1 for node in members.values()), rejoined
+        # Past the point where a new head that did not know them would release them as never joined
+        # (--join-timeout 30 from its start), yet before they are idle for --idle-timeout.
+        time.sleep(max(0.0, info["ready_at"] + 35 - time.time()))
+        s = status(testbed, job)
+        names = [e["event"] for e in s["events"]]
+        assert "not_joined" not in names and "autoscale_released" not in names, s["events"]
+        assert s["alive_nodes"] == 3
+    finally:
+        down = testbed.raybridge("login", "down", job, "--profile", p)
+    assert down.returncode == 0, down.stderr
+    testbed.wait_job_gone(job)
     assert_no_leaks(job)
