@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,8 @@ class AgentBase:
         else:
             self.role = "head" if settings.rank == settings.head_rank else "worker"
         self.stopping = False
+        self.batch_host_gone = False  # the head found the batch host removed from the job (head.py)
+        self.batch_lock = threading.Lock()
         self.restarts = 0
         self.generation = 0
         self.head_losses = 0

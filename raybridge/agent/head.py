@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from raybridge.errors import RaybridgeError
 from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import LocalRunner
 
-BATCH_CHECK_S = 2.0  # how often the head asks Slurm whether the batch host is still in the job
+BATCH_CHECK_S = 1.0  # how often the head asks Slurm whether the batch host is still in the job
 
 
 class HeadRole(AgentBase):
@@ -108,16 +109,16 @@ class HeadRole(AgentBase):
         """Until stop: reap orphans, keep cluster.json current (a node that died may be replaced), and
         leave if another node took over as head or this node's GCS died."""
         last_refresh = 0.0
-        batch_check = time.monotonic()
+        if self.settings.rank != 0:
+            self.watch_batch_host()
         while not self.stop_requested():
             procs.reap()
             now = time.monotonic()
             if now - last_refresh > 2:
                 last_refresh = now
                 self.refresh(gcs)
-            if self.settings.rank != 0 and now - batch_check > BATCH_CHECK_S:
-                batch_check = now
-                self.check_batch_host()
+            if self.batch_host_gone:
+                raise StopRequested()
             time.sleep(0.2)
         if self.stopping and self.settings.rank != 0:
             # Slurm stops the step's tasks (SIGTERM) when the batch host died with the step's srun:
@@ -142,6 +143,19 @@ class HeadRole(AgentBase):
             self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
             self.rendezvous.publish_targets()
 
+    def watch_batch_host(self) -> None:
+        """Ask Slurm every BATCH_CHECK_S in a thread of its own: the refresh can wait seconds on a GCS
+        that is busy with a dying node, and Slurm ends this step about two seconds after it removed
+        the batch host (seen: 2.2 s), so a check in the same loop could come too late."""
+
+        def loop() -> None:
+            while not self.stop_requested() and not self.batch_host_gone:
+                time.sleep(BATCH_CHECK_S)
+                with contextlib.suppress(StopRequested, RaybridgeError, OSError):
+                    self.check_batch_host()
+
+        threading.Thread(target=loop, name="raybridge-batch-host", daemon=True).start()
+
     def check_batch_host(self) -> None:
         """With --no-kill, Slurm removes a failed batch host from the job, kills the batch script and
         lets the job run on (until its time limit) with nobody to run or restart the driver. The head
@@ -152,6 +166,10 @@ class HeadRole(AgentBase):
         if lost is None:
             return
         host, requeue = lost
+        with self.batch_lock:  # the watcher thread and the last check at SIGTERM: once
+            if self.batch_host_gone:
+                raise StopRequested()
+            self.batch_host_gone = True
         self.rendezvous.log_event("batch_host_lost", host, "requeue" if requeue else "no requeue: job ends")
         if requeue:
             self.say(f"the batch host {host} was lost; requeueing the job")

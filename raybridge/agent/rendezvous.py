@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Rendezvous:
     def __init__(self, settings: AgentSettings):
         self.settings = settings
         self.dir = jd.JobDir(settings.job_dir)
+        self._update_lock = threading.Lock()
 
     # ------------------------------------------------------------ the batch step, once
 
@@ -160,13 +162,14 @@ class Rendezvous:
         return jd.read(self.dir.cluster, jd.ClusterRecord)
 
     def update_cluster(self, **changes: Any) -> None:
-        """Read, change, write (only the head writes it while the job runs)."""
-        rec = self.cluster()
-        if rec is None:
-            raise RuntimeError(f"{self.dir.cluster} is missing (the batch step prepares it)")
-        new = rec.with_changes(**changes)
-        if new != rec:
-            jd.write(self.dir.cluster, new)
+        """Read, change, write (only the head writes it while the job runs; the lock: its threads)."""
+        with self._update_lock:
+            rec = self.cluster()
+            if rec is None:
+                raise RuntimeError(f"{self.dir.cluster} is missing (the batch step prepares it)")
+            new = rec.with_changes(**changes)
+            if new != rec:
+                jd.write(self.dir.cluster, new)
 
     def new_generation(self, generation: int, lost: jd.HeadRecord) -> None:
         """A new head takes over: what the old cluster's nodes recorded is kept aside, the loss is
