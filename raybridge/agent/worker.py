@@ -90,8 +90,14 @@ class WorkerRole(AgentBase):
         ray = shutil.which(
             "ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         )
-        if not (ray and node_id):
-            self.say("released: no drain notice (no node id or no `ray` command); leaving")
+        if node_id is None:
+            # Ray's autoscaler drains an idle node itself before it asks for its release.
+            self.say(
+                "released: this node has already left Ray (drained by Ray's autoscaler, or gone); leaving"
+            )
+            return
+        if ray is None:
+            self.say("released: no drain notice (this Ray has no `ray` command); leaving")
             return
         cmd = [
             ray,
