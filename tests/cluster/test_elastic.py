@@ -46,6 +46,18 @@ def status(testbed, job):
     return json.loads(r.stdout)
 
 
+def start_driver(host, rec, script, *args):
+    """A Ray program as the user on one of the cluster's nodes, in the background, once it says "started"."""
+    drv = subprocess.Popen(
+        as_user(host, *driver_env(rec), PYTHON, "-c", script, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert drv.stdout.readline().strip() == "started"
+    return drv
+
+
 def wait_for(what, check, timeout=120):
     deadline = time.monotonic() + timeout
     while not (got := check()):
@@ -93,13 +105,7 @@ def test_scale_add_remove_labels_and_down(testbed):
         head = testbed.cluster_json(job)["head"]["hostname"]
         attempts = Path(testbed.shared) / f"attempts-{job}"
         testbed.write(attempts, "")
-        drv = subprocess.Popen(
-            as_user(head, *driver_env(rec), PYTHON, "-c", SLOW_TASK, victim["ip"], str(attempts)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert drv.stdout.readline().strip() == "started"
+        drv = start_driver(head, rec, SLOW_TASK, victim["ip"], str(attempts))
         time.sleep(2)  # the task is running on the victim now
         t0 = time.monotonic()
         rm = testbed.raybridge("login", "scale", job, "--remove", "1", "--profile", p)
@@ -321,13 +327,7 @@ def test_autoscaler_adds_member_jobs_for_demand_within_the_limits_and_releases_t
         head = rec["head"]["hostname"]
         # Five 2-CPU tasks on 2-CPU nodes want five nodes; at most three may be (the head + two).
         flag = Path(testbed.shared) / f"demand-done-{job}"
-        drv = subprocess.Popen(
-            as_user(head, *driver_env(rec), PYTHON, "-c", DEMAND, "5", str(flag)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert drv.stdout.readline().strip() == "started"
+        drv = start_driver(head, rec, DEMAND, "5", str(flag))
 
         def one_did_not_join():
             rows, active = autoscaled(testbed, job)
@@ -461,13 +461,7 @@ def test_a_head_crash_keeps_the_autoscaled_members(testbed, crashed_nodes):
         # Four 2-CPU tasks want four nodes: the autoscaler adds two member jobs. The driver runs on the
         # head's node and dies with it.
         flag = Path(testbed.shared) / f"head-crash-demand-{job}"
-        drv = subprocess.Popen(
-            as_user(head, *driver_env(rec), PYTHON, "-c", DEMAND, "4", str(flag)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert drv.stdout.readline().strip() == "started"
+        drv = start_driver(head, rec, DEMAND, "4", str(flag))
         grown = wait_for("4 alive nodes", lambda: (s := status(testbed, job))["alive_nodes"] == 4 and s, 150)
         members = {m["job_id"]: m["node"] for m in grown["members"] if m["autoscaled"]}
         assert len(members) == 2, grown["members"]
