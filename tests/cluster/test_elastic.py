@@ -465,6 +465,10 @@ def test_a_head_crash_keeps_the_autoscaled_members(testbed, crashed_nodes):
         grown = wait_for("4 alive nodes", lambda: (s := status(testbed, job))["alive_nodes"] == 4 and s, 150)
         members = {m["job_id"]: m["node"] for m in grown["members"] if m["autoscaled"]}
         assert len(members) == 2, grown["members"]
+        # Crash only once the members are older than --join-timeout: the new head's first look at them
+        # (not rejoined yet) is then exactly the moment a provider that forgot them would release them.
+        newest = max(m["submitted_at"] for m in grown["members"] if m["autoscaled"])
+        time.sleep(max(0.0, newest + 35 - time.time()))
         crashed_nodes.append(head)
         subprocess.run([TESTBED, "crash", head], check=True, capture_output=True)
         drv.kill()

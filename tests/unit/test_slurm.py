@@ -235,8 +235,15 @@ def test_attach_refuses_another_users_job_in_one_line():
     from raybridge.client.profile import ClusterSpec
     from raybridge.errors import JobNotFound
 
+    class Runner(FakeRunner):  # enough of a login node for attach to go on, were the job alice's
+        def home(self):
+            return "/home/alice"
+
+        def read_text(self, path):
+            return None
+
     line = LINE.replace("UserId=root(0)", "UserId=bob(1002)")
-    runner = FakeRunner([(0, line + "\n", ""), (0, "alice\n", "")])
+    runner = Runner([(0, line + "\n", ""), (0, "alice\n", "")])
     with pytest.raises(JobNotFound, match=r"^job 42 belongs to bob: raybridge acts only on your own jobs$"):
         attach(ClusterSpec(), runner, "42")
     # Nothing of the job was read: no folder, no record, no token.
