@@ -64,9 +64,10 @@ def ancestors(path: str) -> list[str]:
     return chain[::-1]
 
 
-def chain_problem(run: Callable[[list[str]], str], folder: str) -> str | None:
+def chain_problem(run: Callable[[list[str]], str], folder: str, own: bool = True) -> str | None:
     """folder_problem for a folder and every folder above it, on the host where `run` runs commands
-    (this one, or the login node over SSH): the folder itself must be the user's. None when all pass;
+    (this one, or the login node over SSH): the folder itself must be the user's (own; else the user's
+    or root's, as a site's image may be). None when all pass;
     the first problem otherwise. CommandError when the host cannot say (e.g. the folder is not there)."""
     real = run(["readlink", "-f", "--", folder]).strip() or folder
     me = int(run(["id", "-u"]).strip())
@@ -75,7 +76,7 @@ def chain_problem(run: Callable[[list[str]], str], folder: str) -> str | None:
     if len(lines) != len(chain):
         return f"cannot check the folders above {folder}"
     for path, (uid, mode) in zip(chain, lines, strict=True):
-        if why := folder_problem(path, int(uid), int(mode, 16), me, own=path == real):
+        if why := folder_problem(path, int(uid), int(mode, 16), me, own=own and path == real):
             return why
     return None
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from raybridge.client.profile import PARAMS, PROFILE_KEYS, ClusterSpec, load_spec
+from raybridge.client.profile import CONTAINER_FLAGS, PARAMS, PROFILE_KEYS, ClusterSpec, load_spec
 from raybridge.errors import RaybridgeError
 from raybridge.transport.connect import open_runner
 from raybridge.transport.runner import Runner
@@ -40,6 +40,20 @@ def spec_option(f: Any) -> Any:
 # The profile-overriding flags of every command that builds a cluster, from the declarations.
 SPEC_OPTIONS: tuple[tuple[str, Any], ...] = tuple(
     (f.name, spec_option(f)) for f in PARAMS if f.metadata["flag"]
+) + (
+    (
+        "container_image",
+        Annotated[
+            str | None, typer.Option(help="Container image (overrides the profile's container.image).")
+        ],
+    ),
+    (
+        "container_runtime",
+        Annotated[
+            str | None,
+            typer.Option(help="Container runtime: charliecloud, podman, apptainer or pyxis."),
+        ],
+    ),
 )
 CLUSTER_ONLY: tuple[str, ...] = tuple(f.name for f in PARAMS if f.metadata["cluster_only"])
 
@@ -77,7 +91,9 @@ def spec_from(ctx: typer.Context, command: list[str] | None = None) -> ClusterSp
     """The command's profile, overridden by its flags (each named like its profile key; None = not
     given, the profile decides), plus --login and --accept-new-host-key."""
     params: dict[str, Any] = ctx.params
-    overrides = {k: v for k, v in params.items() if k in PROFILE_KEYS and k != "login"}
+    overrides = {
+        k: v for k, v in params.items() if (k in PROFILE_KEYS or k in CONTAINER_FLAGS) and k != "login"
+    }
     spec = load_spec(params.get("profile"), command=command or None, login=params.get("login"), **overrides)
     if params.get("accept_new_host_key"):
         if spec.login is None:

@@ -42,7 +42,7 @@ def doctor_cmd(
 
     spec = spec_from(ctx)
     with connected(spec) as runner:
-        spec = submission.complete(spec.with_home(runner.home()), local=not runner.host)
+        spec = submission.complete(spec.with_home(runner.home()), local=not runner.host, runner=runner)
         checks = doctor.login_checks(spec, runner)
         if not login_only:
             say(f"doctor: running checks on {spec.nodes} compute node(s) (one short Slurm step)")

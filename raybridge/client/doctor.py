@@ -21,10 +21,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
 
-from raybridge import envcheck, trust
+from raybridge import container, envcheck, trust
 from raybridge.agent.doctor import MARK
 from raybridge.client.profile import ClusterSpec
-from raybridge.client.render import exports, resources
+from raybridge.client.render import container_launch, exports, resources
 from raybridge.errors import RaybridgeError
 from raybridge.transport.runner import Runner
 
@@ -105,6 +105,51 @@ def shared_trust(spec: ClusterSpec, runner: Runner) -> Check:
     )
 
 
+def container_image(spec: ClusterSpec, runner: Runner) -> Check:
+    """The container's image, where it is a path on shared storage: there; trusted as anything raybridge
+    runs from shared storage (the runtime executes what is in it as the user); and, for Charliecloud,
+    with a folder for each mount (ch-run mounts only onto folders that exist in the image: made here
+    when the image is the user's own)."""
+    c = spec.container
+    assert c is not None
+    path = c.image_path
+    if path is None:
+        return Check("container", "login", "pass", f"{c.runtime} image {c.image} (fetched by the runtime)")
+    fix = "stage the image there (docs/containers.md), or set container.image / --container-image"
+    r = runner.run(["stat", "-L", "-c", "%u %F", "--", path], check=False)
+    if r.returncode != 0:
+        return Check("container", "login", "fail", f"the {c.runtime} image {path} is not there", fix)
+    owner, kind = int(r.stdout.split()[0]), r.stdout.split(" ", 1)[1].strip()
+    try:
+        why = trust.chain_problem(lambda argv: runner.run(argv).stdout, path, own=False)
+    except (RaybridgeError, ValueError) as e:
+        return Check("container", "login", "fail", f"cannot check {path}: {e}", "")
+    if why:
+        text, _, how = why.partition(" (fix: ")
+        return Check("container", "login", "fail", f"image: {text}", how.removesuffix(")"))
+    if c.runtime == "charliecloud" and kind == "directory":
+        mounts = container.binds(c, spec.shared_dir, spec.workdir, spec.node_tmp)
+        targets = [d for _, d in mounts]
+        missing = runner.run(
+            ["sh", "-c", 'i=$1; shift; for d; do [ -d "$i$d" ] || echo "$d"; done', "sh", path, *targets]
+        ).stdout.split("\n")
+        missing = [m for m in missing if m]
+        if missing and owner == int(runner.run(["id", "-u"]).stdout.strip()):
+            for d in missing:  # mount points in the user's own image
+                runner.makedirs(path.rstrip("/") + d)
+        elif missing:
+            return Check(
+                "container",
+                "login",
+                "fail",
+                f"the image {path} has no folder {missing[0]} to mount onto (ch-run mounts only onto "
+                "folders that exist in the image)",
+                f"mkdir -p {shlex.quote(path.rstrip('/') + missing[0])} as the image's owner, or stage a "
+                "copy of your own: raybridge image stage",
+            )
+    return Check("container", "login", "pass", f"{c.runtime} image {path}: nobody else can write it")
+
+
 def token_auth(spec: ClusterSpec, local: bool) -> Check:
     if not spec.auth:
         return Check(
@@ -135,6 +180,8 @@ def login_checks(spec: ClusterSpec, runner: Runner) -> list[Check]:
         checks = [shared_dir(spec, runner)]
         if checks[0].status == "pass":
             checks.append(trusted if trusted.status == "pass" else shared_trust(spec, runner))
+    if spec.container and checks[-1].status == "pass":
+        checks.append(container_image(spec, runner))
     return [*checks, temp_path(spec), token_auth(spec, local=not runner.host)]
 
 
@@ -151,8 +198,14 @@ def refuse(spec: ClusterSpec, runner: Runner) -> None:
 def node_script(spec: ClusterSpec, folder: str, nodes: int, mark: str) -> str:
     """What each task of the doctor's step runs: the cluster's own environment, then the checks."""
     q = shlex.quote
-    python = q(spec.python or "python3")
+    launch = container_launch(spec)
+    # Inside the container when there is one: a Pyxis step is in it already (srun_command), the other
+    # runtimes start each command in it, as the batch script does.
+    prefix = launch.step if launch and not launch.srun_options else ""
+    python = prefix + q(spec.python or "python3")
     lines = [*spec.setup, *exports(spec)]
+    if prefix:
+        lines.append(launch.definition())
     if mib := mebibytes(spec.memory_per_node):  # a batch job gets it from sbatch; this step does not
         lines.append(f'export SLURM_MEM_PER_NODE="${{SLURM_MEM_PER_NODE:-{mib}}}"')
     lines.append(
@@ -175,6 +228,9 @@ def mebibytes(memory: str | None) -> int | None:
 def srun_command(spec: ClusterSpec, nodes: int, script: str) -> list[str]:
     cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
     cmd += ["--job-name=raybridge-doctor", "--comment=raybridge-doctor", "--time=5", "--kill-on-bad-exit=0"]
+    launch = container_launch(spec)
+    if launch and launch.srun_options:  # Pyxis: the whole step runs in the image
+        cmd += [shlex.split(w)[0] for w in launch.words]
     return [*cmd, *resources(spec, time=False), "bash", "-c", script]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from raybridge import trust
+from raybridge.container import RUNTIMES, ContainerSpec
 from raybridge.errors import ConfigError
 from raybridge.layout import SharedDir
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
@@ -243,6 +244,13 @@ class ClusterSpec:
     profile: str = "(none)"
     expect_versions: str | None = None  # set at submission (submission.complete); the nodes compare
     labels: tuple[str, ...] = param((), _labels, "Ray node labels for every node, key=value.", agent=True)
+    container: ContainerSpec | None = param(
+        None,
+        lambda v, k, x: v.container(x),
+        "Run the agents, Ray and the driver inside a container: runtime (charliecloud, podman, "
+        "apptainer, pyxis), image, mounts, options (docs/containers.md).",
+    )
+    workdir: str | None = None  # set at submission (submission.complete): where the job's commands run
     member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
     min_nodes: int | None = param(
         None,
@@ -344,6 +352,11 @@ def _plain(value: Any) -> Any:
 
 
 LOGIN_KEYS = {f.name for f in dataclasses.fields(LoginSpec)}
+CONTAINER_KEYS = ("runtime", "image", "mounts", "options")
+# The two container flags override the profile's `container:` mapping key by key.
+CONTAINER_FLAGS = {"container_image": "image", "container_runtime": "runtime"}
+# Characters the runtimes' own option syntax gives a meaning: Pyxis splits mounts at ',' and ':'.
+MOUNT_PATH = re.compile(r"^/[^,:\n\r\0]*$")
 
 
 # ------------------------------------------------------------------ finding profiles
@@ -434,6 +447,10 @@ def load_spec(profile: str | None = None, **overrides: Any) -> ClusterSpec:
     """Profile (by name or path, or the default one) + overrides (None = not given) → ClusterSpec."""
     path = find_profile(profile)
     values: dict[str, Any] = read_profile(path) if path else {}
+    for flag, key in CONTAINER_FLAGS.items():
+        if (value := overrides.pop(flag, None)) is not None:
+            given = values.get("container")
+            values["container"] = {**(given if isinstance(given, dict) else {}), key: value}
     for key, value in overrides.items():
         if key not in PROFILE_KEYS | {"command"}:
             raise ConfigError(f"unknown option {key!r}")
@@ -655,6 +672,47 @@ class _Validator:
                 "login.accept_new_host_key", value.get("accept_new_host_key", False)
             ),
         )
+
+    def container(self, value: Any) -> ContainerSpec | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail("container", "must be a mapping with runtime and image")
+        unknown = sorted(set(map(str, value)) - set(CONTAINER_KEYS))
+        if unknown:
+            raise self.fail(
+                "container", f"has unknown key {show(unknown[0])} (valid keys: {', '.join(CONTAINER_KEYS)})"
+            )
+        if "runtime" not in value or "image" not in value:
+            missing = "runtime" if "runtime" not in value else "image"
+            raise self.fail("container", f"needs {missing} (--container-{missing})")
+        runtime = self.choice("container.runtime", value["runtime"], RUNTIMES)
+        image = self.line("container.image", value["image"]).strip()
+        if not image:
+            raise self.fail("container.image", "must not be empty")
+        if runtime in ("charliecloud", "apptainer") and not image.startswith("/"):
+            raise self.fail(
+                "container.image",
+                f"must be an absolute path on shared storage for {runtime}, got {show(image)} "
+                "(stage an image there first: docs/containers.md)",
+            )
+        if runtime == "pyxis" and "," in image:
+            raise self.fail("container.image", f"must not contain ',' (Pyxis splits at it): {show(image)}")
+        mounts = []
+        for i, entry in enumerate(self.str_list("container.mounts", value.get("mounts"))):
+            text = self.line(f"container.mounts[{i}]", entry)
+            src, _, dst = text.partition(":")
+            dst = dst or src
+            for path in (src, dst):
+                if not MOUNT_PATH.fullmatch(path) or path.rstrip("/") == "":
+                    raise self.fail(
+                        f"container.mounts[{i}]",
+                        f"must be /host/path or /host/path:/container/path (no ',' or ':' inside a "
+                        f"path; not /), got {show(text)}",
+                    )
+            mounts.append((os.path.normpath(src), os.path.normpath(dst)))
+        options = _lines(self, "container.options", value.get("options"))
+        return ContainerSpec(runtime, image, tuple(mounts), options)
 
     def _opt_line(self, key: str, value: Any) -> str | None:
         return None if value is None else self.line(key, value)

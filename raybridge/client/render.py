@@ -7,6 +7,7 @@ import shlex
 from functools import cache
 from pathlib import Path
 
+from raybridge import container
 from raybridge.client.profile import ClusterSpec
 from raybridge.jobdir import DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
 
@@ -42,7 +43,7 @@ restarts=0
 set +e
 while :; do
   rm -f "$RAYBRIDGE_JOB_DIR/{restart}" "$RAYBRIDGE_JOB_DIR/{exited}"
-  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {python} -P -m raybridge.agent driver -- {command} &
+  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {step}{python} -P -m raybridge.agent driver -- {command} &
   driver=$!
   while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
     wait "$driver"
@@ -57,14 +58,14 @@ while :; do
   fi
   [ "$rc" = 0 ] && rc=1  # killed: not a success, whatever srun says
   [ "$restarts" -lt {max_restarts} ] || break
-  next=$({python} -P -m raybridge.agent new-head "$generation") || break
+  next=$({here}{python} -P -m raybridge.agent new-head "$generation") || break
   read -r driver_host generation <<<"$next"
   restarts=$((restarts + 1))
   echo "raybridge: starting the driver again on the new head $driver_host ($restarts of {max_restarts})"
 done
 set -e
 echo "raybridge: driver exited with code $rc"
-{python} -P -m raybridge.agent stop
+{here}{python} -P -m raybridge.agent stop
 wait "$agents" || true
 {requeue}exit "$rc"
 """
@@ -150,6 +151,44 @@ def exports(spec: ClusterSpec) -> list[str]:
     return lines + [f"export {name}={q(value)}" for name, value in spec.env]
 
 
+def container_lines(spec: ClusterSpec) -> list[str]:
+    """The script's `container` array (none without a container): what every command on a node runs in."""
+    launch = container_launch(spec)
+    if launch is None:
+        return []
+    c = spec.container
+    assert c is not None
+    names = {"charliecloud": "Charliecloud", "podman": "podman", "apptainer": "Apptainer", "pyxis": "Pyxis"}
+    how = (
+        "srun options: each step below runs in the image"
+        if launch.srun_options
+        else "a prefix for each command"
+    )
+    return [
+        "",
+        f"# ---- container (profile: container): {names[c.runtime]}, {how} ----",
+        "# The environment check, the agents (and Ray) and the driver run inside the image on every node, as",
+        "# you, on the node's own network, with the shared folder and the working directory at the same",
+        "# paths; this script stays on the host, where Slurm's signals reach it.",
+        f"export RAYBRIDGE_CONTAINER={shlex.quote(c.runtime + ':' + c.image)}  # named in the nodes' error lines",
+        launch.definition(),
+    ]
+
+
+def container_launch(spec: ClusterSpec) -> container.Launch | None:
+    c = spec.container
+    if c is None:
+        return None
+    mounts = container.binds(c, spec.shared_dir, spec.workdir, spec.node_tmp)
+    infiniband = any(i.startswith("ib") for i in spec.interface) or bool(spec.nccl_ib_hca)
+    return container.launch(c, mounts, spec.workdir, spec.gpus_per_node or 0, infiniband)
+
+
+def _prefixes(spec: ClusterSpec) -> dict[str, str]:
+    launch = container_launch(spec)
+    return {"here": launch.here if launch else "", "step": launch.step if launch else ""}
+
+
 def member_directives(spec: ClusterSpec) -> list[str]:
     """A member job: one worker node, the cluster's remaining time, no requeue (a new one is added
     instead), marked so that it is never taken for a cluster of its own."""
@@ -173,8 +212,9 @@ def render_member(spec: ClusterSpec, version: str | None = None) -> str:
             "cluster_job": spec.member_of,
             "directives": "\n".join(member_directives(spec)),
             "setup": "\n".join(spec.setup) if spec.setup else "# (none)",
-            "exports": "\n".join(exports(spec)),
+            "exports": "\n".join(exports(spec) + container_lines(spec)),
             "python": shlex.quote(spec.python or "python3"),
+            **_prefixes(spec),
         },
     )
 
@@ -194,6 +234,7 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
             restart=DRIVER_RESTART,
             exited=DRIVER_EXIT,
             max_restarts=MAX_HEAD_LOSSES,
+            **_prefixes(spec),
         )
         if spec.command
         else UP_BODY.format(preempt=PREEMPT)
@@ -205,8 +246,9 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
             "profile": spec.profile.replace("\n", " "),
             "directives": "\n".join(directives(spec)),
             "setup": "\n".join(spec.setup) if spec.setup else "# (none)",
-            "exports": "\n".join(exports(spec)),
+            "exports": "\n".join(exports(spec) + container_lines(spec)),
             "python": python,
             "body": body.rstrip("\n"),
+            **_prefixes(spec),
         },
     )

@@ -42,23 +42,31 @@ class Request:
         return f"{shlex.join(['sbatch', f'--output={self.output}'])} < {shlex.quote(self.path)}"
 
 
-def complete(spec: ClusterSpec, local: bool) -> ClusterSpec:
+def complete(spec: ClusterSpec, local: bool, runner: Runner | None = None) -> ClusterSpec:
     """What only the submitting side knows: which Python the job runs when the profile does not say
     (on the login node, with no `setup`: the interpreter raybridge itself runs in, e.g. the user's
     venv), and the versions the nodes must match (the login node's raybridge, Ray and Python; from a
     laptop, raybridge's own only)."""
     python, setup = spec.python, spec.setup
-    if python is None and local and not setup and sys.executable:
+    # Inside a container the image's own python3 (or the profile's python) runs, never the login node's.
+    if python is None and local and not setup and sys.executable and spec.container is None:
         python = sys.executable
         # What activating the venv does for commands: `python`, `ray` and the driver's own tools.
         setup = (f'export PATH={shlex.quote(os.path.dirname(python))}:"$PATH"',)
     versions = envcheck.encode(envcheck.versions(full=local))
-    return dataclasses.replace(spec, python=python, setup=setup, expect_versions=versions)
+    workdir = spec.workdir or (workdir_of(runner) if spec.container and runner else None)
+    return dataclasses.replace(spec, python=python, setup=setup, expect_versions=versions, workdir=workdir)
+
+
+def workdir_of(runner: Runner) -> str:
+    """Where sbatch runs, so where the job's commands run (SLURM_SUBMIT_DIR): the container mounts it
+    at the same path. On the login node over SSH that is the home folder."""
+    return runner.home() if runner.host else os.getcwd()
 
 
 def request(spec: ClusterSpec, runner: Runner) -> Request:
     """The request for spec as this runner would submit it (pure but for the runner's home folder)."""
-    spec = complete(spec.with_home(runner.home()), local=not runner.host)
+    spec = complete(spec.with_home(runner.home()), local=not runner.host, runner=runner)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{spec.job_name}-{stamp}-{int(time.time() * 1000) % 1000:03d}"
     return Request(spec, render(spec), spec.layout.script(name), spec.layout.output)
@@ -121,7 +129,9 @@ def add_members(cluster: Cluster, spec: ClusterSpec, count: int) -> list[str]:
     within_limit(cluster, info, count)
     runner = cluster.runner
     spec = member_spec(
-        complete(spec.with_home(runner.home()), local=not runner.host), cluster.job_id, spec.time
+        complete(spec.with_home(runner.home()), local=not runner.host, runner=runner),
+        cluster.job_id,
+        spec.time,
     )
     layout = spec.layout
     runner.makedirs(layout.scripts)

@@ -50,6 +50,12 @@ EVERYTHING = {
     "max_nodes": 6,
     "idle_timeout": 30,
     "join_timeout": 120,
+    "container": {
+        "runtime": "charliecloud",
+        "image": "/images/it's a; $(id)",
+        "mounts": ["/data set", "/a:/b"],
+        "options": ["--set-env=X=a b"],
+    },
 }
 
 
@@ -99,7 +105,8 @@ def test_each_parameter_is_declared_once_with_everything_derived_from_it():
         if f.metadata["agent"]:  # crosses unchanged: the agents' record has it, with the same default
             assert f.name in agent_fields and AGENT_DEFAULTS.get(f.name, f.default) == f.default, f.name
     flagged = [f.name for f in PARAMS if f.metadata["flag"]]
-    assert [name for name, _ in SPEC_OPTIONS] == flagged and "nodes" in flagged
+    container_flags = ["container_image", "container_runtime"]  # keys of the `container:` mapping
+    assert [name for name, _ in SPEC_OPTIONS] == flagged + container_flags and "nodes" in flagged
     assert (
         set(CLUSTER_ONLY) == {f.name for f in PARAMS if f.metadata["cluster_only"]} >= {"nodes", "max_nodes"}
     )

@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[2] / "raybridge"
 # Lowest first; a module may import from its own layer or below, never above.
 LAYERS = [
     {"raybridge.errors", "raybridge.layout", "raybridge.settings", "raybridge.envcheck", "raybridge.trust"},
+    {"raybridge.container"},
     {"raybridge.transport.transfer", "raybridge.transport.runner", "raybridge.jobdir"},
     {"raybridge.slurm", "raybridge.metrics"},
     {"raybridge.members"},
