@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 RUNTIMES = ("charliecloud", "podman", "apptainer", "pyxis")
 PROGRAM = {"charliecloud": "ch-run", "podman": "podman", "apptainer": "apptainer", "pyxis": "srun"}
+NAMES = {"charliecloud": "Charliecloud", "podman": "podman", "apptainer": "Apptainer", "pyxis": "Pyxis"}
 # Runtimes whose image is a path on shared storage (podman and Pyxis also take a registry reference).
 PATH_IMAGES = ("charliecloud", "apptainer")
 
@@ -42,15 +43,13 @@ class ContainerSpec:
     options: tuple[str, ...] = ()  # extra words for the runtime, as given
 
     @property
-    def image_is_path(self) -> bool:
-        """The image is a file or folder on shared storage (which the trust rule then covers)."""
-        return self.runtime in PATH_IMAGES or self.image.startswith("/")
-
-    @property
     def image_path(self) -> str | None:
-        if not self.image_is_path:
-            return None
-        return self.image.removeprefix("oci-archive:") if self.runtime == "podman" else self.image
+        """The image's file or folder on shared storage (which the trust rule then covers); None for
+        a registry reference, which the runtime fetches itself."""
+        path = self.image
+        if self.runtime == "podman":
+            path = path.removeprefix("oci-archive:").removeprefix("docker-archive:")
+        return path if self.runtime in PATH_IMAGES or path.startswith("/") else None
 
 
 def binds(spec: ContainerSpec, shared_dir: str, workdir: str | None, node_tmp: str) -> list[tuple[str, str]]:
@@ -95,7 +94,13 @@ class Launch:
         return self.runtime == "pyxis"
 
     def definition(self) -> str:
-        return "container=(" + " ".join(self.words) + ")"
+        """container=( ... ): the program, then one option per line (admins read this), the image last."""
+        head = 0
+        while head < len(self.words) and not self.words[head].startswith("-"):
+            head += 1
+        lines = [" ".join(self.words[:head])] if head else []
+        lines += list(self.words[head:])
+        return "container=(\n  " + "\n  ".join(lines) + "\n)"
 
     @property
     def here(self) -> str:
@@ -129,14 +134,14 @@ def launch(
         # the agents see (and stop) Ray's processes, and the driver shares the object store's memory.
         words = ["podman", "run", "--rm", "--network=host", "--pid=host", "--ipc=host", "--userns=keep-id"]
         words += ["--env-host", "--security-opt=label=disable"]
-        words += [f"--volume={q(_pair(s, d))}" for s, d in mounts]
+        words += [f"--volume={q(f'{s}:{d}')}" for s, d in mounts]  # -v /x alone: an anonymous volume
         words += [f"--workdir={q(workdir)}"] if workdir else []
         words += ["--device=nvidia.com/gpu=all"] if gpus else []  # CDI
         words += ["--device=/dev/infiniband"] if infiniband else []
         words += [*extra, image]
     elif spec.runtime == "pyxis":
         words = [f"--container-image={image}"]
-        words += [f"--container-mounts={q(','.join(_pair(s, d) for s, d in mounts))}"] if mounts else []
+        words += [f"--container-mounts={q(','.join(f'{s}:{d}' for s, d in mounts))}"] if mounts else []
         words += [f"--container-workdir={q(workdir)}"] if workdir else []
         # One container per node for the whole job: the steps after the first reuse it.
         words += ["--container-name=raybridge", *extra]

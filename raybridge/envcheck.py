@@ -24,6 +24,13 @@ FIX = (
 )
 
 
+CONTAINER_VAR = "RAYBRIDGE_CONTAINER"  # "runtime:image" when the job runs in a container
+CONTAINER_FIX = (
+    "the image must carry raybridge, Ray and Python of the login node's versions (rebuild it with them), "
+    "or set `python:` to an environment on shared storage that container.mounts mounts"
+)
+
+
 def dist_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -54,15 +61,18 @@ def decode(text: str) -> dict[str, str]:
 def problem(expected: str | None) -> str | None:
     """Why this Python cannot run the job's agents, in one line, or None."""
     where = f"{socket.gethostname().split('.')[0]}: {sys.executable}"
+    fix = FIX
+    if image := os.environ.get(CONTAINER_VAR):
+        where, fix = f"{where} in the container {image.partition(':')[2]}", CONTAINER_FIX
     for module in NEEDED:
         if importlib.util.find_spec(module) is None:
-            return f"{where} cannot import {module} (No module named {module!r}); {FIX}"
+            return f"{where} cannot import {module} (No module named {module!r}); {fix}"
     if expected:
         want = decode(expected)
         have = versions()
         diff = [f"{k} {have.get(k, 'none')} (login node: {v})" for k, v in want.items() if have.get(k) != v]
         if diff:
-            return f"{where} runs {', '.join(diff)}; {FIX}"
+            return f"{where} runs {', '.join(diff)}; {fix}"
     return None
 
 
@@ -87,6 +97,12 @@ def find_error(output: str, python: str | None = None) -> str | None:
             return f"the job's Python cannot import raybridge ({line.strip()[:200]}); {FIX}"
         if line.startswith("Unknown option: -P"):  # raybridge runs its modules with -P (Python >= 3.11)
             return f"the job's Python {python or 'python3'} is older than 3.11 (it has no -P option); {FIX}"
+        if "execve(): " in line and "No such file" in line:  # srun: a program missing on a node
+            program = line.split("execve(): ", 1)[1].split(":", 1)[0]
+            return (
+                f"{program} is not installed on every node of the job ({line.strip()[:200]}); install it "
+                "there, or set the profile's python/container for what the nodes have"
+            )
         if python and python in line and ("No such file" in line or "command not found" in line):
             return f"the job's Python {python} is not there on the node ({line.strip()[:200]}); {FIX}"
     return None

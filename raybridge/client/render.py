@@ -158,7 +158,6 @@ def container_lines(spec: ClusterSpec) -> list[str]:
         return []
     c = spec.container
     assert c is not None
-    names = {"charliecloud": "Charliecloud", "podman": "podman", "apptainer": "Apptainer", "pyxis": "Pyxis"}
     how = (
         "srun options: each step below runs in the image"
         if launch.srun_options
@@ -166,13 +165,35 @@ def container_lines(spec: ClusterSpec) -> list[str]:
     )
     return [
         "",
-        f"# ---- container (profile: container): {names[c.runtime]}, {how} ----",
+        f"# ---- container (profile: container): {container.NAMES[c.runtime]}, {how} ----",
         "# The environment check, the agents (and Ray) and the driver run inside the image on every node, as",
         "# you, on the node's own network, with the shared folder and the working directory at the same",
         "# paths; this script stays on the host, where Slurm's signals reach it.",
         f"export RAYBRIDGE_CONTAINER={shlex.quote(c.runtime + ':' + c.image)}  # named in the nodes' error lines",
         launch.definition(),
+        *runtime_checks(c),
     ]
+
+
+def runtime_checks(c: container.ContainerSpec) -> list[str]:
+    """The runtime and a path image, checked on the batch host before their first use: one line
+    (which `up` shows as the reason) instead of the shell's or the runtime's own error."""
+    q = shlex.quote
+    program = container.PROGRAM[c.runtime]
+    fail = "{{ printf 'raybridge-error: %s: %s\\n' \"$(hostname -s)\" {}; exit 3; }}"
+    lines = []
+    if c.runtime != "pyxis":
+        name = container.NAMES[c.runtime]
+        what = program if name == program else f"{program} ({name})"
+        why = f"{what} is not installed here; fix: install it on every node, or load its module in setup"
+        lines.append(f"command -v {program} >/dev/null || " + fail.format(q(why)))
+    if path := c.image_path:
+        why = (
+            f"the {c.runtime} image {path} is not there; fix: stage it on shared storage "
+            "(raybridge image stage), or set container.image"
+        )
+        lines.append(f"[ -e {q(path)} ] || " + fail.format(q(why)))
+    return lines
 
 
 def container_launch(spec: ClusterSpec) -> container.Launch | None:
