@@ -134,7 +134,7 @@ def test_commands_on_the_batch_host_run_in_the_container_too(tmp_path):
 def test_member_jobs_run_in_the_same_container():
     spec = dataclasses.replace(spec_for("charliecloud"), member_of="12", command=())
     text = render_member(spec, version="TEST")
-    assert "container=(ch-run " in text
+    assert "container=(\n  ch-run\n" in text
     assert '"${container[@]}" python3 -P -m raybridge.envcheck' in text
     assert '"${container[@]}" python3 -P -m raybridge.agent node &' in text
 
