@@ -86,17 +86,18 @@ def main() -> int:
     return 0
 
 
-def find_error(output: str, python: str | None = None) -> str | None:
+def find_error(output: str, python: str | None = None, image: str | None = None) -> str | None:
     """The first raybridge-error line of a job's output; or Python's own line when it could not even
     find raybridge (`python -m raybridge.envcheck` with no raybridge installed); or the shell's when
-    the interpreter itself is missing on the node."""
+    the interpreter itself is missing on the node. image: the job's container image, if any."""
+    fix = f"in the container {image}: {CONTAINER_FIX}" if image else FIX
     for line in output.splitlines():
         if line.startswith(ERROR_MARK):
             return line[len(ERROR_MARK) :].strip()
         if "No module named 'raybridge'" in line or "module specification for 'raybridge" in line:
-            return f"the job's Python cannot import raybridge ({line.strip()[:200]}); {FIX}"
+            return f"the job's Python cannot import raybridge ({line.strip()[:200]}); {fix}"
         if line.startswith("Unknown option: -P"):  # raybridge runs its modules with -P (Python >= 3.11)
-            return f"the job's Python {python or 'python3'} is older than 3.11 (it has no -P option); {FIX}"
+            return f"the job's Python {python or 'python3'} is older than 3.11 (it has no -P option); {fix}"
         if "execve(): " in line and "No such file" in line:  # srun: a program missing on a node
             program = line.split("execve(): ", 1)[1].split(":", 1)[0]
             return (
@@ -104,7 +105,7 @@ def find_error(output: str, python: str | None = None) -> str | None:
                 "there, or set the profile's python/container for what the nodes have"
             )
         if python and python in line and ("No such file" in line or "command not found" in line):
-            return f"the job's Python {python} is not there on the node ({line.strip()[:200]}); {FIX}"
+            return f"the job's Python {python} is not there on the node ({line.strip()[:200]}); {fix}"
     return None
 
 

@@ -82,6 +82,7 @@ class Cluster:
         self.expected = expected
         self.submitted_at = submitted_at  # set by submit(): older records are a previous job's
         self.python: str | None = None  # the job's interpreter, when submit() knows it
+        self.image: str | None = None  # the job's container image, when it runs in one
         self.trusted_at: float | None = None  # when the job folder passed the trust rule
         self.checked_at = -1e9
 
@@ -225,7 +226,7 @@ class Cluster:
         """The job's own line saying its Python cannot run raybridge, if it wrote one."""
         path = self.log_path(job)
         text = self.runner.read_text(path) if path else None
-        return envcheck.find_error(text or "", self.python)
+        return envcheck.find_error(text or "", self.python, self.image)
 
     @staticmethod
     def _report(cb: Callable[[Progress], None] | None, last: Progress | None, p: Progress) -> Progress:

@@ -86,6 +86,7 @@ def submit(spec: ClusterSpec, runner: Runner) -> Cluster:
         runner, sub.job_id, spec.job_dir(sub.job_id), expected=spec.total_nodes, submitted_at=sub.submitted_at
     )
     c.python = spec.python or "python3"
+    c.image = spec.container.image if spec.container else None
     # What the head submits when a node dies (agent/replace.py) or Ray's autoscaler wants one.
     if spec.replace_lost or spec.autoscaling:
         folder = c.dir
