@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from raybridge import __version__
-from raybridge.cli import ckpt, diagnose, elastic, lifecycle, remote
+from raybridge.cli import ckpt, diagnose, elastic, image, lifecycle, remote
 from raybridge.cli.errors import run_app
 
 
@@ -49,6 +49,7 @@ app.command("submit", context_settings={"allow_interspersed_args": False})(remot
 app.command("jobs")(remote.jobs_cmd)
 app.command("logs")(remote.logs_cmd)
 app.add_typer(ckpt.app, name="checkpoints")
+app.add_typer(image.app, name="image")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -224,3 +225,52 @@ def test_apptainer_stand_in_sees_the_exact_command_on_every_node(testbed):
     down = testbed.raybridge("login", "down", job, "--profile", prof)
     assert down.returncode == 0, down.stderr
     assert_no_leaks(job, timeout=30)
+
+
+def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed, image):
+    """`raybridge image stage` as alice from a tar archive (as `ch-image export` or `docker export`
+    writes one); the staged copy lacks the folder a mount needs, which `up` makes in her own image."""
+    archive = f"{testbed.shared}/bookworm.tar"
+    staged = f"{testbed.shared_dir}/images/bookworm"
+    shutil.rmtree(staged, ignore_errors=True)  # an earlier run's
+    subprocess.run(["tar", "-C", image, "--exclude=./dev/*", "-cf", archive, "."], check=True)
+    testbed.give(archive, 0o644)
+    prof = profile(testbed, "staged", container={"image": "/unused"})
+    r = testbed.raybridge(
+        "login",
+        "image",
+        "stage",
+        archive,
+        "--name",
+        "bookworm",
+        "--runtime",
+        "charliecloud",
+        "--profile",
+        prof,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"image: {staged}" in r.stdout and f"staged {staged}" in r.stderr
+    st = os.stat(staged)
+    assert st.st_uid == testbed.uid and not st.st_mode & 0o022
+    testbed.exec("login", "rmdir", f"{staged}{ROOT}", check=True)  # the mount point /srv/rbtb
+    prof = profile(testbed, "staged", container={"image": staged})
+    r = up(testbed, prof, nodes=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = re.search(r"Ray cluster ready: job (\d+)", r.stdout).group(1)
+    assert os.path.isdir(f"{staged}{ROOT}")
+    down = testbed.raybridge("login", "down", job, "--profile", prof)
+    assert down.returncode == 0, down.stderr
+    assert_no_leaks(job, timeout=30)
+    again = testbed.raybridge(
+        "login",
+        "image",
+        "stage",
+        archive,
+        "--name",
+        "bookworm",
+        "--runtime",
+        "charliecloud",
+        "--profile",
+        prof,
+    )
+    one_line_failure(again, "exists already (--replace to stage it again)")

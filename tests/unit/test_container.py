@@ -13,7 +13,7 @@ import pytest
 from raybridge import container, envcheck
 from raybridge.client.profile import build_spec, load_spec
 from raybridge.client.render import render, render_member
-from raybridge.errors import ConfigError
+from raybridge.errors import ConfigError, RaybridgeError
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 HOSTILE_DIR = "/home/al ice/it's; $(id)"
@@ -216,3 +216,64 @@ def test_the_environment_check_names_the_image(monkeypatch):
     monkeypatch.setenv(envcheck.CONTAINER_VAR, "charliecloud:/images/x")
     why = envcheck.problem("raybridge=0.0.0-other")
     assert "in the container /images/x runs raybridge" in why and envcheck.CONTAINER_FIX in why
+
+
+STAGE_STAND_IN = """#!/bin/bash
+printf '%s\\0' "$(basename "$0")" "$@" >>{record}; printf '\\n' >>{record}
+case "$(basename "$0") $1" in
+  "apptainer build") echo sif >"$3" ;;
+  "podman save") echo oci >"$5" ;;
+  "enroot import") echo sqsh >"$3" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    "runtime, source, calls",
+    [
+        ("apptainer", "docker://nvcr.io/nvidia/pytorch:24.10-py3", [["apptainer", "build", "--force", "T", "S"]]),
+        ("podman", "docker.io/library/python:3.11", [["podman", "image", "exists", "S"], ["podman", "save", "--format", "oci-archive", "-o", "T", "S"]]),
+        ("pyxis", "docker://nvcr.io#nvidia/pytorch:24.10-py3", [["enroot", "import", "-o", "T", "S"]]),
+    ],
+)  # fmt: skip
+def test_staging_runs_the_runtimes_own_tool_into_a_hidden_name_then_renames(
+    tmp_path, monkeypatch, runtime, source, calls
+):
+    from raybridge.client import images
+    from raybridge.transport.runner import LocalRunner
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    for program in ("apptainer", "podman", "enroot"):
+        (bin_dir / program).write_text(STAGE_STAND_IN.format(record=record))
+        (bin_dir / program).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    spec = build_spec({"shared_dir": str(tmp_path / "shared")})
+    staged = images.stage(spec, LocalRunner(), runtime, source, "torch")
+    assert staged.path == str(tmp_path / "shared" / "images" / ("torch" + images.SUFFIX[runtime]))
+    assert Path(staged.path).read_text().strip() in ("sif", "oci", "sqsh")
+    got = [entry.split("\0")[:-1] for entry in record.read_text().split("\n") if entry]
+    for call in got:  # the temporary name: hidden, next to the final one
+        for i, word in enumerate(call):
+            if word.startswith(str(tmp_path / "shared" / "images" / ".staging-torch-")):
+                call[i] = "T"
+            elif word == source:
+                call[i] = "S"
+    assert got == calls
+    assert sorted(os.listdir(tmp_path / "shared" / "images")) == [os.path.basename(staged.path)]
+    with pytest.raises(RaybridgeError, match="exists already"):
+        images.stage(spec, LocalRunner(), runtime, source, "torch")
+
+
+def test_staging_a_bad_archive_is_one_line_and_leaves_nothing(tmp_path):
+    from raybridge.client import images
+    from raybridge.transport.runner import LocalRunner
+
+    bad = tmp_path / "bad.tar"
+    bad.write_text("not a tar archive")
+    spec = build_spec({"shared_dir": str(tmp_path / "shared")})
+    with pytest.raises(RaybridgeError, match="failed: tar: This does not look like a tar archive"):
+        images.stage(spec, LocalRunner(), "charliecloud", str(bad), "x")
+    assert os.listdir(tmp_path / "shared" / "images") == []
+    with pytest.raises(ConfigError, match="may hold only"):
+        images.stage(spec, LocalRunner(), "charliecloud", str(bad), "x; rm -rf ~")
