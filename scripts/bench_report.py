@@ -34,7 +34,11 @@ def save(name: str, title: str, ylabel: str, table: dict[str, dict[str, float]],
     }
     (d / f"{name}.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     png = d / f"{name}.png"
-    chart(png, title, ylabel, table)
+    try:
+        chart(png, title, ylabel, table)
+    except ImportError:  # a Python without matplotlib (e.g. the users' venv): the JSON only
+        print(f"results: {d / f'{name}.json'} (no chart: matplotlib is not installed here)")
+        return png
     print(f"results: {d / f'{name}.json'}, chart: {png}")
     return png
 
