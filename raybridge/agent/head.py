@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -147,6 +148,12 @@ class HeadRole(AgentBase):
         """Ask Slurm every BATCH_CHECK_S in a thread of its own: the refresh can wait seconds on a GCS
         that is busy with a dying node, and Slurm ends this step about two seconds after it removed
         the batch host (seen: 2.2 s), so a check in the same loop could come too late."""
+        if shutil.which("scontrol") is None:  # e.g. a container image without Slurm's client
+            self.say(
+                "scontrol is not on this node's PATH (in the container?): no check for a lost batch host, "
+                "and replace_lost/autoscaling cannot submit jobs; see docs/containers.md"
+            )
+            return
 
         def loop() -> None:
             while not self.stop_requested() and not self.batch_host_gone:
