@@ -274,3 +274,60 @@ def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed,
         prof,
     )
     one_line_failure(again, "exists already (--replace to stage it again)")
+
+
+def test_doctor_runs_its_node_checks_inside_the_container(testbed, image):
+    prof = profile(testbed, "charliecloud-doctor", container={"image": image})
+    r = testbed.raybridge("login", "doctor", "--profile", prof, "--nodes", "2", "--json")
+    checks = json.loads(r.stdout) if r.stdout.strip().startswith("[") else None
+    assert checks is not None, r.stderr[-2000:]
+    failed = [c for c in checks if c["status"] == "fail"]
+    assert r.returncode == 0 and not failed, failed
+    assert any(c["check"] == "container" and c["status"] == "pass" for c in checks), checks
+    versions = [c for c in checks if c["check"] == "versions"]
+    assert len(versions) == 2 and all(c["status"] == "pass" for c in versions), versions
+    # The same profile with an image Python that lacks raybridge: the doctor's step says so per node.
+    bare = profile(testbed, "charliecloud-doctor-bare", python="/usr/bin/python3", container={"image": image})
+    r = testbed.raybridge("login", "doctor", "--profile", bare, "--nodes", "2", "--json")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def podman_problem(image: str) -> str | None:
+    """Why podman cannot run a container on this machine, or None."""
+    if shutil.which("podman") is None:
+        return "podman is not installed"
+    r = subprocess.run(
+        ["podman", "run", "--rm", "--network=host", f"--rootfs={image}", "/bin/true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode != 0:
+        return "podman cannot start a container here: " + (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return None
+
+
+def test_podman_for_real_where_podman_can_start_containers(testbed, image):
+    """The same cluster under podman (the bed's image imported into root's store is not a user's, so
+    the image is imported into alice's own store first). Skipped, with its reason, where podman cannot
+    start a container (this machine's sandbox refuses crun/runc their setrlimit)."""
+    if why := podman_problem(image):
+        pytest.skip(why)
+    archive = f"{testbed.shared}/bookworm-podman.tar"
+    subprocess.run(["tar", "-C", image, "--exclude=./dev/*", "-cf", archive, "."], check=True)
+    testbed.give(archive, 0o644)
+    testbed.exec("login", "podman", "import", archive, "localhost/raybridge-testbed:latest", check=True)
+    prof = profile(
+        testbed, "podman", container={"runtime": "podman", "image": "localhost/raybridge-testbed:latest"}
+    )
+    r = up(testbed, prof, nodes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = re.search(r"Ray cluster ready: job (\d+)", r.stdout).group(1)
+    try:
+        for node in job_hosts(testbed, job):
+            ins, _ = placement(node, job)
+            assert "raylet" in ins, (node, ins)
+    finally:
+        down = testbed.raybridge("login", "down", job, "--profile", prof)
+    assert down.returncode == 0, down.stderr
+    assert_no_leaks(job, timeout=30)
