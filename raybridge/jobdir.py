@@ -42,6 +42,7 @@ NODES = "nodes"
 CLUSTER = "cluster.json"
 STOP = "stop"
 PREEMPT = "preempt"
+CHAIN_NEXT = "chain-next"  # `run --chain`: the job id of the next allocation, queued behind this one
 DRIVER_RESTART = "driver-restart"
 DRIVER_EXIT = "driver-exit"
 MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
@@ -119,6 +120,10 @@ class JobDir:
     @property
     def preempt(self) -> str:
         return self.join(PREEMPT)
+
+    @property
+    def chain_next(self) -> str:
+        return self.join(CHAIN_NEXT)
 
     @property
     def logs(self) -> str:

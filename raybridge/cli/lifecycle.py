@@ -161,6 +161,19 @@ def run_cmd(
         show = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
         out = show if verbose else lib.ProgramOutput(show)
         job = c.follow_output(out, on_requeue=say)
+        while spec.chain > 1 and (nxt := c.chain_next()):  # `--chain`: the next allocation goes on
+            say(f"job {c.job_id} ended at its time limit; the training continues in job {nxt}")
+            c = lib.Cluster(
+                runner, nxt, spec.job_dir(nxt), expected=spec.total_nodes, submitted_at=time.time()
+            )
+            c.python, c.image = spec.python or "python3", spec.container.image if spec.container else None
+            try:
+                c.wait_ready(None, on_progress=lambda p: say(p.line()), ended_ok=True, until="alive")
+                job = c.follow_output(out, on_requeue=say)
+            except KeyboardInterrupt:
+                say(f"interrupted: stopping job {c.job_id} and what is queued after it")
+                c.stop()
+                raise
         if not verbose:
             out.flush()
         code = job.exit_code if job and job.exit_code is not None else 1

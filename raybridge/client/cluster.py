@@ -244,9 +244,20 @@ class Cluster:
         if not job.finished:
             self.slurm.cancel(self.job_id)
 
+    def chain_next(self) -> str | None:
+        """`run --chain`: the next allocation's job id, while it is still queued or running."""
+        text = (self.runner.read_text(self.dir.chain_next) or "").strip()
+        if not text.isdigit():
+            return None
+        job = self.slurm.job(text)
+        return text if job is not None and not job.finished else None
+
     def stop(self, timeout: float = 60) -> str:
         """Ask the agents to tear down (they stop only this job's Ray), then make sure the job is
         gone. Idempotent. Returns what happened, for the CLI."""
+        with contextlib.suppress(RaybridgeError, OSError):  # `run --chain`: nothing queued after it
+            if nxt := self.chain_next():
+                self.slurm.cancel(nxt)
         job = self.job()
         self._forget_targets()
         if job is None or job.finished:

@@ -234,6 +234,13 @@ class ClusterSpec:
         Flag(("--requeue/--no-requeue",), bool),
     )
     max_requeues: int = param(3, _integer(0, 100), "Requeues at most.")
+    chain: int = param(
+        1,
+        _integer(1, 100),
+        "`run`: at most this many allocations in a row, each queued while the one before runs "
+        "(needs --signal-before; for sites without requeue).",
+        Flag(("--chain",), int),
+    )
     failure_detection_s: int = param(
         3, _integer(1, 300), "Failed 1-second health checks before Ray declares a node dead."
     )
@@ -470,6 +477,7 @@ def build_spec(values: dict[str, Any], where: str = "options") -> ClusterSpec:
     checked = {f.name: f.metadata["check"](v, f.name, values.get(f.name, f.default)) for f in PARAMS}
     spec = ClusterSpec(**checked)
     v.autoscaling(spec)
+    v.chain(spec)
     return spec
 
 
@@ -531,6 +539,16 @@ class _Validator:
             raise self.fail(
                 "min_nodes",
                 f"must be between the allocation's {static} nodes and max_nodes {high}, got {low}",
+            )
+
+    def chain(self, spec: ClusterSpec) -> None:
+        if spec.chain == 1:
+            return
+        if spec.requeue:
+            raise self.fail("chain", "and requeue are two ways to continue after the time limit: give one")
+        if not spec.signal_seconds:
+            raise self.fail(
+                "chain", "needs signal_seconds (--signal-before): each allocation checkpoints before it ends"
             )
 
     def boolean(self, key: str, value: Any) -> bool:

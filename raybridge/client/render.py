@@ -9,7 +9,7 @@ from pathlib import Path
 
 from raybridge import container
 from raybridge.client.profile import ClusterSpec
-from raybridge.jobdir import DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
+from raybridge.jobdir import CHAIN_NEXT, DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "raybridge.sbatch.in"
 MEMBER_TEMPLATE = TEMPLATE.with_name("raybridge-member.sbatch.in")
@@ -36,7 +36,7 @@ trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch 
 # now, imports Ray while the nodes join, and runs the command once every node is alive, with RAY_ADDRESS
 # and the auth settings set. If the head's node is lost, another agent takes over as head and the driver
 # starts again there (it resumes from its newest checkpoint), up to {max_restarts} times.
-hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+{chain_start}hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 driver_host=${{hosts[1]:-${{hosts[0]}}}}
 generation=0
 restarts=0
@@ -67,7 +67,37 @@ set -e
 echo "raybridge: driver exited with code $rc"
 {here}{python} -P -m raybridge.agent stop
 wait "$agents" || true
-{requeue}exit "$rc"
+{chain_end}{requeue}exit "$rc"
+"""
+
+CHAIN_START = """# ---- chain (--chain {k}): the next allocation is queued now, behind this one ----
+# It runs this same script (Slurm's own copy of it) once this job ends, and the training continues from
+# its newest checkpoint under the same run name; the last allocation of the chain queues no more.
+export RAYBRIDGE_RUN_NAME="${{RAYBRIDGE_RUN_NAME:-$SLURM_JOB_NAME-$SLURM_JOB_ID}}"
+chain_index=${{RAYBRIDGE_CHAIN_INDEX:-1}}
+chain_next=
+if [ "$chain_index" -lt {k} ]; then
+  if chain_next=$(scontrol write batch_script "$SLURM_JOB_ID" - | sbatch --parsable \\
+    --dependency=afterany:"$SLURM_JOB_ID" --output={output} \\
+    --export=ALL,RAYBRIDGE_CHAIN_INDEX=$((chain_index + 1)),RAYBRIDGE_RUN_NAME="$RAYBRIDGE_RUN_NAME"); then
+    chain_next=${{chain_next%%;*}}
+    echo "$chain_next" >"$RAYBRIDGE_JOB_DIR/{chain_file}"
+    echo "raybridge: allocation $chain_index of {k}; the next one is queued as job $chain_next"
+  else
+    chain_next=
+    echo "raybridge: could not queue the next allocation; the training goes on in this one only"
+  fi
+fi
+"""
+
+CHAIN_END = """# The next allocation goes on only where this one stopped for its time limit (the checkpoint above).
+if [ -n "$chain_next" ] && [ ! -e "$RAYBRIDGE_JOB_DIR/{preempt}" ]; then
+  scancel "$chain_next" 2>/dev/null || true
+  rm -f "$RAYBRIDGE_JOB_DIR/{chain_file}"
+  echo "raybridge: the chain ends here (exit code $rc): cancelled the queued job $chain_next"
+elif [ -n "$chain_next" ]; then
+  echo "raybridge: the training continues in job $chain_next (allocation $((chain_index + 1)) of {k})"
+fi
 """
 
 REQUEUE = """if [ -e "$RAYBRIDGE_JOB_DIR/{preempt}" ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
@@ -246,6 +276,10 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
         from raybridge import __version__ as version
     python = shlex.quote(spec.python or "python3")
     requeue = REQUEUE.format(max_requeues=spec.max_requeues, preempt=PREEMPT) if spec.requeue else ""
+    chained = spec.chain > 1 and bool(spec.command)
+    chain = {"k": spec.chain, "chain_file": CHAIN_NEXT, "preempt": PREEMPT}
+    chain_start = CHAIN_START.format(output=shlex.quote(spec.layout.output), **chain) if chained else ""
+    chain_end = CHAIN_END.format(**chain) if chained else ""
     body = (
         RUN_BODY.format(
             python=python,
@@ -255,6 +289,8 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
             restart=DRIVER_RESTART,
             exited=DRIVER_EXIT,
             max_restarts=MAX_HEAD_LOSSES,
+            chain_start=chain_start,
+            chain_end=chain_end,
             **_prefixes(spec),
         )
         if spec.command

@@ -42,6 +42,14 @@ CASES = {
         "shared_dir": "/shared/rb",
         "command": ["python", "train.py"],
     },
+    "chained": {
+        "nodes": 2,
+        "time": "12:00:00",
+        "signal_seconds": 600,
+        "chain": 4,
+        "shared_dir": "/shared/my dir",
+        "command": ["python", "train.py"],
+    },
     "batch-hostile": {
         "nodes": 2,
         "shared_dir": "/shared/my dir/it's",
@@ -162,3 +170,23 @@ def test_fill_refuses_missing_or_unused_values():
         fill("{{a}} {{b}}", {"a": "1"})
     with pytest.raises(ValueError, match="unused=\\['c'\\]"):
         fill("{{a}}", {"a": "1", "c": "2"})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"chain": 3, "requeue": True, "signal_seconds": 60}, "chain and requeue are two ways"),
+        ({"chain": 3}, "chain needs signal_seconds"),
+        ({"chain": 0}, "chain must be between 1 and 100"),
+    ],
+)
+def test_chain_needs_the_signal_and_excludes_requeue(values, message):
+    from raybridge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_spec(values)
+
+
+def test_a_chain_of_one_or_a_cluster_without_a_command_renders_no_chain():
+    for values in ({"chain": 1, "command": ["x"]}, {"chain": 3, "signal_seconds": 60}):
+        assert "chain" not in render(build_spec(values), version="TEST").replace("chained", "")
