@@ -5,6 +5,7 @@ python -m raybridge.agent node         the per-node agent (one per node, from sr
 python -m raybridge.agent wait-ready   block until all nodes joined; print exports for the driver
 python -m raybridge.agent driver [PID] -- COMMAND
                                        run the batch driver once every node is alive (driver.py)
+python -m raybridge.agent serve NAME GEN -- COMMAND   one generation of a service (agent/serve.py)
 python -m raybridge.agent new-head GEN print "HOST GENERATION" of the head that replaced generation GEN;
                                        exit 1 if the head was not lost
 python -m raybridge.agent stop         ask every agent to tear down
@@ -102,7 +103,9 @@ def new_head(settings: AgentSettings, generation: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prepare", "node", "wait-ready", "driver", "new-head", "stop", "doctor"):
+    if not argv or argv[0] not in (
+        "prepare", "node", "wait-ready", "driver", "serve", "new-head", "stop", "doctor"
+    ):  # fmt: skip
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -138,6 +141,10 @@ def main(argv: list[str]) -> int:
         from raybridge.agent import driver
 
         return driver.main(settings, argv[1:])
+    if argv[0] == "serve":
+        from raybridge.agent import serve
+
+        return serve.main(settings, argv[1:])
     if argv[0] == "new-head":
         if len(argv) != 2 or not argv[1].isdigit():
             print("raybridge agent: usage: new-head GENERATION", file=sys.stderr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from raybridge import __version__
-from raybridge.cli import ckpt, diagnose, elastic, image, lifecycle, remote
+from raybridge.cli import ckpt, diagnose, elastic, image, lifecycle, remote, serving
 from raybridge.cli.errors import run_app
 
 
@@ -38,6 +38,8 @@ def main_options(
 app.command("render")(lifecycle.render_cmd)
 app.command("up")(lifecycle.up_cmd)
 app.command("run", context_settings={"allow_interspersed_args": False})(lifecycle.run_cmd)
+app.command("serve", context_settings={"allow_interspersed_args": False})(serving.serve_cmd)
+app.command("endpoint")(serving.endpoint_cmd)
 app.command("status")(lifecycle.status_cmd)
 app.command("down")(lifecycle.down_cmd)
 app.command("profiles")(lifecycle.profiles_cmd)

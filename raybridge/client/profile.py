@@ -258,6 +258,8 @@ class ClusterSpec:
         "apptainer, pyxis), image, mounts, options (docs/containers.md).",
     )
     workdir: str | None = None  # set at submission (submission.complete): where the job's commands run
+    serve: str | None = None  # `raybridge serve NAME`: the service this job is one generation of
+    serve_overlap: int = 5  # minutes the next generation starts before this one's time limit
     member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
     min_nodes: int | None = param(
         None,

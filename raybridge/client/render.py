@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 
 from raybridge import container
-from raybridge.client.profile import ClusterSpec
+from raybridge.client.profile import ClusterSpec, time_to_seconds
 from raybridge.jobdir import CHAIN_NEXT, DRIVER_EXIT, DRIVER_RESTART, MAX_HEAD_LOSSES, PREEMPT
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "raybridge.sbatch.in"
@@ -68,6 +68,46 @@ echo "raybridge: driver exited with code $rc"
 {here}{python} -P -m raybridge.agent stop
 wait "$agents" || true
 {chain_end}{requeue}exit "$rc"
+"""
+
+SERVE_BODY = """
+# ---- serving across allocations (raybridge serve {name}) ----
+# This allocation is one generation of the service: the driver runs the app on this cluster, checks
+# it, and takes the traffic over from the generation before (<shared_dir>/serve/{name}/current.json,
+# which `raybridge endpoint {name}` follows). The next generation is queued now; it becomes eligible
+# {start_after} minutes after this job started ({overlap} before its time limit), takes over when
+# healthy, and this one then drains and ends. A generation that fails leaves this one serving.
+generation=${{RAYBRIDGE_SERVE_GENERATION:-1}}
+chain_next=
+if chain_next=$(scontrol write batch_script "$SLURM_JOB_ID" - | sbatch --parsable \\
+  --dependency=after:"$SLURM_JOB_ID"+{start_after} --output={output} \\
+  --export=ALL,RAYBRIDGE_SERVE_GENERATION=$((generation + 1))); then
+  chain_next=${{chain_next%%;*}}
+  echo "$chain_next" >"$RAYBRIDGE_JOB_DIR/{chain_file}"
+  echo "raybridge: serve {name}: generation $generation; the next one is queued as job $chain_next"
+else
+  chain_next=
+  echo "raybridge: serve {name}: could not queue the next generation; this one serves until its time limit"
+fi
+hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+driver_host=${{hosts[1]:-${{hosts[0]}}}}
+set +e
+srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {step}{python} -P -m raybridge.agent serve {qname} "$generation" -- {command} &
+driver=$!
+while :; do  # `wait` returns early when a trap runs; keep waiting for the driver
+  wait "$driver"
+  rc=$?
+  kill -0 "$driver" 2>/dev/null || break
+done
+set -e
+if [ "$rc" != 0 ] && [ -n "$chain_next" ]; then
+  scancel "$chain_next" 2>/dev/null || true  # a generation that failed queues none after it
+  rm -f "$RAYBRIDGE_JOB_DIR/{chain_file}"
+fi
+echo "raybridge: serve {name}: generation $generation ended with code $rc"
+{here}{python} -P -m raybridge.agent stop
+wait "$agents" || true
+exit "$rc"
 """
 
 CHAIN_START = """# ---- chain (--chain {k}): the next allocation is queued now, behind this one ----
@@ -296,6 +336,19 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
         if spec.command
         else UP_BODY.format(preempt=PREEMPT)
     )
+    if spec.serve:
+        minutes = (time_to_seconds(spec.time or "") or 0) // 60
+        body = SERVE_BODY.format(
+            name=spec.serve,
+            qname=shlex.quote(spec.serve),
+            start_after=max(minutes - spec.serve_overlap, 1),
+            overlap=spec.serve_overlap,
+            output=shlex.quote(spec.layout.output),
+            chain_file=CHAIN_NEXT,
+            python=python,
+            command=shlex.join(spec.command),
+            **_prefixes(spec),
+        )
     return fill(
         _template(),
         {
