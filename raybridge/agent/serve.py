@@ -217,7 +217,7 @@ def main(settings: AgentSettings, argv: list[str]) -> int:
         from ray import serve
 
         ray.init(log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": serve_port, "location": "HeadOnly"})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": serve_port})
         say(f"serve {name}: generation {generation}: running {' '.join(command)}")
         child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + READY_TIMEOUT
