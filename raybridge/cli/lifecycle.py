@@ -163,9 +163,7 @@ def run_cmd(
         job = c.follow_output(out, on_requeue=say)
         while spec.chain > 1 and (nxt := c.chain_next()):  # `--chain`: the next allocation goes on
             say(f"job {c.job_id} ended at its time limit; the training continues in job {nxt}")
-            c = lib.Cluster(
-                runner, nxt, spec.job_dir(nxt), expected=spec.total_nodes, submitted_at=time.time()
-            )
+            c = lib.Cluster(runner, nxt, spec.job_dir(nxt), expected=spec.total_nodes)
             c.python, c.image = spec.python or "python3", spec.container.image if spec.container else None
             try:
                 c.wait_ready(None, on_progress=lambda p: say(p.line()), ended_ok=True, until="alive")
