@@ -49,7 +49,8 @@ def test_a_chained_training_ends_with_the_exact_step_count_across_three_allocati
     assert json.loads((run / "progress.json").read_text())["high_water"] == STEPS
     for a, b in zip(jobs, jobs[1:], strict=False):
         assert f"job {a} ended at its time limit; the training continues in job {b}" in err, err[-3000:]
-    assert len(re.findall(r"resumed from step \d+ \(0 steps redone\)", out)) == 2, out[-3000:]
+    resumed = set(re.findall(r"resumed from step (\d+) \(0 steps redone\)", out))  # a line per worker
+    assert len(resumed) == 2, out[-3000:]
     # The last allocation queued none; all three ended well; nothing else was submitted or left.
     assert not (testbed.job_dir(jobs[2]) / "chain-next").exists()
     assert sacct_states(testbed, jobs) == dict.fromkeys(jobs, "COMPLETED")
@@ -68,7 +69,8 @@ def test_a_chain_ends_where_the_training_ends_and_down_cancels_what_is_queued(te
     assert f"the chain ends here (exit code 0): cancelled the queued job {nxt}" in out
     states = sacct_states(testbed, [job, nxt])
     assert states[job] == "COMPLETED" and states[nxt].startswith("CANCELLED"), states
-    assert set(all_job_ids(testbed)) - before == {int(job), int(nxt)}
+    # (sacct's time window leaves out a job cancelled before it was ever eligible)
+    assert {int(job)} <= set(all_job_ids(testbed)) - before <= {int(job), int(nxt)}
     # `down` on a running chained job cancels the allocation queued behind it too.
     proc, job = start_training(testbed, nodes=2, steps=100000, extra=extra)
     wait_progress(testbed, run_dir(testbed, job), 20, proc)
