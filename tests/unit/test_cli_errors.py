@@ -55,3 +55,19 @@ def test_render_prints_a_script():
     r = raybridge("render", "--nodes", "3", "--partition", "debug")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash") and "#SBATCH --nodes=3" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["serve", "--time", "5", "--overlap", "5", "--", "python", "app.py"],
+            "a time limit of at least --overlap + 1",
+        ),
+        (["serve", "--name", "a b", "--time", "60", "--", "python", "app.py"], "may hold only letters"),
+        (["endpoint", "x;y"], "not a service name"),
+    ],
+)
+def test_serve_input_errors_are_one_line(args, message):
+    r = subprocess.run([sys.executable, "-m", "raybridge", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -190,3 +190,20 @@ def test_chain_needs_the_signal_and_excludes_requeue(values, message):
 def test_a_chain_of_one_or_a_cluster_without_a_command_renders_no_chain():
     for values in ({"chain": 1, "command": ["x"]}, {"chain": 3, "signal_seconds": 60}):
         assert "chain" not in render(build_spec(values), version="TEST").replace("chained", "")
+
+
+def test_serve_golden_and_its_next_generation_is_queued_with_the_overlap():
+    import dataclasses
+
+    spec = build_spec(
+        {"nodes": 1, "time": "12:00:00", "shared_dir": "/shared/rb", "command": ["python", "app.py"]}
+    )
+    text = render(dataclasses.replace(spec, serve="classify", serve_overlap=10), version="TEST")
+    path = GOLDEN / "serve.sbatch"
+    if os.environ.get("RAYBRIDGE_REGEN_GOLDEN") == "1":
+        assert not os.environ.get("CI"), "RAYBRIDGE_REGEN_GOLDEN=1 is refused under CI"
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; RAYBRIDGE_REGEN_GOLDEN=1 regenerates on purpose"
+    assert '--dependency=after:"$SLURM_JOB_ID"+710' in text  # 12 h minus 10 minutes
+    assert "raybridge.agent serve classify" in text and "raybridge.agent driver" not in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
