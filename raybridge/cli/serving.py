@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import re
 import time
 from typing import Annotated
 
@@ -30,6 +32,13 @@ def serve_cmd(
         int,
         typer.Option("--overlap", min=1, help="Minutes the next generation starts before this one's limit."),
     ] = 5,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="No generation starts after this: 2027-01-31T18:00 (local time), or +36h, +2d, +90m.",
+        ),
+    ] = None,
     profile: Profile = None,
     login: Login = None,
     accept_new_host_key: AcceptKey = False,
@@ -46,7 +55,7 @@ def serve_cmd(
             f"serve needs a time limit of at least --overlap + 1 minutes (--time; got {spec.time or 'none'}, "
             f"--overlap {overlap})"
         )
-    spec = dataclasses.replace(spec, serve=name, serve_overlap=overlap)
+    spec = dataclasses.replace(spec, serve=name, serve_overlap=overlap, serve_until=until_epoch(until))
     warn_if_open(spec.auth)
     with connected(spec) as runner, submitted(spec, runner) as c:
         c.wait_ready(timeout or None, on_progress=lambda p: say(p.line()), until="alive")
@@ -66,6 +75,25 @@ def serve_cmd(
     print(f"service {name}: generation {record.generation} (job {c.job_id}) serves at {record.address}")
     print(f"  reach it:  raybridge endpoint {name}      # a local port with its own token")
     print(f"  stop it:   raybridge down {c.job_id}")
+
+
+def until_epoch(text: str | None, now: float | None = None) -> int | None:
+    """--until as seconds since the epoch: an ISO date and time (local), or +N with m, h or d."""
+    if text is None:
+        return None
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\+(\d+)([mhd])", text.strip())
+    if m:
+        return int(now + int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400}[m.group(2)])
+    try:
+        when = datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise RaybridgeError(
+            f"--until {text[:60]!r} is not a time (2027-01-31T18:00, +36h, +2d, +90m)"
+        ) from None
+    if when <= now:
+        raise RaybridgeError(f"--until {text[:60]!r} is in the past")
+    return int(when)
 
 
 def endpoint_cmd(

@@ -260,6 +260,7 @@ class ClusterSpec:
     workdir: str | None = None  # set at submission (submission.complete): where the job's commands run
     serve: str | None = None  # `raybridge serve NAME`: the service this job is one generation of
     serve_overlap: int = 5  # minutes the next generation starts before this one's time limit
+    serve_until: int | None = None  # `serve --until`: no generation is queued to start after this (epoch s)
     member_of: str | None = None  # a member job (`raybridge scale --add`): the cluster's job id
     min_nodes: int | None = param(
         None,

@@ -79,7 +79,7 @@ SERVE_BODY = """
 # healthy, and this one then drains and ends. A generation that fails leaves this one serving.
 generation=${{RAYBRIDGE_SERVE_GENERATION:-1}}
 chain_next=
-if chain_next=$(scontrol write batch_script "$SLURM_JOB_ID" - | sbatch --parsable \\
+{until_check}if chain_next=$(scontrol write batch_script "$SLURM_JOB_ID" - | sbatch --parsable \\
   --dependency=after:"$SLURM_JOB_ID"+{start_after} --output={output} \\
   --export=ALL,RAYBRIDGE_SERVE_GENERATION=$((generation + 1))); then
   chain_next=${{chain_next%%;*}}
@@ -341,6 +341,14 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
         body = SERVE_BODY.format(
             name=spec.serve,
             qname=shlex.quote(spec.serve),
+            until_check=(
+                f"# --until: the last generation is the one whose successor would start after {spec.serve_until}.\n"
+                f'if [ "$(($(date +%s) + {max(minutes - spec.serve_overlap, 1)} * 60))" -ge {spec.serve_until} ]; then\n'
+                '  echo "raybridge: serve: the service ends with this generation (--until)"\n'
+                "el"  # + the `if` below: elif
+                if spec.serve_until
+                else ""
+            ),
             start_after=max(minutes - spec.serve_overlap, 1),
             overlap=spec.serve_overlap,
             output=shlex.quote(spec.layout.output),

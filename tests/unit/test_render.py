@@ -207,3 +207,38 @@ def test_serve_golden_and_its_next_generation_is_queued_with_the_overlap():
     assert '--dependency=after:"$SLURM_JOB_ID"+710' in text  # 12 h minus 10 minutes
     assert "raybridge.agent serve classify" in text and "raybridge.agent driver" not in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("until, queued", [("+2h", False), ("+3d", True)])
+def test_serve_until_queues_no_generation_that_would_start_after_it(tmp_path, until, queued):
+    import dataclasses
+
+    from raybridge.cli.serving import until_epoch
+
+    spec = build_spec({"nodes": 1, "time": "1-00:00:00", "shared_dir": "/s", "command": ["python", "a.py"]})
+    text = render(dataclasses.replace(spec, serve="x", serve_overlap=10, serve_until=until_epoch(until)), "T")
+    block = text[text.index("generation=${") : text.index("hosts=(")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (
+        ("scontrol", "echo '#!/bin/bash'"),
+        ("sbatch", f"echo called >>{tmp_path}/sbatch; echo 99"),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "RAYBRIDGE_JOB_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", block], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sbatch").exists() == queued, r.stdout
+    assert ("ends with this generation (--until)" in r.stdout) != queued
+
+
+def test_until_is_a_time_or_a_duration_and_never_in_the_past():
+    from raybridge.cli.serving import until_epoch
+    from raybridge.errors import RaybridgeError
+
+    assert until_epoch("+90m", now=0) == 5400 and until_epoch("+2d", now=0) == 172800
+    with pytest.raises(RaybridgeError, match="is in the past"):
+        until_epoch("2001-01-01T00:00")
+    with pytest.raises(RaybridgeError, match="is not a time"):
+        until_epoch("tomorrow; rm -rf ~")
