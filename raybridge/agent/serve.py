@@ -162,6 +162,17 @@ class Front:
 # ---------------------------------------------------------------------- one generation
 
 
+def next_refused(folder: jd.JobDir) -> str | None:
+    """Slurm's words when the batch script could not queue the next generation (none queued)."""
+    if os.path.exists(folder.chain_next):
+        return None
+    try:
+        text = trust.read_private(folder.join("serve-next-refused")).strip()
+    except (OSError, trust.TrustError):
+        return None
+    return " ".join(text.split())[:300] or None
+
+
 def healthy(address: str, token: str) -> str | None:
     """Why the front (and so Serve's proxy and apps) is not healthy, or None."""
     for path in ("/-/healthz", "/-/routes"):
@@ -249,6 +260,14 @@ def main(settings: AgentSettings, argv: list[str]) -> int:
             address=address, previous=before.job_id if before else None,
         )  # fmt: skip
         say(f"serve {name}: generation {generation} (job {job}) serves at {address}")
+        refused = next_refused(folder)
+        if refused:
+            history(
+                shared, name, "next_generation_refused", generation=generation, job_id=job, detail=refused
+            )
+            say(
+                f"serve {name}: Slurm refused the next generation ({refused}); this one serves until its limit"
+            )
         while not stop.is_set():
             current = read_current(shared, name)
             if current and current.generation > generation:

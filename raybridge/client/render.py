@@ -81,13 +81,13 @@ generation=${{RAYBRIDGE_SERVE_GENERATION:-1}}
 chain_next=
 {until_check}if chain_next=$(scontrol write batch_script "$SLURM_JOB_ID" - | sbatch --parsable \\
   --dependency=after:"$SLURM_JOB_ID"+{start_after} --output={output} \\
-  --export=ALL,RAYBRIDGE_SERVE_GENERATION=$((generation + 1))); then
+  --export=ALL,RAYBRIDGE_SERVE_GENERATION=$((generation + 1)) 2>"$RAYBRIDGE_JOB_DIR/{refused}"); then
   chain_next=${{chain_next%%;*}}
   echo "$chain_next" >"$RAYBRIDGE_JOB_DIR/{chain_file}"
   echo "raybridge: serve {name}: generation $generation; the next one is queued as job $chain_next"
 else
-  chain_next=
-  echo "raybridge: serve {name}: could not queue the next generation; this one serves until its time limit"
+  chain_next=  # the driver records Slurm's reason as an event of the service
+  echo "raybridge: serve {name}: Slurm refused the next generation; this one serves until its time limit"
 fi
 hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 driver_host=${{hosts[1]:-${{hosts[0]}}}}
@@ -353,6 +353,7 @@ def render(spec: ClusterSpec, version: str | None = None) -> str:
             overlap=spec.serve_overlap,
             output=shlex.quote(spec.layout.output),
             chain_file=CHAIN_NEXT,
+            refused="serve-next-refused",
             python=python,
             command=shlex.join(spec.command),
             **_prefixes(spec),

@@ -175,3 +175,42 @@ def test_a_generation_that_fails_its_checks_leaves_the_one_before_serving(testbe
             endpoint.wait(10)
     finally:
         stop_service(testbed, name)
+
+
+REFUSING_SBATCH = """#!/bin/bash
+# In the job only (the profile's setup puts it first on PATH): Slurm's own refusal for a next generation,
+# as a site's submit limit gives it; any other submission goes to the real sbatch.
+for a; do
+  case $a in --dependency=after:*) echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)" >&2; exit 1 ;; esac
+done
+exec /usr/bin/sbatch "$@"
+"""
+
+
+def test_a_next_generation_slurm_refuses_is_one_event_and_the_service_goes_on(testbed):
+    name = "refused"
+    subprocess.run(["rm", "-rf", str(testbed.shared_dir / "serve" / name)], check=True)
+    base = testbed.user_dir(f"{testbed.shared}/refusing-bin")
+    testbed.write(base / "sbatch", REFUSING_SBATCH, mode=0o755)
+    profile_text = (
+        open(testbed.local_profile).read().replace("setup:\n", f"setup:\n  - export PATH={base}:$PATH\n", 1)
+    )
+    profile = testbed.write(f"{testbed.shared}/refusing.yaml", profile_text)
+    try:
+        r = testbed.raybridge(
+            "login", "serve", "--nodes", "1", "--time", "3", "--overlap", "2", "--name", name,
+            "--profile", profile, "--", "python", APP, timeout=400,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "next_generation_refused" for e in history(testbed, name)):
+            assert time.monotonic() < deadline, history(testbed, name)
+            time.sleep(0.5)
+        event = next(e for e in history(testbed, name) if e["event"] == "next_generation_refused")
+        assert event["generation"] == 1 and "Job violates accounting/QOS policy" in event["detail"], event
+        status = testbed.raybridge("login", "endpoint", name, "--status", "--profile", profile)
+        assert "next_generation_refused" in status.stdout, status.stdout
+        current = json.loads((testbed.shared_dir / "serve" / name / "current.json").read_text())
+        assert current["generation"] == 1
+    finally:
+        stop_service(testbed, name)
