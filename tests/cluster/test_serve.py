@@ -44,6 +44,13 @@ while time.time() - start < limit:
 """
 
 
+PROBE = (
+    "import sys, urllib.request; t = open(sys.argv[1]).read().strip(); "
+    "r = urllib.request.urlopen(urllib.request.Request(sys.argv[2], headers={'Authorization': 'Bearer ' + t}), "
+    "timeout=30); print(r.status)"
+)
+
+
 def serve(testbed, name: str, *extra: str) -> str:
     r = testbed.raybridge(
         "login", "serve", "--nodes", "1", "--time", "3", "--overlap", "2", "--name", name,
@@ -212,5 +219,21 @@ def test_a_next_generation_slurm_refuses_is_one_event_and_the_service_goes_on(te
         assert "next_generation_refused" in status.stdout, status.stdout
         current = json.loads((testbed.shared_dir / "serve" / name / "current.json").read_text())
         assert current["generation"] == 1
+        # It still serves, here through an endpoint on the laptop (over SSH through the login node).
+        laptop = subprocess.Popen(
+            as_user("laptop", RAYBRIDGE, "endpoint", name, "--port", "18083", "--profile", testbed.remote_profile),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            first = laptop.stderr.readline()
+            assert "http://127.0.0.1:18083" in first, first + laptop.stderr.read()
+            token_path = re.search(r"Bearer \$\(cat (.+)\)", laptop.stderr.readline()).group(1)
+            probe = testbed.exec(
+                "laptop", PYTHON, "-c", PROBE, token_path, "http://127.0.0.1:18083/classify?x=1,2,3,4"
+            )
+            assert probe.stdout.strip() == "200", probe.stdout + probe.stderr
+        finally:
+            laptop.terminate()
+            laptop.wait(10)
     finally:
         stop_service(testbed, name)
