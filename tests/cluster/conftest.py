@@ -23,10 +23,21 @@ def testbed() -> Iterator[Testbed]:
     if subprocess.run([TESTBED, "status"], capture_output=True).returncode != 0:
         subprocess.run([TESTBED, "up"], check=True, timeout=900)
     bed = bed_for(USER)
+    clear_queue(bed)  # a killed run may have left jobs that hold the nodes
     yield bed
     # A failed test must not leave jobs that block the nodes for the rest of a run.
     if subprocess.run([TESTBED, "status"], capture_output=True).returncode == 0:
         bed.admin("login", "sh", "-c", "squeue -h -o %i | xargs -r scancel --")
+
+
+def clear_queue(bed: Testbed, timeout: float = 120) -> None:
+    """Cancel every job in the queue and wait until it is empty (their agents stop their Ray)."""
+    bed.admin("login", "sh", "-c", "squeue -h -o %i | xargs -r scancel --")
+    deadline = time.monotonic() + timeout
+    while bed.squeue_ids():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"jobs left from an earlier run did not end: {bed.squeue_ids()}")
+        time.sleep(1)
 
 
 def bed_for(user: str) -> Testbed:
