@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.bed import TESTBED, USER, Testbed, all_job_ids, assert_no_leaks, user_processes
+from tests.cluster.bed import TESTBED, USER, USERS, Testbed, all_job_ids, assert_no_leaks, user_processes
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,8 @@ def clear_queue(bed: Testbed, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"jobs left from an earlier run did not end: {bed.squeue_ids()}")
         time.sleep(1)
+    for user in USERS:  # and what its users still ran (CLIs, tunnels, endpoints): the PID space is shared
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
 
 
 def bed_for(user: str) -> Testbed:
