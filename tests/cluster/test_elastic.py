@@ -475,8 +475,12 @@ def test_a_head_crash_keeps_the_autoscaled_members(testbed, crashed_nodes):
         drv.communicate()
 
         def recovered():
+            # Ready with three nodes, and the members' own records rewritten for the new head (a node is
+            # alive in the GCS a moment before its agent records that it rejoined).
             s = status(testbed, job)
-            return s["ray_state"] == "ready" and s["alive_nodes"] == 3 and s
+            gens = {n["hostname"]: n.get("generation") for n in s["nodes"] if n["alive"]}
+            rejoined = all(gens.get(node) == 1 for node in members.values())
+            return s["ray_state"] == "ready" and s["alive_nodes"] == 3 and rejoined and s
 
         s = wait_for("the new head with both members", recovered, 120)
         info = testbed.cluster_json(job)
