@@ -117,6 +117,8 @@ class Front:
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # shutdown first: it wakes the accept() of the other thread
+            self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.close()
 
