@@ -9,7 +9,6 @@ Runs as the test bed's user (scripts/bench-chain starts it).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -18,21 +17,9 @@ import time
 from pathlib import Path
 
 import bench_report
-from bench_common import result
+from bench_common import events, high_water, result
 
 RAYBRIDGE = "/srv/rbtb/opt/venv/bin/raybridge"
-
-
-def events(run: Path) -> list[dict]:
-    f = run / "events.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
-
-
-def high_water(run: Path) -> int:
-    try:
-        return json.loads((run / "progress.json").read_text())["high_water"]
-    except (OSError, ValueError):
-        return 0
 
 
 def one(profile: str, shared: Path, example: str, how: str, steps: int) -> dict:

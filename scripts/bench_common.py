@@ -31,3 +31,17 @@ def result(text: str) -> dict:
     if not found:
         raise RuntimeError("no RESULT line:\n" + text[-3000:])
     return json.loads(found[-1])
+
+
+def events(run: Path) -> list[dict]:
+    """The example's timestamps (examples/train_mlp.py writes run/events.jsonl)."""
+    f = run / "events.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def high_water(run: Path) -> int:
+    """The highest step the training completed (run/progress.json), 0 before it has one."""
+    try:
+        return json.loads((run / "progress.json").read_text())["high_water"]
+    except (OSError, ValueError):
+        return 0

@@ -23,21 +23,9 @@ from pathlib import Path
 
 import bench_report
 import psutil
-from bench_common import REPO, result, train_run_argv
+from bench_common import REPO, events, high_water, result, train_run_argv
 
 TESTBED = str(REPO / "scripts/testbed")
-
-
-def events(run: Path) -> list[dict]:
-    f = run / "events.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
-
-
-def high_water(run: Path) -> int:
-    try:
-        return json.loads((run / "progress.json").read_text())["high_water"]
-    except (OSError, ValueError):
-        return 0
 
 
 def cluster(shared: str, job: str) -> dict:

@@ -227,16 +227,9 @@ def test_apptainer_stand_in_sees_the_exact_command_on_every_node(testbed):
     assert_no_leaks(job, timeout=30)
 
 
-def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed, image):
-    """`raybridge image stage` as alice from a tar archive (as `ch-image export` or `docker export`
-    writes one); the staged copy lacks the folder a mount needs, which `up` makes in her own image."""
-    archive = f"{testbed.shared}/bookworm.tar"
-    staged = f"{testbed.shared_dir}/images/bookworm"
-    shutil.rmtree(staged, ignore_errors=True)  # an earlier run's
-    subprocess.run(["tar", "-C", image, "--exclude=./dev/*", "-cf", archive, "."], check=True)
-    testbed.give(archive, 0o644)
-    prof = profile(testbed, "staged", container={"image": "/unused"})
-    r = testbed.raybridge(
+def stage(testbed, archive: str, prof: str):
+    """`raybridge image stage` of the archive as the bed's image `bookworm`, as the user."""
+    return testbed.raybridge(
         "login",
         "image",
         "stage",
@@ -248,6 +241,18 @@ def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed,
         "--profile",
         prof,
     )
+
+
+def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed, image):
+    """`raybridge image stage` as alice from a tar archive (as `ch-image export` or `docker export`
+    writes one); the staged copy lacks the folder a mount needs, which `up` makes in her own image."""
+    archive = f"{testbed.shared}/bookworm.tar"
+    staged = f"{testbed.shared_dir}/images/bookworm"
+    shutil.rmtree(staged, ignore_errors=True)  # an earlier run's
+    subprocess.run(["tar", "-C", image, "--exclude=./dev/*", "-cf", archive, "."], check=True)
+    testbed.give(archive, 0o644)
+    prof = profile(testbed, "staged", container={"image": "/unused"})
+    r = stage(testbed, archive, prof)
     assert r.returncode == 0, r.stderr
     assert f"image: {staged}" in r.stdout and f"staged {staged}" in r.stderr
     st = os.stat(staged)
@@ -261,18 +266,7 @@ def test_a_staged_image_of_the_users_own_gets_its_mount_points_and_runs(testbed,
     down = testbed.raybridge("login", "down", job, "--profile", prof)
     assert down.returncode == 0, down.stderr
     assert_no_leaks(job, timeout=30)
-    again = testbed.raybridge(
-        "login",
-        "image",
-        "stage",
-        archive,
-        "--name",
-        "bookworm",
-        "--runtime",
-        "charliecloud",
-        "--profile",
-        prof,
-    )
+    again = stage(testbed, archive, prof)
     one_line_failure(again, "exists already (--replace to stage it again)")
 
 
