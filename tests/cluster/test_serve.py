@@ -51,13 +51,23 @@ PROBE = (
 )
 
 
-def serve(testbed, name: str, *extra: str) -> str:
+def serve(testbed, name: str, app: str = APP, profile: str | None = None) -> str:
+    """`raybridge serve` in 3-minute generations (the next one after 1); generation 1's job id."""
     r = testbed.raybridge(
         "login", "serve", "--nodes", "1", "--time", "3", "--overlap", "2", "--name", name,
-        "--profile", testbed.local_profile, *extra, "--", "python", APP, timeout=400,
+        "--profile", profile or testbed.local_profile, "--", "python", app, timeout=400,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return re.search(r"generation 1 \(job (\d+)\) serves", r.stdout).group(1)
+
+
+def wait_event(testbed, name: str, event: str, timeout: float) -> dict:
+    """The service's first history event of this kind, once it is there."""
+    deadline = time.monotonic() + timeout
+    while not (found := [e for e in history(testbed, name) if e["event"] == event]):
+        assert time.monotonic() < deadline, history(testbed, name)
+        time.sleep(0.5)
+    return found[0]
 
 
 def history(testbed, name: str) -> list[dict]:
@@ -151,18 +161,9 @@ def test_a_generation_that_fails_its_checks_leaves_the_one_before_serving(testbe
     subprocess.run(["rm", "-rf", str(testbed.shared_dir / "serve" / name)], check=True)
     app = testbed.write(f"{testbed.shared}/serve_once.py", (EXAMPLES / "serve_app.py").read_text())
     try:
-        r = testbed.raybridge(
-            "login", "serve", "--nodes", "1", "--time", "3", "--overlap", "2", "--name", name,
-            "--profile", testbed.local_profile, "--", "python", app, timeout=400,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
-        first = re.search(r"\(job (\d+)\) serves", r.stdout).group(1)
+        first = serve(testbed, name, app=app)
         subprocess.run(["rm", "-f", app], check=True)  # generation 2 will not find it
-        deadline = time.monotonic() + 240
-        while not any(e["event"] == "generation_failed" for e in history(testbed, name)):
-            assert time.monotonic() < deadline, history(testbed, name)
-            time.sleep(1)
-        failed = next(e for e in history(testbed, name) if e["event"] == "generation_failed")
+        failed = wait_event(testbed, name, "generation_failed", 240)
         assert failed["generation"] == 2 and "exited with code" in failed["detail"], failed
         current = json.loads((testbed.shared_dir / "serve" / name / "current.json").read_text())
         assert current["generation"] == 1 and current["job_id"] == first
@@ -204,16 +205,8 @@ def test_a_next_generation_slurm_refuses_is_one_event_and_the_service_goes_on(te
     )
     profile = testbed.write(f"{testbed.shared}/refusing.yaml", profile_text)
     try:
-        r = testbed.raybridge(
-            "login", "serve", "--nodes", "1", "--time", "3", "--overlap", "2", "--name", name,
-            "--profile", profile, "--", "python", APP, timeout=400,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
-        deadline = time.monotonic() + 60
-        while not any(e["event"] == "next_generation_refused" for e in history(testbed, name)):
-            assert time.monotonic() < deadline, history(testbed, name)
-            time.sleep(0.5)
-        event = next(e for e in history(testbed, name) if e["event"] == "next_generation_refused")
+        serve(testbed, name, profile=profile)
+        event = wait_event(testbed, name, "next_generation_refused", 60)
         assert event["generation"] == 1 and "Job violates accounting/QOS policy" in event["detail"], event
         status = testbed.raybridge("login", "endpoint", name, "--status", "--profile", profile)
         assert "next_generation_refused" in status.stdout, status.stdout
