@@ -105,8 +105,7 @@ def test_the_endpoint_follows_a_handover_and_loses_no_request(tmp_path, monkeypa
     publish(shared, "demo", 2, f2, "t2")
     # The old generation goes at once, before the endpoint's next look at current.json (every 0.5 s):
     # requests still sent its way are refused and must go to the new one.
-    f1.close()
-    up1.shutdown()
+    f1.close()  # (its proxy finishes what it already has, as Serve's drain does: shut down at the end)
     pause.wait(1.5)
     stop.set()
     loader.join()
@@ -115,4 +114,5 @@ def test_the_endpoint_follows_a_handover_and_loses_no_request(tmp_path, monkeypa
     assert labels[-1] == "g2" and "g2" in labels
     assert bound["router"].switches == 1
     f2.close()
+    up1.shutdown()
     up2.shutdown()
