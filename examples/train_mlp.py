@@ -91,7 +91,8 @@ def train_loop(config: dict) -> None:
         if config.get("step_sleep"):
             time.sleep(config["step_sleep"])  # lets tests act part-way on a fast machine
         last = step + 1 == config["steps"]
-        stop = rbt.preempted(step)  # the same answer on every rank at this step
+        # The same answer on every rank at this step (raybridge's flag, or Ray Train's drain notice).
+        stop = ray_preempted(step, rank, events) if config.get("ray_preemption") else rbt.preempted(step)
         if (step + 1) % config["every"] == 0 or last or stop:
             elapsed = time.perf_counter() - t0
             rbt.save(
@@ -114,6 +115,25 @@ def train_loop(config: dict) -> None:
             t0, done = time.perf_counter(), 0
             if stop and not last:
                 return
+
+
+def ray_preempted(step: int, rank: int, events: Path) -> bool:
+    """Ray Train's own view (Ray >= 2.60): Ray's drain notice for a node of this run. raybridge gives it on
+    Slurm's USR1, with the time left as its deadline. Every rank asks at the same steps (it is a barrier)."""
+    if step % 5:
+        return False
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+        print(
+            f"Ray's preemption notice at step {step + 1}: {len(info.preempted_node_ids)} nodes, "
+            + (f"deadline in {left:.0f}s" if left is not None else "no deadline"),
+            flush=True,
+        )
+        note(events, rank, "ray_preemption", step=step + 1, deadline_ms=info.deadline_ms)
+    return True
 
 
 class HighWater:
@@ -150,10 +170,16 @@ def main() -> None:
     ap.add_argument("--max-failures", type=int, default=3)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = Ray's choice)")
+    ap.add_argument(
+        "--ray-preemption",
+        action="store_true",
+        help="save and stop on Ray Train's preemption notice (ray.train.get_preemption_info) alone",
+    )
     args = ap.parse_args()
     config = {k: getattr(args, k) for k in ("steps", "every", "batch", "samples", "dim")}
     config["step_sleep"] = args.step_sleep
     config["threads"] = args.threads
+    config["ray_preemption"] = args.ray_preemption
     t0 = time.time()
     workers = tuple(int(x) for x in args.elastic.split(",")) if args.elastic else args.workers
     result = rbt.make_trainer(

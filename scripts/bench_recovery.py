@@ -6,7 +6,7 @@
               lets it start at once; Slurm's own hold is reported separately (2 workers)
 and measure kill → new training loop started, → checkpoint loaded, → first completed step after the
 restore (the headline), and the work redone. Runs on the test-bed host as root (scripts/bench-recovery):
-it needs to reach into a node's processes.
+it needs to reach into a node's processes; the job itself runs as the bed's user (--user).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from pathlib import Path
 
 import bench_report
 import psutil
-from bench_common import REPO, events, high_water, result, train_run_argv
+from bench_common import REPO, events, high_water, result
 
 TESTBED = str(REPO / "scripts/testbed")
+RAYBRIDGE = "/srv/rbtb/opt/venv/bin/raybridge"  # the users' install on the bed
 
 
 def cluster(shared: str, job: str) -> dict:
-    return json.loads((Path(shared) / "raybridge" / "jobs" / job / "cluster.json").read_text())
+    return json.loads((Path(shared) / "jobs" / job / "cluster.json").read_text())
 
 
 def node_dead_at(job: str, head: str) -> float:
@@ -65,20 +66,28 @@ def in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> list[p
     return out
 
 
-def one_run(profile: str, shared: str, steps: int, every: int, case: str) -> dict:
+def one_run(args: argparse.Namespace, case: str) -> dict:
+    profile, shared, steps, every = args.profile, args.shared, args.steps, args.every
     workers = "3" if case == "raylet" else "2"
-    example = ("--steps", str(steps), "--every", str(every), "--workers", workers, "--step-sleep", "0.05")
-    argv = train_run_argv(profile, 3 if case != "requeue" else 2, *example)
-    if case == "requeue":
-        argv[argv.index("--") : argv.index("--")] = ["--requeue"]
+    nodes = "3" if case != "requeue" else "2"
+    argv = [RAYBRIDGE, "run", "--nodes", nodes, "--profile", profile]
+    argv += ["--requeue"] if case == "requeue" else []
+    argv += ["--", "python", args.example, "--steps", str(steps), "--every", str(every)]
+    argv += ["--workers", workers, "--step-sleep", "0.05"]
     p = subprocess.Popen(
-        [TESTBED, "exec", "login", "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [TESTBED, "exec", "--user", args.user, "login", "--", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     job = None
     while job is None:
-        m = re.search(r"submitted job (\d+)", p.stderr.readline())
+        line = p.stderr.readline()
+        if not line and p.poll() is not None:
+            raise RuntimeError("raybridge run ended before it submitted:\n" + p.stderr.read()[-3000:])
+        m = re.search(r"submitted job (\d+)", line)
         job = m.group(1) if m else None
-    run = Path(shared) / "raybridge" / "runs" / f"raybridge-{job}"
+    run = Path(shared) / "runs" / f"raybridge-{job}"
     while high_water(run) < every + every // 2:
         if p.poll() is not None:
             raise RuntimeError(f"job {job} ended before the kill:\n" + p.stderr.read()[-3000:])
@@ -148,13 +157,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=40)
     ap.add_argument("--cases", default="raylet,head,requeue")
+    ap.add_argument("--example", required=True, help="examples/train_mlp.py where the user can read it")
+    ap.add_argument("--user", required=True, help="the bed's user the job runs as")
     args = ap.parse_args()
     table: dict[str, dict[str, float]] = {}
     raw: dict[str, list] = {}
     for case in args.cases.split(","):
         rows = []
         for i in range(args.runs):
-            rows.append(one_run(args.profile, args.shared, args.steps, args.every, case))
+            rows.append(one_run(args, case))
             print(
                 f"{case} run {i + 1}/{args.runs}: "
                 + ", ".join(

@@ -154,9 +154,18 @@ def wait_alive(
         time.sleep(poll)
 
 
+# Ray Train's own settings (environment variables Ray Train reads in the driver and passes on to its
+# controller and workers), where its defaults cost a failed or preempted run seconds: the controller
+# looks at its workers every 2 s and at Ray's drain notices every 5 s. Checked every 0.5 s, a lost worker
+# is acted on ~1 s sooner on average; a drain notice (Slurm's USR1) reaches the training within 1 s.
+# Both are one small RPC per worker or one GCS read. A user's own values win.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+
+
 def driver_env(settings: AgentSettings, folder: jd.JobDir) -> dict[str, str]:
     """What the driver needs besides the address (known before the head is up)."""
     env = {"RAYBRIDGE_JOB_DIR": folder.path}
+    env |= {k: v for k, v in TRAIN_ENV.items() if k not in os.environ}
     if settings.auth:
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": folder.token}
     return env

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from raybridge import jobdir as jd
-from raybridge.agent import netinfo, ports, procs, slurmjob
+from raybridge.agent import netinfo, ports, procs, ray_internals, slurmjob
 from raybridge.agent.base import Abdicate, AgentBase
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.startray import StopRequested
@@ -110,6 +110,7 @@ class HeadRole(AgentBase):
         """Until stop: reap orphans, keep cluster.json current (a node that died may be replaced), and
         leave if another node took over as head or this node's GCS died."""
         last_refresh = 0.0
+        drain_given = False
         if self.settings.rank != 0:
             self.watch_batch_host()
         while not self.stop_requested():
@@ -120,6 +121,11 @@ class HeadRole(AgentBase):
                 self.refresh(gcs)
             if self.batch_host_gone:
                 raise StopRequested()
+            if not drain_given and self.rendezvous.preempt_flagged():
+                drain_given = True
+                threading.Thread(
+                    target=self.drain_all, args=(gcs,), name="raybridge-drain", daemon=True
+                ).start()
             time.sleep(0.2)
         if self.stopping and self.settings.rank != 0:
             # Slurm stops the step's tasks (SIGTERM) when the batch host died with the step's srun:
@@ -127,6 +133,31 @@ class HeadRole(AgentBase):
             with contextlib.suppress(StopRequested, RaybridgeError, OSError):
                 self.check_batch_host()
         return 0
+
+    def drain_all(self, gcs: GcsView) -> None:
+        """Slurm's USR1 (the time limit or a preemption ahead): Ray's drain notice for every node, with
+        the time left as its deadline, so Ray Train's preemption path (ray.train.get_preemption_info,
+        PreemptionError, max_preemption_failures) and Serve see what raybridge.train.preempted() sees."""
+        signalled = self.rendezvous.preempt_flagged_at() or time.time()
+        left = None
+        if self.settings.signal_seconds:
+            left = max(self.settings.signal_seconds - (time.time() - signalled), 0)
+        try:
+            nodes = [n for n in gcs.nodes() if n["alive"]]
+        except GcsUnavailable as e:
+            self.say(f"USR1: no drain notice (the GCS did not answer: {e})")
+            return
+        refused = []
+        for n in nodes:
+            if problem := ray_internals.drain_node(
+                gcs.address, n["node_id"], "raybridge: Slurm's USR1", left
+            ):
+                refused.append(f"{n['ip']}: {problem}")
+        when = f"deadline in {left:.0f}s" if left is not None else "no deadline"
+        detail = f"{len(nodes) - len(refused)} of {len(nodes)} nodes, {when}"
+        detail += f"; not drained: {'; '.join(refused)}" if refused else ""
+        self.say(f"USR1: Ray's drain notice given to {detail}")
+        self.rendezvous.log_event("drained", self.host, detail)
 
     def refresh(self, gcs: GcsView) -> None:
         newer = self.rendezvous.head()

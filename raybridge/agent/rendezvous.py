@@ -206,5 +206,15 @@ class Rendezvous:
         """This member job was asked to leave (`raybridge scale --remove`)."""
         return bool(self.settings.cluster_job) and os.path.exists(self.dir.release(self.settings.job_id))
 
+    def preempt_flagged_at(self) -> float | None:
+        """When Slurm's USR1 reached the batch script (its trap touched the flag), or None."""
+        try:
+            return os.stat(self.dir.preempt).st_mtime
+        except OSError:
+            return None
+
+    def preempt_flagged(self) -> bool:
+        return self.preempt_flagged_at() is not None
+
     def stop_flagged(self) -> bool:
         return os.path.exists(self.dir.stop)

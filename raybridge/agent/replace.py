@@ -29,6 +29,8 @@ class Replacer:
         host = node.hostname or node.ip
         if node.member_job and node.member_job in self.members.released():
             return None  # released on purpose (`raybridge scale --remove`, the autoscaler)
+        if self.rendezvous.preempt_flagged():
+            return None  # drained at Slurm's USR1: an idle drained node's Ray leaves; the job is ending
         rec = self.rendezvous.cluster()
         used = sum(1 for e in (rec.events if rec else ()) if e.get("event") == "replacement_submitted")
         if used >= limit:

@@ -4,15 +4,11 @@ drain notice when its member job is released."""
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 
 from raybridge import jobdir as jd
-from raybridge.agent import netinfo, procs
+from raybridge.agent import netinfo, procs, ray_internals
 from raybridge.agent.base import MAX_RAY_RESTARTS, AgentBase, HeadLost
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.startray import StopRequested
@@ -39,6 +35,7 @@ class WorkerRole(AgentBase):
         last_head_check = 0.0
         missing_since: float | None = None
         head_down_since: float | None = None
+        drained_said = False
         background_due = time.monotonic() + 30  # at the latest; normally once the cluster is ready
         while not self.stop_requested():
             procs.reap()
@@ -66,7 +63,13 @@ class WorkerRole(AgentBase):
                         )
             if head_down_since is None and not self.has_process("raylet"):
                 missing_since = missing_since or now
-                if now - missing_since > 1 and self.iface:
+                if self.rendezvous.preempt_flagged():
+                    # Drained at Slurm's USR1: Ray ends a drained node's raylet once it is idle. The
+                    # job is ending; a new raylet would join a cluster that places nothing here.
+                    if not drained_said:
+                        drained_said = True
+                        self.say("this node's Ray left after the drain notice; waiting for the job's end")
+                elif now - missing_since > 1 and self.iface:
                     self.restart_worker(self.iface, head)
                     missing_since = None
             time.sleep(0.2)
@@ -83,34 +86,21 @@ class WorkerRole(AgentBase):
         self.write_node(iface, plan)
 
     def drain(self, head: jd.HeadRecord) -> None:
-        """Ray's drain notice for this node (`ray drain-node`, reason preemption): the scheduler stops
-        placing work here and tells what runs here that the node goes; the work is retried elsewhere
-        when the node's Ray stops. A Ray without the command: the node just leaves."""
+        """Ray's drain notice for this node (reason preemption): the scheduler stops placing work here
+        and tells what runs here that the node goes; the work is retried elsewhere when the node's Ray
+        stops. A Ray that refuses it: the node just leaves."""
         node_id = self.own_node_id(head)
-        ray = shutil.which(
-            "ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-        )
         if node_id is None:
             # Ray's autoscaler drains an idle node itself before it asks for its release.
             self.say(
                 "released: this node has already left Ray (drained by Ray's autoscaler, or gone); leaving"
             )
             return
-        if ray is None:
-            self.say("released: no drain notice (this Ray has no `ray` command); leaving")
-            return
-        cmd = [
-            ray,
-            "drain-node",
-            f"--address={head.gcs_address}",
-            f"--node-id={node_id}",
-            "--reason=DRAIN_NODE_REASON_PREEMPTION",
-            "--reason-message=raybridge scale --remove",
-            f"--deadline-remaining-seconds={int(DRAIN_GRACE_S)}",
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ))
-        if r.returncode != 0:
-            self.say(f"released: Ray refused the drain ({(r.stderr or r.stdout).strip()[-200:]}); leaving")
+        problem = ray_internals.drain_node(
+            head.gcs_address, node_id, "raybridge: node released (scale --remove, autoscaler)", DRAIN_GRACE_S
+        )
+        if problem:
+            self.say(f"released: no drain notice ({problem}); leaving")
             return
         self.say(f"released: drain notice given to Ray; leaving in {DRAIN_GRACE_S:.0f}s")
         deadline = time.monotonic() + DRAIN_GRACE_S

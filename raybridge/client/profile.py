@@ -226,6 +226,7 @@ class ClusterSpec:
         _optional_integer(10),
         "Seconds before the time limit to ask training to checkpoint.",
         Flag(("--signal-before",), int),
+        agent=True,
     )
     requeue: bool = param(
         False,

@@ -19,6 +19,7 @@ from typing import Any
 import paramiko
 
 from raybridge.errors import CommandError, HostKeyError, SSHError
+from raybridge.transport.openssh import GLOBAL_KNOWN_HOSTS, BulkRanges
 from raybridge.transport.runner import LoginSpec, Result
 
 # Throughput (scripts/bench-tunnel): paramiko decrypts every packet in Python, so fewer, larger packets
@@ -129,7 +130,6 @@ class Client(paramiko.SSHClient):
             hop.close()
 
 
-GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 
 class KnownHosts:
@@ -413,8 +413,9 @@ class SSHRunner:
         except OSError as e:
             raise SSHError(f"cannot copy {path} from {self.host}: {e}") from None
 
-    def range_reader(self) -> SSHRanges:
-        return SSHRanges(self.target)
+    def range_reader(self) -> BulkRanges:
+        """The user's OpenSSH client for the bytes where it can reach the login node, paramiko otherwise."""
+        return BulkRanges(self.target, lambda: SSHRanges(self.target))
 
     def home(self) -> str:
         return self.sftp.normalize(".")

@@ -193,6 +193,38 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(testbed):
     assert m and at <= int(m.group(1)) < STEPS, out[-3000:]
 
 
+def test_a_time_limit_checkpoint_through_rays_drain(testbed):
+    """Slurm's USR1 becomes Ray's drain notice (reason preemption, the time left as its deadline) for every
+    node; a training loop that listens only to Ray Train (`ray.train.get_preemption_info()`, no raybridge
+    flag) saves at once and returns; the job is requeued and resumes with nothing redone."""
+    proc, job = start_training(
+        testbed, "--ray-preemption", nodes=2, extra=("--requeue", "--signal-before", "60")
+    )
+    run = run_dir(testbed, job)
+    at = wait_progress(testbed, run, EVERY + 15, proc)
+    sent = time.time()
+    testbed.exec("login", "scancel", "--signal=USR1", "--batch", job, check=True)
+    rc, result, out, err = finish(proc)
+    assert rc == 0, out[-3000:] + err[-2000:]
+    m = re.search(r"Ray's preemption notice at step (\d+): 2 nodes, deadline in (\d+)s", out)
+    assert m, out[-3000:]
+    assert int(m.group(1)) >= at and 45 <= int(m.group(2)) <= 60  # USR1 came 60 s before the limit
+    notice = [
+        e
+        for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+        if e["event"] == "ray_preemption"
+    ]
+    assert len(notice) == 1 and 0 < notice[0]["t"] - sent < 5, notice  # within seconds of the signal
+    assert f"requeueing job {job} (restart 1 of 3)" in out
+    assert result["final_step"] == STEPS and result["restores"] == 1 and result["redone_steps"] == 0, result
+    drained = [e for e in testbed.cluster_json(job)["events"] if e["event"] == "drained"]
+    assert drained and drained[0]["detail"].startswith("2 of 2 nodes, deadline in"), drained
+    m = re.search(r"resumed from step (\d+) \(0 steps redone\)", out)
+    assert m and int(m.group(1)) >= at, out[-3000:]
+    # Ray ends a drained node's raylet once idle: the agent leaves it so (a new one would only delay the end).
+    assert "the raylet on this node died" not in out, out[-3000:]
+
+
 def test_scancel_mid_training_tears_down_and_keeps_the_last_checkpoint(testbed):
     from raybridge import train as rbt
 
