@@ -143,11 +143,13 @@ def write_checkpoint_dir(folder: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, folder / MARKER)
 
 
-def is_complete(folder: Path) -> bool:
+def is_complete(folder: Path, state_sha256: str | None = None) -> bool:
+    """The marker is there and names the state's sha256 (state_sha256: already known, e.g. hashed as
+    it was copied; else read and hashed here)."""
     try:
         meta = json.loads((folder / MARKER).read_text())
-        return _sha256(folder / STATE) == meta["sha256"]
-    except (OSError, ValueError, KeyError):
+        return (state_sha256 or _sha256(folder / STATE)) == meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 

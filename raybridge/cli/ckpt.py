@@ -91,7 +91,13 @@ def pull_cmd(
     ] = False,
     name: Annotated[str | None, typer.Option("--name", help="A checkpoint by name.")] = None,
     streams: Annotated[
-        int, typer.Option("--streams", min=1, max=16, help="Parallel copy streams (SSH connections).")
+        int,
+        typer.Option(
+            "--streams",
+            min=1,
+            max=16,
+            help="Parallel copy streams (SSH connections; default: one per core, up to 4).",
+        ),
     ] = ck.transfer.STREAMS,
     profile: Profile = None,
     login: Login = None,

@@ -160,12 +160,34 @@ def manifest(runner: Runner, folder: str, hashes: bool = True) -> list[FileEntry
     return [FileEntry(p, s, sums.get(p, "")) for p, s in sorted(sizes.items())]
 
 
+# OpenSSL's sha256 where the login node has the openssl command: it uses the CPU's SHA instructions,
+# where coreutils' sha256sum (without OpenSSL) is ~4x slower, and the hash runs beside a pull.
+SUMS = """cd "$1" || exit 1
+if command -v openssl >/dev/null 2>&1; then
+  echo openssl
+  find . -type f -print0 | xargs -0 -r openssl dgst -sha256 -r
+else
+  echo coreutils
+  find . -type f -print0 | xargs -0 -r sha256sum -z
+fi"""
+
+
 def remote_sums(runner: Runner, folder: str) -> dict[str, str]:
     """sha256 of every regular file under folder, computed next to the data (login node), not over
-    the network; -z: NUL-terminated lines and names printed as they are (no escaping)."""
-    script = 'cd "$1" && find . -type f -print0 | xargs -0 -r sha256sum -z'
-    out = runner.run(["sh", "-c", script, "sh", folder], timeout=3600).stdout
+    the network. sha256sum -z: NUL-terminated lines, names as they are; openssl -r: a line each (the
+    names pulled are checked to hold no control characters)."""
+    out = runner.run(["sh", "-c", SUMS, "sh", folder], timeout=3600).stdout
+    tool, _, out = out.partition("\n")
     sums = {}
+    if tool == "openssl":
+        for line in out.split("\n"):
+            escaped = line.startswith("\\")  # some versions escape \\ and newlines as sha256sum does
+            digest, sep, name = line.removeprefix("\\").partition(" *")
+            if escaped:
+                name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
+            if sep and len(digest) == 64:
+                sums[name.removeprefix("./")] = digest
+        return sums
     for line in out.split("\0"):
         digest, _, name = line.partition("  ")
         if name:
@@ -257,7 +279,9 @@ def pull(
     for p in partial.rglob("*"):
         if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
             p.unlink()
-    if complete and not train.is_complete(partial):
+    # The state's hash as copied (each byte is hashed once here), not a second read of it.
+    state_sha = next((local.get(i.target) for i in items if i.target == partial / train.STATE), None)
+    if complete and not train.is_complete(partial, state_sha):
         raise RaybridgeError(f"the copy of {name} is not a complete checkpoint (its marker does not match)")
     os.replace(partial, final)
     return final

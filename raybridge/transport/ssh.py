@@ -130,8 +130,6 @@ class Client(paramiko.SSHClient):
             hop.close()
 
 
-
-
 class KnownHosts:
     """A known_hosts file as OpenSSH reads it: host keys, `@revoked` keys (never trusted, even when
     listed as a host's key), `@cert-authority` lines (host certificates are not supported: such lines

@@ -26,7 +26,9 @@ from typing import Protocol
 from raybridge.errors import RaybridgeError
 
 SEGMENT = 64 << 20
-STREAMS = 4
+# One stream per core of this machine, up to 4: each stream's bytes are decrypted by a process of their
+# own (ssh), and more streams than cores only make them take turns (scripts/bench-tunnel).
+STREAMS = max(1, min(4, os.cpu_count() or 1))
 
 
 class RangeReader(Protocol):

@@ -133,3 +133,21 @@ def test_latest_is_the_newest_complete_checkpoint_and_an_incomplete_one_is_refus
     with pytest.raises(RaybridgeError, match="not a complete checkpoint"):
         ck.pull(LocalRunner(), cps[0].path, tmp_path / "dest", complete=True)
     assert not (tmp_path / "dest" / "checkpoint_000001").exists()
+
+
+def test_openssl_and_sha256sum_listings_give_the_same_sums():
+    """The login node's openssl (fast) or coreutils' sha256sum: the same names and sums, escaped or not."""
+
+    class Fixed:
+        def __init__(self, out):
+            self.out = out
+
+        def run(self, *args, **kwargs):
+            return type("R", (), {"stdout": self.out})()
+
+    a, b = "a" * 64, "b" * 64
+    openssl = f"openssl\n\\{a} *./x\\\\y\\nz\n{b} *./plain name\n"
+    coreutils = f"coreutils\n{a}  ./x\\y\nz\0{b}  ./plain name\0"
+    want = {"x\\y\nz": a, "plain name": b}
+    assert ck.remote_sums(Fixed(openssl), "/x") == want
+    assert ck.remote_sums(Fixed(coreutils), "/x") == want
