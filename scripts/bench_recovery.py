@@ -12,6 +12,8 @@ it needs to reach into a node's processes; the job itself runs as the bed's user
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import re
 import statistics
@@ -33,19 +35,45 @@ def cluster(shared: str, job: str) -> dict:
     return json.loads((Path(shared) / "jobs" / job / "cluster.json").read_text())
 
 
-def node_dead_at(job: str, head: str) -> float:
-    """When the GCS on the head declared the killed node dead, from its log."""
-    log = subprocess.run(
-        [TESTBED, "exec", head, "--", "sh", "-c", f"cat /tmp/rb-{job}/session_latest/logs/gcs_server.out"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    for line in log.splitlines():
-        if "Node is dead because the health check failed" in line:
-            stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line)
-            if stamp:  # the test bed's nodes share this machine's clock and time zone
-                return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def node_dead_at(shared: str, job: str, head: str) -> float:
+    """When the GCS on the head declared the killed node dead, from its log (kept in the job folder)."""
+    for path in (Path(shared) / "jobs" / job / "logs" / "ray" / head).glob("gcs_server.out*"):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", errors="replace") as f:
+            for line in f:
+                if "Node is dead because the health check failed" in line:
+                    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line)
+                    if stamp:  # the test bed's nodes share this machine's clock and time zone
+                        return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return float("nan")
+
+
+TRAIN_PHASES = (
+    ("[FailurePolicy] RETRY", "train_failure_seen_s"),
+    ("Placement group ready", "train_placement_s"),
+    ("worker actors created", "train_actors_s"),
+    ("Train context initialized", "train_context_s"),
+    ("Worker group startup completed", "train_group_started_s"),
+)
+
+
+def train_trace(shared: str, job: str, t_kill: float) -> dict[str, float]:
+    """Ray Train's controller's own log (kept in the job folder): when it saw the failure and how long
+    each step of the new worker group took, as seconds after the kill."""
+    out: dict[str, float] = {}
+    for path in (Path(shared) / "jobs" / job / "logs" / "ray").glob("*/train/ray-train-sys-controller-*"):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError):
+                    rec = json.loads(line)
+                    at = datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    if at < t_kill:
+                        continue
+                    for needle, key in TRAIN_PHASES:
+                        if needle in rec["message"] and key not in out:
+                            out[key] = at - t_kill
+    return out
 
 
 def in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> list[psutil.Process]:
@@ -127,8 +155,9 @@ def one_run(args: argparse.Namespace, case: str) -> dict:
         "redone_steps": lost_at - restored["step"],
         "final_step": res["final_step"],
     }
+    row |= train_trace(shared, job, t_kill)
     if case == "raylet":
-        row["node_dead_s"] = node_dead_at(job, head) - t_kill
+        row["node_dead_s"] = node_dead_at(shared, job, head) - t_kill
     elif case == "head":
         at = {e["event"]: e["at"] for e in info["events"]}
         row["head_lost_s"] = at["head_lost"] - t_kill
@@ -174,10 +203,15 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med = {k: statistics.median(r[k] for r in rows if k in r) for k in {k for r in rows for k in r}}
         print(f"Recovery from {LABELS[case]}, median of {args.runs}")
         for key, label in (
             ("node_dead_s", "node declared dead by the GCS"),
+            ("train_failure_seen_s", "Ray Train acts on the failure"),
+            ("train_placement_s", "  new worker group: resources placed"),
+            ("train_actors_s", "  worker processes started"),
+            ("train_context_s", "  training context (torch, process group)"),
+            ("train_group_started_s", "  worker group started"),
             ("head_lost_s", "head declared lost by the agents"),
             ("new_head_ready_s", "new head ready, all nodes rejoined"),
             ("job_running_again_s", "requeued job running again"),
