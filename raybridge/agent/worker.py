@@ -14,6 +14,9 @@ from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.startray import StopRequested
 
 DRAIN_GRACE_S = 3.0  # a released member node's work gets this long after Ray's drain notice
+# A raylet missing this long (two looks of the 0.2-s loop) is restarted: a new worker group after a lost
+# worker waits for this node's resources (scripts/bench-recovery).
+RAYLET_GONE_S = 0.3
 
 
 class WorkerRole(AgentBase):
@@ -69,7 +72,7 @@ class WorkerRole(AgentBase):
                     if not drained_said:
                         drained_said = True
                         self.say("this node's Ray left after the drain notice; waiting for the job's end")
-                elif now - missing_since > 1 and self.iface:
+                elif now - missing_since >= RAYLET_GONE_S and self.iface:
                     self.restart_worker(self.iface, head)
                     missing_since = None
             time.sleep(0.2)
@@ -80,7 +83,7 @@ class WorkerRole(AgentBase):
             raise RuntimeError(f"the raylet on this node died {self.restarts + 1} times; giving up")
         self.restarts += 1
         self.say(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
-        self.kill_ray()
+        self.kill_ray(grace=0.5)  # what is left of a node whose raylet died: nothing to wait for
         self.ray.started = None
         plan = self.ray.start(iface, head, in_process=False)  # a fresh `ray start`: no state kept
         self.write_node(iface, plan)
