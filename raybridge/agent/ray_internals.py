@@ -599,16 +599,3 @@ def _drain_cli(gcs_address: str, node_id: str, message: str, deadline_s: float |
         return "Ray refused the drain: " + ((r.stderr or r.stdout).strip().splitlines() or ["?"])[-1][-200:]
     return None
 
-
-def draining_nodes(gcs_address: str) -> dict[str, int] | None:
-    """{node id: deadline in ms (0: none)} of the nodes Ray is draining, None where this Ray cannot
-    tell (what Ray Train's preemption watcher reads)."""
-    try:
-        from ray._raylet import GcsClient
-
-        call = getattr(GcsClient(address=gcs_address), "get_draining_nodes", None)
-        if call is None:
-            return None
-        return {(k.hex() if hasattr(k, "hex") else str(k)): int(v) for k, v in dict(call()).items()}
-    except Exception:
-        return None
