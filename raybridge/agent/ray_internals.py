@@ -598,4 +598,3 @@ def _drain_cli(gcs_address: str, node_id: str, message: str, deadline_s: float |
     if r.returncode != 0:
         return "Ray refused the drain: " + ((r.stderr or r.stdout).strip().splitlines() or ["?"])[-1][-200:]
     return None
-
