@@ -36,7 +36,11 @@ import ast
 import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -573,13 +577,13 @@ def drain_node(gcs_address: str, node_id: str, message: str, deadline_s: float |
     return _drain_cli(gcs_address, node_id, message, deadline_s)
 
 
-def _drain_cli(gcs_address: str, node_id: str, message: str, deadline_s: float | None) -> str | None:
-    import os
-    import shutil
-    import subprocess
-    import sys
+def ray_command() -> str | None:
+    """Ray's `ray` command next to this Python (its venv's bin), else on PATH."""
+    return shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
-    ray = shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+def _drain_cli(gcs_address: str, node_id: str, message: str, deadline_s: float | None) -> str | None:
+    ray = ray_command()
     if ray is None:
         return "this Ray has no `ray` command"
     cmd = [

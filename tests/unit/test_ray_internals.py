@@ -1,6 +1,7 @@
 """Ray's internals behind one door: the in-process launcher hands Ray's node launcher exactly what
 `ray start` would, runs only where it was verified, and falls back on anything unexpected."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,60 @@ def test_spawn_guard_lets_nothing_start_after_stop():
         spawn("dashboard")
     assert started == ["raylet"]
     t.join()
+
+
+class _Client:
+    """Ray's GCS client as drain_node sees it: with (answer given) or without drain_node."""
+
+    calls: list = []
+    answer: tuple | None = (True, "")
+
+    def __init__(self, address):
+        self.address = address
+
+    def __getattr__(self, name):
+        if name == "drain_node" and _Client.answer is not None:
+            return lambda *a: (_Client.calls.append(a), _Client.answer)[1]
+        raise AttributeError(name)
+
+
+def test_drain_goes_through_rays_gcs_client_with_reason_and_deadline(monkeypatch):
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", _Client)
+    _Client.calls, _Client.answer = [], (True, "")
+    assert launch.drain_node("10.0.0.1:6379", "ab" * 28, "why", 60) is None
+    ((node, reason, message, deadline_ms),) = _Client.calls
+    assert node == "ab" * 28 and message == "why"
+    assert reason == autoscaler_pb2.DRAIN_NODE_REASON_PREEMPTION
+    assert abs(deadline_ms / 1000 - time.time() - 60) < 5
+    _Client.calls, _Client.answer = [], (False, "node is busy")
+    assert launch.drain_node("10.0.0.1:6379", "ab" * 28, "why", None) == "Ray refused the drain: node is busy"
+    assert _Client.calls[0][3] == 0  # no deadline
+
+
+def test_drain_falls_back_on_rays_command_where_the_client_has_no_drain(monkeypatch, tmp_path):
+    import ray._raylet
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", _Client)
+    _Client.answer = None
+    record = tmp_path / "argv"
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(launch, "ray_command", lambda: str(fake))
+    assert launch.drain_node("10.0.0.1:6379", "cd" * 28, "released", 3) is None
+    assert record.read_text().split("\n")[:6] == [
+        "drain-node",
+        "--address=10.0.0.1:6379",
+        f"--node-id={'cd' * 28}",
+        "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        "--reason-message=released",
+        "--deadline-remaining-seconds=3",
+    ]
+    fake.write_text("#!/bin/sh\necho 'Error: The drain request is not accepted: busy' >&2\nexit 1\n")
+    assert launch.drain_node("10.0.0.1:6379", "cd" * 28, "released", 3) == (
+        "Ray refused the drain: Error: The drain request is not accepted: busy"
+    )
