@@ -97,7 +97,7 @@ class BulkRanges:
         self.master: subprocess.Popen[bytes] | None = None
         self.folder: str | None = None
 
-    def read(self, path: str, offset: int, length: int, sink: Callable[[bytes], None]) -> None:
+    def read(self, path: str, offset: int, length: int, sink: Callable[[bytes | memoryview], None]) -> None:
         if self.ssh is not None and self.fallback is None:
             try:
                 self._read_ssh(path, offset, length, sink)
@@ -158,7 +158,9 @@ class BulkRanges:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def _read_ssh(self, path: str, offset: int, length: int, sink: Callable[[bytes], None]) -> None:
+    def _read_ssh(
+        self, path: str, offset: int, length: int, sink: Callable[[bytes | memoryview], None]
+    ) -> None:
         self._start_master()
         dd = [
             "dd",
@@ -189,7 +191,7 @@ class BulkRanges:
                     n += k
                 if n:
                     got += n
-                    sink(bytes(view[:n]))
+                    sink(view[:n])  # written at once (pwrite), the buffer is reused after
                 if n < READ:
                     break
             rc = proc.wait()

@@ -32,8 +32,9 @@ STREAMS = max(1, min(4, os.cpu_count() or 1))
 
 
 class RangeReader(Protocol):
-    def read(self, path: str, offset: int, length: int, sink: Callable[[bytes], None]) -> None:
-        """Hand bytes [offset, offset+length) of path to sink, in order; raise if fewer arrive."""
+    def read(self, path: str, offset: int, length: int, sink: Callable[[bytes | memoryview], None]) -> None:
+        """Hand bytes [offset, offset+length) of path to sink, in order; raise if fewer arrive. sink
+        uses each piece before it returns (a reader may reuse its buffer)."""
         ...
 
     def close(self) -> None: ...
@@ -194,7 +195,7 @@ def _run(
                 reader = reader or open_reader()
                 fd, pos = fds[seg.item.target], [seg.offset]
 
-                def sink(data: bytes, fd: int = fd, pos: list[int] = pos) -> None:
+                def sink(data: bytes | memoryview, fd: int = fd, pos: list[int] = pos) -> None:
                     if stop.is_set():
                         raise Stopped()
                     os.pwrite(fd, data, pos[0])
