@@ -24,7 +24,7 @@ BATCH_CHECK_S = 1.0  # how often the head asks Slurm whether the batch host is s
 
 
 class HeadRole(AgentBase):
-    def become_head(self, generation: int, in_process: bool, expected: Callable[[], int]) -> GcsView:
+    def become_head(self, generation: int, expected: Callable[[], int]) -> GcsView:
         """Start Ray's head here, publish it, and wait until the expected nodes are in."""
         self.role = "head"
         self.generation = generation
@@ -46,7 +46,7 @@ class HeadRole(AgentBase):
             )
             self.rendezvous.publish_head(published["head"])
 
-        plan = self.ray.start(iface, None, in_process=in_process, on_gcs_up=publish)
+        plan = self.ray.start(iface, None, on_gcs_up=publish)
         head_up = jd.now()
         head = dataclasses.replace(published["head"], up_at=head_up)
         self.write_node(iface, plan)

@@ -66,7 +66,7 @@ class Agent(Recovery):
         # Import Ray while Slurm starts the step and the interfaces are read (or the head starts).
         threading.Thread(target=ray_internals.preload, daemon=True).start()
         if self.role == "head":
-            return self.watch_head(self.become_head(0, in_process=True, expected=lambda: self.settings.nodes))
+            return self.watch_head(self.become_head(0, expected=lambda: self.settings.nodes))
         head = self.join()
         if head is None:
             return 0

@@ -30,7 +30,7 @@ class Recovery(HeadRole, WorkerRole):
             f"the Ray head {old.hostname} is lost ({lost}); choosing a new head (generation {generation})"
         )
         self.kill_ray(grace=0.3)  # a node of a cluster that is gone: nothing to shut down gracefully
-        self.ray.started = None
+        self.ray.afresh()
         self.watched.clear()
         folder = Path(self.rendezvous.dir.generation(generation))
         folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ class Recovery(HeadRole, WorkerRole):
             if head is None:
                 raise StopRequested() from None
             assert self.iface is not None
-            plan = self.ray.start(self.iface, head, in_process=False)
+            plan = self.ray.start(self.iface, head)
             self.generation = generation
             self.write_node(self.iface, plan)
             self.say(f"joined the new head {head.hostname} {head.ip}")
@@ -58,9 +58,7 @@ class Recovery(HeadRole, WorkerRole):
             f.write(f"{self.settings.rank}\n")
         self.say(f"taking over as head (generation {generation})")
         self.rendezvous.new_generation(generation, old)
-        return self.become_head(
-            generation, in_process=False, expected=lambda: len(list(folder.glob("rank-*")))
-        )
+        return self.become_head(generation, expected=lambda: len(list(folder.glob("rank-*"))))
 
     def rejoin(self, lost: HeadLost) -> jd.HeadRecord:
         """A member node whose head was lost: the allocation's own nodes choose the next head; this
@@ -70,13 +68,13 @@ class Recovery(HeadRole, WorkerRole):
             raise RuntimeError(f"the Ray head was lost {self.head_losses} times; giving up")
         self.say(f"the Ray head {lost.head.hostname} is lost ({lost}); waiting for the next one")
         self.kill_ray(grace=0.3)
-        self.ray.started = None
+        self.ray.afresh()
         self.watched.clear()
         head = self.rendezvous.wait_for_head(self.stop_requested, lost.head.generation + 1)
         if head is None:
             raise StopRequested()
         assert self.iface is not None
-        plan = self.ray.start(self.iface, head, in_process=False)
+        plan = self.ray.start(self.iface, head)
         self.generation = head.generation
         self.write_node(self.iface, plan)
         self.say(f"joined the new head {head.hostname} {head.ip}")

@@ -53,6 +53,12 @@ class RayStarter:
         self.how: HowStarted | None = None
         self.resources: resources.NodeResources | None = None
 
+    def afresh(self) -> None:
+        """After this node's Ray was stopped (kill_ray stops the spawn guard, so that nothing of the old
+        start spawns late): a new guard for the next start."""
+        self.started = None
+        self.spawns = ray_internals.SpawnGuard()
+
     def ray_env(self, iface: netinfo.Iface) -> dict[str, str]:
         env = dict(self.env)
         env[MARKER] = self.settings.job_id
@@ -130,14 +136,16 @@ class RayStarter:
         self,
         iface: netinfo.Iface,
         head: jd.HeadRecord | None,
-        in_process: bool = True,
         on_gcs_up: Callable[[ports.PortPlan, dict[str, str] | None], None] | None = None,
     ) -> ports.PortPlan:
         """Start Ray on this node and return once its raylet registered with the GCS.
 
         In-process unless the profile asks for `ray start`, Ray's internals are not ones the fast
-        start was verified on, or its launcher failed before starting a process; a restart always
-        uses `ray start`. on_gcs_up(plan, ray_dirs) runs on the head once the GCS serves."""
+        start was verified on, or its launcher failed before starting a process. A restart (a raylet
+        that died, a new head and the nodes that join it) starts in-process too, after afresh(): Ray's
+        launcher keeps no state between starts that matters here, and a fresh `ray start` costs a new
+        interpreter importing Ray's CLI and, on a head, a wait for the dashboard (scripts/bench-recovery:
+        a new head ready 2 s sooner). on_gcs_up(plan, ray_dirs) runs on the head once the GCS serves."""
         plan = ports.choose_plan(self.settings.job_id, iface.ip)
         cmd = self.ray_command(iface, plan, head)
         env = self.ray_env(iface)
@@ -151,9 +159,7 @@ class RayStarter:
             f"starting Ray on {iface.name} {iface.ip}, ports {plan.min_worker - ports.WORKER_OFFSET}+ "
             f"({self.resources.cpus} CPUs, {len(self.resources.gpu_ids)} GPUs)"
         )
-        if not in_process:
-            self.how = HowStarted(RAY_START, "a restart starts Ray afresh")
-        elif self.settings.ray_start == "command":
+        if self.settings.ray_start == "command":
             self.how = HowStarted(RAY_START, "profile: ray_start: command")
             self.say("using the `ray start` command (profile: ray_start: command)")
         else:

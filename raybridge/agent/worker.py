@@ -84,8 +84,8 @@ class WorkerRole(AgentBase):
         self.restarts += 1
         self.say(f"the raylet on this node died; restarting Ray (attempt {self.restarts})")
         self.kill_ray(grace=0.5)  # what is left of a node whose raylet died: nothing to wait for
-        self.ray.started = None
-        plan = self.ray.start(iface, head, in_process=False)  # a fresh `ray start`: no state kept
+        self.ray.afresh()
+        plan = self.ray.start(iface, head)
         self.write_node(iface, plan)
 
     def drain(self, head: jd.HeadRecord) -> None:
