@@ -42,6 +42,20 @@ class Unavailable(SSHError):
     """ssh could not connect (exit 255, no byte arrived): use paramiko instead."""
 
 
+def dd_argv(path: str, offset: int, length: int) -> list[str]:
+    """GNU dd for bytes [offset, offset+length) of path, never through a link (the login node's side of a
+    range, whichever client carries it)."""
+    return [
+        "dd",
+        f"if={path}",
+        "bs=4M",
+        f"skip={offset}",
+        f"count={length}",
+        "status=none",
+        "iflag=skip_bytes,count_bytes,nofollow",
+    ]
+
+
 def ssh_argv(target: Any, ssh: str, control: str, *, master: bool = False) -> list[str]:
     """`ssh` options for target (a resolved SSHTarget): the master connection (master=True, no
     command) or a session multiplexed over it through the control socket."""
@@ -162,16 +176,10 @@ class BulkRanges:
         self, path: str, offset: int, length: int, sink: Callable[[bytes | memoryview], None]
     ) -> None:
         self._start_master()
-        dd = [
-            "dd",
-            f"if={path}",
-            "bs=4M",
-            f"skip={offset}",
-            f"count={length}",
-            "status=none",
-            "iflag=skip_bytes,count_bytes,nofollow",
+        argv = [
+            *ssh_argv(self.target, self.ssh or "ssh", self.control),
+            shlex.join(dd_argv(path, offset, length)),
         ]
-        argv = [*ssh_argv(self.target, self.ssh or "ssh", self.control), shlex.join(dd)]
         got = 0
         self.proc = proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -19,7 +19,7 @@ from typing import Any
 import paramiko
 
 from raybridge.errors import CommandError, HostKeyError, SSHError
-from raybridge.transport.openssh import GLOBAL_KNOWN_HOSTS, BulkRanges
+from raybridge.transport.openssh import GLOBAL_KNOWN_HOSTS, BulkRanges, dd_argv
 from raybridge.transport.runner import LoginSpec, Result
 
 # Throughput (scripts/bench-tunnel): paramiko decrypts every packet in Python, so fewer, larger packets
@@ -481,15 +481,7 @@ class SSHRanges:
         self, client: paramiko.SSHClient, path: str, offset: int, length: int, sink: Callable[[bytes], None]
     ) -> bool:
         """False (nothing handed to sink) when dd does not know the flags; raises on other failures."""
-        argv = [
-            "dd",
-            f"if={path}",
-            "bs=4M",
-            f"skip={offset}",
-            f"count={length}",
-            "status=none",
-            "iflag=skip_bytes,count_bytes,nofollow",
-        ]
+        argv = dd_argv(path, offset, length)
         got = 0
         try:
             chan = client.get_transport().open_session(timeout=30)
