@@ -577,13 +577,14 @@ def drain_node(gcs_address: str, node_id: str, message: str, deadline_s: float |
     return _drain_cli(gcs_address, node_id, message, deadline_s)
 
 
-def ray_command() -> str | None:
-    """Ray's `ray` command next to this Python (its venv's bin), else on PATH."""
-    return shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+def ray_executable(path: str | None = None) -> str | None:
+    """Ray's `ray` command next to this Python (its venv's bin), else on path (default: $PATH)."""
+    search = os.environ.get("PATH", "") if path is None else path
+    return shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + search)
 
 
 def _drain_cli(gcs_address: str, node_id: str, message: str, deadline_s: float | None) -> str | None:
-    ray = ray_command()
+    ray = ray_executable()
     if ray is None:
         return "this Ray has no `ray` command"
     cmd = [

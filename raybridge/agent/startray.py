@@ -6,9 +6,7 @@ command (slow, public). The choice and its reason are recorded with the node.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,9 +82,7 @@ class RayStarter:
         self, iface: netinfo.Iface, plan: ports.PortPlan, head: jd.HeadRecord | None
     ) -> list[str]:
         res = resources.detect(self.env, self.settings.object_store_fraction, self.settings.gpus_per_node)
-        ray = shutil.which(
-            "ray", path=os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
-        )
+        ray = ray_internals.ray_executable(self.env.get("PATH", ""))
         # Task/actor heap: what Slurm granted minus the object store (Ray would assume the whole node).
         heap = max(res.memory_bytes - res.object_store_bytes, 1 << 28)
         cmd = [

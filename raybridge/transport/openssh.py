@@ -112,7 +112,7 @@ class BulkRanges:
         self.folder: str | None = None
 
     def read(self, path: str, offset: int, length: int, sink: Callable[[bytes | memoryview], None]) -> None:
-        if self.ssh is not None and self.fallback is None:
+        if self.ssh is not None:  # None from the start, or since ssh could not connect
             try:
                 self._read_ssh(path, offset, length, sink)
                 return

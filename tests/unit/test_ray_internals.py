@@ -284,7 +284,7 @@ def test_drain_falls_back_on_rays_command_where_the_client_has_no_drain(monkeypa
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(launch, "ray_command", lambda: str(fake))
+    monkeypatch.setattr(launch, "ray_executable", lambda: str(fake))
     assert launch.drain_node("10.0.0.1:6379", "cd" * 28, "released", 3) is None
     assert record.read_text().split("\n")[:6] == [
         "drain-node",
