@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -35,16 +36,21 @@ def cluster(shared: str, job: str) -> dict:
     return json.loads((Path(shared) / "jobs" / job / "cluster.json").read_text())
 
 
-def node_dead_at(shared: str, job: str, head: str) -> float:
-    """When the GCS on the head declared the killed node dead, from its log (kept in the job folder)."""
-    for path in (Path(shared) / "jobs" / job / "logs" / "ray" / head).glob("gcs_server.out*"):
+def kept_lines(paths) -> Iterator[str]:
+    """The lines of Ray logs kept in a job folder (compressed or not)."""
+    for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", errors="replace") as f:
-            for line in f:
-                if "Node is dead because the health check failed" in line:
-                    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line)
-                    if stamp:  # the test bed's nodes share this machine's clock and time zone
-                        return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            yield from f
+
+
+def node_dead_at(shared: str, job: str, head: str) -> float:
+    """When the GCS on the head declared the killed node dead, from its log (kept in the job folder)."""
+    for line in kept_lines((Path(shared) / "jobs" / job / "logs" / "ray" / head).glob("gcs_server.out*")):
+        if "Node is dead because the health check failed" in line:
+            stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line)
+            if stamp:  # the test bed's nodes share this machine's clock and time zone
+                return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return float("nan")
 
 
@@ -61,18 +67,14 @@ def train_trace(shared: str, job: str, t_kill: float) -> dict[str, float]:
     """Ray Train's controller's own log (kept in the job folder): when it saw the failure and how long
     each step of the new worker group took, as seconds after the kill."""
     out: dict[str, float] = {}
-    for path in (Path(shared) / "jobs" / job / "logs" / "ray").glob("*/train/ray-train-sys-controller-*"):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            for line in f:
-                with contextlib.suppress(ValueError, KeyError):
-                    rec = json.loads(line)
-                    at = datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                    if at < t_kill:
-                        continue
-                    for needle, key in TRAIN_PHASES:
-                        if needle in rec["message"] and key not in out:
-                            out[key] = at - t_kill
+    logs = (Path(shared) / "jobs" / job / "logs" / "ray").glob("*/train/ray-train-sys-controller-*")
+    for line in kept_lines(logs):
+        with contextlib.suppress(ValueError, KeyError):
+            rec = json.loads(line)
+            at = datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for needle, key in TRAIN_PHASES:
+                if at >= t_kill and needle in rec["message"] and key not in out:
+                    out[key] = at - t_kill
     return out
 
 

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import bench_report
 
@@ -161,26 +162,16 @@ def pull_bench(args: argparse.Namespace) -> None:
     size = sum(f.stat().st_size for f in Path(args.pull_source).rglob("*") if f.is_file())
     rb = [sys.executable, "-m", "raybridge", "checkpoints", "pull", args.pull_run]
     ssh = ["-F", args.ssh_config, "-o", "BatchMode=yes"]
+
+    def pull(streams: int, *env: str) -> Callable[[Path], list[str]]:
+        return lambda d: ["env", *env, *rb, str(d), "--streams", str(streams), "--profile", args.profile]
+
     contenders = {
-        "raybridge, 1 stream": lambda d: [*rb, str(d), "--streams", "1", "--profile", args.profile],
-        f"raybridge, {args.streams} streams": lambda d: [
-            *rb,
-            str(d),
-            "--streams",
-            str(args.streams),
-            "--profile",
-            args.profile,
-        ],
-        f"raybridge, {args.streams} streams, paramiko only": lambda d: [
-            "env",
-            "RAYBRIDGE_PULL_CLIENT=paramiko",
-            *rb,
-            str(d),
-            "--streams",
-            str(args.streams),
-            "--profile",
-            args.profile,
-        ],
+        "raybridge, 1 stream": pull(1),
+        f"raybridge, {args.streams} streams": pull(args.streams),
+        f"raybridge, {args.streams} streams, paramiko only": pull(
+            args.streams, "RAYBRIDGE_PULL_CLIENT=paramiko"
+        ),
         "scp -r": lambda d: ["scp", "-q", "-r", *ssh, f"login:{args.pull_source}", str(d)],
         "sftp get -r": lambda d: [
             "sh",
