@@ -13,6 +13,8 @@ stops when the line appears in what the user reads:
   ray-docs           Ray's documented slurm-basic.sh protocol (head, sleep 10, a worker every 5 s),
                      then `python first.py` in the batch script; `tail -F` on the login node
 
+Every contender runs as the bed's user (--user, alice from scripts/bench-firstline), as users run;
+the benchmark itself runs as root (it sweeps the compute nodes between jobs).
 Nodes are idle before every run (the previous job is gone from the queue); the order of the contenders
 rotates from round to round; processes left on the compute nodes are counted after each job.
 """
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from bench_bringup import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TESTBED = str(REPO / "scripts/testbed")
-RB = str(REPO / ".venv/bin/raybridge")
+USER = "alice"  # set by main() from --user
 MARK = "FIRST-LINE"
 
 PROGRAM = f"""import sys
@@ -75,7 +78,7 @@ RAY_ADDRESS="$head_ip:6379" python {program}
 
 
 def on(host: str, *argv: str) -> list[str]:
-    return [TESTBED, "exec", host, "--", *argv]
+    return [TESTBED, "exec", "--user", USER, host, "--", *argv]
 
 
 def until_line(argv: list[str], t0: float, timeout: float = 180) -> float:
@@ -111,8 +114,8 @@ def wait_idle(timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def raybridge(n: int, profile: str, program: str, host: str) -> float:
-    argv = on(host, RB, "run", "--nodes", str(n), "--profile", profile, "--", "python", program)
+def raybridge(rb: str, n: int, profile: str, program: str, host: str) -> float:
+    argv = on(host, rb, "run", "--nodes", str(n), "--profile", profile, "--", "python", program)
     t0 = time.time()
     took = until_line(argv, t0)
     p = until_line.proc  # type: ignore[attr-defined]
@@ -125,6 +128,7 @@ def baseline(template: str, n: int, workdir: Path, setup: str, program: str, ssh
     log = workdir / f"baseline-{time.time_ns()}.log"
     script = workdir / f"baseline-{time.time_ns()}.sbatch"
     script.write_text(template.format(n=n, log=log, setup=setup, program=program))
+    shutil.chown(script, USER, USER)
     follow = f"j=$(sbatch --parsable {script}) && echo $j > {log}.id && exec tail -n +1 -F {log} 2>/dev/null"
     if ssh is None:
         argv = on("login", "bash", "-c", follow)
@@ -156,24 +160,34 @@ def main() -> int:
     ap.add_argument("--local-profile", required=True)
     ap.add_argument("--remote-profile", required=True)
     ap.add_argument("--ssh-config", required=True)
-    ap.add_argument("--shared", required=True)
+    ap.add_argument("--shared", required=True, help="a folder of the user's own on shared storage")
+    ap.add_argument("--user", required=True, help="the bed's user every contender runs as")
+    ap.add_argument("--venv", required=True, help="the users' venv (raybridge and Ray)")
     ap.add_argument("--nodes", default="1,2,3,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", help="comma-separated contenders")
     ap.add_argument("--skip-ray-docs", action="store_true")
     ap.add_argument("--json", type=Path, help="raw results go to <stem>-firstline.json next to it")
     args = ap.parse_args()
-    from raybridge.client.profile import load_spec
-
-    setup = "\n".join(load_spec(args.local_profile).setup)
-    workdir = Path(args.shared) / "bench-firstline"
-    workdir.mkdir(parents=True, exist_ok=True)
+    global USER
+    USER = args.user
+    rb = f"{args.venv}/bin/raybridge"
+    # The profile's setup lines, read by the user (raybridge trusts a profile only for its owner).
+    read = "import sys; from raybridge.client.profile import load_spec; print('\\n'.join(load_spec(sys.argv[1]).setup))"
+    got = subprocess.run(
+        on("login", f"{args.venv}/bin/python", "-c", read, args.local_profile), capture_output=True, text=True
+    )
+    if got.returncode:
+        raise SystemExit(f"reading {args.local_profile} as {USER}: {got.stderr.strip()}")
+    setup = got.stdout.rstrip("\n")
+    workdir = Path(args.shared)
     program = str(workdir / "first.py")
     Path(program).write_text(PROGRAM)
+    shutil.chown(program, USER, USER)
     ssh = ["ssh", "-F", args.ssh_config, "-o", "BatchMode=yes"]
     contenders = {
-        "raybridge": lambda n: raybridge(n, args.local_profile, program, "login"),
-        "raybridge-laptop": lambda n: raybridge(n, args.remote_profile, program, "laptop"),
+        "raybridge": lambda n: raybridge(rb, n, args.local_profile, program, "login"),
+        "raybridge-laptop": lambda n: raybridge(rb, n, args.remote_profile, program, "laptop"),
         "symmetric-run": lambda n: baseline(SYMMETRIC, n, workdir, setup, program, None),
         "symmetric-laptop": lambda n: baseline(SYMMETRIC, n, workdir, setup, program, ssh),
         "ray-docs": lambda n: baseline(RAY_DOCS, n, workdir, setup, program, None),
