@@ -217,6 +217,10 @@ def exports(spec: ClusterSpec) -> list[str]:
         "(Ray's default 5 x 3 s idles training 15 s).",
         "export RAY_health_check_period_ms=1000",
         f"export RAY_health_check_failure_threshold={spec.failure_detection_s}",
+        "# The driver's ray.init() returns at once: Ray otherwise holds the first driver on a node until it",
+        "# has started one idle worker per CPU there (0.7 s on 2 cores, more on a large node); workers start",
+        "# when tasks and actors need them.",
+        "export RAY_prestart_worker_first_driver=0",
     ]
     return lines + [f"export {name}={q(value)}" for name, value in spec.env]
 

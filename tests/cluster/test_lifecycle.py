@@ -1,5 +1,6 @@
 """up / status / down / run / render against the real test bed, on the login node (local mode)."""
 
+import gzip
 import ipaddress
 import json
 import re
@@ -183,6 +184,11 @@ def test_run_propagates_the_driver_exit_code(testbed, how):
         assert f"exit code {code}; its log: {log}" in r.stderr
     testbed.wait_job_gone(job)
     assert_no_leaks(job)
+    # ray.init() was not held while Ray started idle workers (the program ran no task: none started).
+    raylets = sorted((testbed.job_dir(job) / "logs" / "ray").glob("*/raylet.out.gz"))
+    assert len(raylets) == 2, raylets
+    for raylet in raylets:
+        assert "Started worker process" not in gzip.decompress(raylet.read_bytes()).decode(errors="replace")
 
 
 def test_profile_ray_args_reach_every_node(testbed):
