@@ -1,6 +1,7 @@
 """Bring-up benchmark: sbatch → cluster ready, raybridge vs two baselines, side by side.
 
-Run through scripts/bench-bringup (it starts the test bed and runs this on the login node).
+Run through scripts/bench-bringup (it starts the test bed and runs this on the login node as the bed's
+user alice).
 
 Baselines, on the same cluster and the same nodes, in the same rounds:
   symmetric-run  `ray symmetric-run --address HEAD:6379 --min-nodes N` on every node (ships with Ray)
@@ -174,7 +175,8 @@ BED_DAEMONS = {"slurmd", "slurmstepd", "sleep"}  # what the test bed itself runs
 
 def sweep() -> int:
     """Kill whatever outlived its job on the compute nodes and count it: every process in a compute
-    node's network namespace except the bed's own daemons (Ray's renamed workers and agents too).
+    node's network namespace except the bed's own daemons (Ray's renamed workers and agents too); as a
+    user, that user's own processes there.
     The nodes' namespaces are found through their slurmd processes (the test bed shares one PID
     namespace)."""
     import psutil
@@ -185,9 +187,16 @@ def sweep() -> int:
         except (OSError, psutil.Error):
             return ""
 
-    procs = list(psutil.process_iter(["name"]))
-    nodes = {netns(p) for p in procs if p.info["name"] == "slurmd"} - {""}
-    stray = [p for p in procs if p.info["name"] not in BED_DAEMONS and netns(p) in nodes]
+    procs = list(psutil.process_iter(["name", "uids"]))
+    if os.geteuid() == 0:
+        nodes = {netns(p) for p in procs if p.info["name"] == "slurmd"} - {""}
+        stray = [p for p in procs if p.info["name"] not in BED_DAEMONS and netns(p) in nodes]
+    else:
+        # As the bed's user (who cannot see root's slurmd): that user's processes on any other host
+        # than this login node (the benchmark runs nothing elsewhere).
+        here = netns(psutil.Process())
+        mine = [p for p in procs if p.info["uids"] and p.info["uids"].real == os.getuid()]
+        stray = [p for p in mine if netns(p) not in ("", here)]
     for p in stray:
         with contextlib.suppress(psutil.Error):
             p.kill()

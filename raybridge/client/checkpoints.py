@@ -17,6 +17,7 @@ resolve inside the partial folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -28,10 +29,11 @@ from pathlib import Path
 from raybridge import train, trust
 from raybridge.errors import RaybridgeError
 from raybridge.layout import CHECKPOINT_MARKER, SharedDir
-from raybridge.transport import transfer
+from raybridge.transport import openssh, transfer
 from raybridge.transport.runner import Runner
 
 CHUNK = 1024 * 1024
+MARKER_MAX = 64 << 10  # a completion marker is a few hundred bytes
 NAME = re.compile(r"[A-Za-z0-9._+=@,%~\\-][A-Za-z0-9._+=@,%~\\ -]{0,254}")  # a path component we write
 
 
@@ -162,21 +164,23 @@ def manifest(runner: Runner, folder: str, hashes: bool = True) -> list[FileEntry
 
 # OpenSSL's sha256 where the login node has the openssl command: it uses the CPU's SHA instructions,
 # where coreutils' sha256sum (without OpenSSL) is ~4x slower, and the hash runs beside a pull.
+# $2: one file (./NAME) left out, "" for none.
 SUMS = """cd "$1" || exit 1
 if command -v openssl >/dev/null 2>&1; then
   echo openssl
-  find . -type f -print0 | xargs -0 -r openssl dgst -sha256 -r
+  find . -type f ! -path "$2" -print0 | xargs -0 -r openssl dgst -sha256 -r
 else
   echo coreutils
-  find . -type f -print0 | xargs -0 -r sha256sum -z
+  find . -type f ! -path "$2" -print0 | xargs -0 -r sha256sum -z
 fi"""
 
 
-def remote_sums(runner: Runner, folder: str) -> dict[str, str]:
-    """sha256 of every regular file under folder, computed next to the data (login node), not over
-    the network. sha256sum -z: NUL-terminated lines, names as they are; openssl -r: a line each (the
-    names pulled are checked to hold no control characters)."""
-    out = runner.run(["sh", "-c", SUMS, "sh", folder], timeout=3600).stdout
+def remote_sums(runner: Runner, folder: str, leave_out: str = "") -> dict[str, str]:
+    """sha256 of every regular file under folder (but leave_out, a name at its top), computed next to
+    the data (login node), not over the network. sha256sum -z: NUL-terminated lines, names as they are;
+    openssl -r: a line each (the names pulled are checked to hold no control characters)."""
+    skip = f"./{leave_out}" if leave_out else ""
+    out = runner.run(["sh", "-c", SUMS, "sh", folder, skip], timeout=3600).stdout
     tool, _, out = out.partition("\n")
     sums = {}
     if tool == "openssl":
@@ -193,6 +197,21 @@ def remote_sums(runner: Runner, folder: str) -> dict[str, str]:
         if name:
             sums[name.removeprefix("./")] = digest
     return sums
+
+
+def marked_state_sum(runner: Runner, folder: str, sizes: dict[str, int]) -> str | None:
+    """The state's sha256 as its completion marker names it (written when the checkpoint was saved),
+    or None where the folder has no such marker. A link is not followed (the marker is read only when
+    `find` listed it as a regular file, with nofollow)."""
+    size = sizes.get(CHECKPOINT_MARKER)
+    if train.STATE not in sizes or size is None or size > MARKER_MAX:
+        return None
+    r = runner.run(openssh.dd_argv(posixpath.join(folder, CHECKPOINT_MARKER), 0, size), check=False)
+    try:
+        digest = json.loads(r.stdout)["sha256"] if r.returncode == 0 else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
 def sha256_of(path: Path) -> str:
@@ -216,7 +235,8 @@ def pull(
     The login node hashes the files while `streams` parallel streams copy them in byte ranges
     (transfer.py), each file hashed here in order as its ranges land. complete: the copy must also be
     a complete checkpoint by the rule resume uses (its marker matches its state), checked here before
-    it becomes visible."""
+    it becomes visible; the state is then compared with its marker's hash only (a state that no longer
+    matches its marker fails the pull either way)."""
     name = posixpath.basename(folder.rstrip("/"))
     if not safe_name(name):
         raise RaybridgeError(f"not a checkpoint name raybridge will create: {name[:100]!r}")
@@ -226,6 +246,9 @@ def pull(
     files = manifest(runner, folder, hashes=False)
     if not files:
         raise RaybridgeError(f"checkpoint {folder} is empty or missing")
+    # A complete checkpoint's state is checked against its marker (what was saved), not hashed a second
+    # time on the login node: for raybridge.train's checkpoints that is nearly every byte.
+    marked = marked_state_sum(runner, folder, {f.path: f.size for f in files}) if complete else None
     partial = dest / f".partial-{name}"
     # A real, private folder of ours (a link or a folder others can write would let them choose where the
     # copy's bytes go).
@@ -247,7 +270,9 @@ def pull(
 
     def hash_there() -> None:
         try:
-            remote.update(remote_sums(runner, folder))
+            remote.update(remote_sums(runner, folder, train.STATE if marked else ""))
+            if marked:
+                remote[train.STATE] = marked
         except BaseException as e:  # noqa: BLE001  (reported below, in the caller's thread)
             failed.append(e)
 
@@ -274,7 +299,7 @@ def pull(
     hasher.join()
     if failed:
         raise failed[0]
-    keep_verified(files, items, fresh, local, remote)
+    keep_verified(files, items, fresh, local, remote, marked=bool(marked))
     # Leftovers of a killed pull that the manifest no longer lists: only the copy's own names.
     for p in partial.rglob("*"):
         if p.name.endswith((".part", ".part.done")) and p.is_file() and not p.is_symlink():
@@ -293,9 +318,10 @@ def keep_verified(
     fresh: list[transfer.Item],
     local: dict[Path, str],
     remote: dict[str, str],
+    marked: bool = False,
 ) -> None:
     """Each file whose two hashes match becomes the file (a fresh copy: its .part renamed); any other is
-    dropped, and the pull fails."""
+    dropped, and the pull fails. marked: the state's hash is its completion marker's."""
     wrong = []
     for entry, item in zip(files, items, strict=True):
         if local.get(item.target) == remote.get(entry.path):
@@ -305,6 +331,12 @@ def keep_verified(
             wrong.append(entry.path)
             transfer.discard(item)
             item.target.unlink(missing_ok=True)
+    if marked and wrong[:1] == [train.STATE]:
+        raise RaybridgeError(
+            f"{train.STATE}: copy does not match the sha256 its completion marker names (the checkpoint "
+            "on shared storage or the copy is damaged); run the pull again, and if it fails again, "
+            "pull another checkpoint"
+        )
     if wrong:
         raise RaybridgeError(
             f"{wrong[0]}: copy does not match the source (sha256); run the pull again "

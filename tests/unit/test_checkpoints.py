@@ -130,9 +130,50 @@ def test_latest_is_the_newest_complete_checkpoint_and_an_incomplete_one_is_refus
     assert train.is_complete(final)
     # A marker that does not match the state it came with is not a complete copy: not made visible.
     (run / "checkpoint_000001" / "state.pt").write_bytes(b"changed after the marker")
-    with pytest.raises(RaybridgeError, match="not a complete checkpoint"):
+    with pytest.raises(RaybridgeError, match="does not match the sha256 its completion marker names"):
         ck.pull(LocalRunner(), cps[0].path, tmp_path / "dest", complete=True)
     assert not (tmp_path / "dest" / "checkpoint_000001").exists()
+
+
+class Spy(LocalRunner):
+    """A LocalRunner that keeps every command it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.argvs: list[list[str]] = []
+
+    def run(self, argv, **kw):
+        self.argvs.append(list(argv))
+        return super().run(argv, **kw)
+
+
+def test_a_complete_pull_checks_the_state_against_its_marker_not_a_second_hash(tmp_path):
+    """The login node hashes every file but the state (its marker names the state's hash as saved); a
+    marker that names no valid hash leaves the state to be hashed there like any file."""
+    from raybridge import train
+
+    cp = tmp_path / "run" / "checkpoint_000001"
+    cp.mkdir(parents=True)
+    train.write_checkpoint_dir(cp, {"step": 1, "w": b"x" * 1000})
+    (cp / "extra.bin").write_bytes(b"more")
+    spy = Spy()
+    final = ck.pull(spy, str(cp), tmp_path / "a", complete=True)
+    assert (final / "extra.bin").read_bytes() == b"more" and train.is_complete(final)
+    (sums,) = [a for a in spy.argvs if a[:2] == ["sh", "-c"] and a[2] == ck.SUMS]
+    assert sums[-1] == "./state.pt"
+    # Not a complete pull: the state is hashed on the login node like any file.
+    spy = Spy()
+    ck.pull(spy, str(cp), tmp_path / "b")
+    (sums,) = [a for a in spy.argvs if a[:2] == ["sh", "-c"] and a[2] == ck.SUMS]
+    assert sums[-1] == ""
+    # A marker that names no usable hash: hashed there too (and the copy is not a complete checkpoint).
+    (cp / train.MARKER).write_text('{"sha256": "not-a-hash"}')
+    spy = Spy()
+    with pytest.raises(RaybridgeError, match="not a complete checkpoint"):
+        ck.pull(spy, str(cp), tmp_path / "c", complete=True)
+    (sums,) = [a for a in spy.argvs if a[:2] == ["sh", "-c"] and a[2] == ck.SUMS]
+    assert sums[-1] == ""
+    assert ck.marked_state_sum(LocalRunner(), str(cp), {"state.pt": 1, train.MARKER: 24}) is None
 
 
 def test_openssl_and_sha256sum_listings_give_the_same_sums():
