@@ -9,9 +9,10 @@ Ray. Here both happen while the cluster forms:
 
 - COMMAND `python [-u] SCRIPT ARGS` or `python [-u] -m MODULE ARGS`, with the interpreter this launcher runs
   in, is run in this process exactly as `python` would run it (`sys.argv`, `sys.path[0]`, `__main__`,
-  exit code, uncaught exceptions, signals), after `import ray` was done while waiting. Ray is imported
-  early only when the program's first statements are imports (or a docstring): a program that sets Ray's
-  environment variables before `import ray` gets a fresh import at its own time.
+  exit code, uncaught exceptions, signals), after the program's leading imports (Ray, torch, ...) were
+  done while waiting: only the imports before its first other statement, and none of a name its own
+  folder holds, so a program that sets Ray's environment variables before `import ray` gets the import
+  at its own time. After a lost head this is what keeps the driver's restart short.
 - Any other command runs as a child process, with the same environment, when the nodes are alive
   (signals are passed on; its exit code or death by a signal is the launcher's).
 
@@ -93,6 +94,11 @@ def same_interpreter(name: str, executable: str) -> bool:
     return a.parent == b.parent and os.path.realpath(a) == os.path.realpath(b)
 
 
+def program_folder(program: Program) -> str:
+    """What `python` puts first on sys.path for the program (set_path0)."""
+    return os.path.dirname(os.path.realpath(program.target)) if program.kind == "script" else os.getcwd()
+
+
 def source_of(program: Program) -> str | None:
     """The program's source without running any of it (None when it cannot be found cheaply)."""
     try:
@@ -108,24 +114,41 @@ def source_of(program: Program) -> str | None:
         return None
 
 
-def imports_first(source: str | None) -> bool:
-    """True when the program does nothing but import (and name its docstring) before its first
-    `import ray`/`from ray...`: importing Ray earlier then cannot change what Ray sees."""
+def early_imports(source: str | None, folder: str) -> list[str]:
+    """The modules the program imports before it runs anything else (its leading imports, after a
+    docstring), in order: importing them while the nodes join cannot change what they see, and a
+    program that sets Ray's environment variables before `import ray` gets its import at its own time.
+    Left out: relative imports, __future__, and any name the program's own folder holds (the launcher
+    does not have that folder on its path; an installed module of the same name must not take its place)."""
     if not source:
-        return False
+        return []
     try:
         body = ast.parse(source).body
-    except (SyntaxError, ValueError):
-        return False  # Python reports it when the program runs
+        here = {p.name.partition(".")[0] for p in Path(folder).iterdir()}
+    except (SyntaxError, ValueError, OSError):
+        return []  # Python reports a syntax error when the program runs
+    names: list[str] = []
     for i, node in enumerate(body):
-        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "ray" for a in node.names):
-            return True
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ray" and not node.level:
-            return True
-        docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-        if not (docstring or isinstance(node, (ast.Import, ast.ImportFrom))):
-            return False
-    return False
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if not node.level and node.module and node.module != "__future__":
+                names.append(node.module)
+        elif not (i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+            break
+    return [n for n in dict.fromkeys(names) if n.partition(".")[0] not in here]
+
+
+def import_early(names: list[str]) -> list[str]:
+    """Import what can be imported now; the rest is the program's own business at its own time."""
+    done = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001  (the program meets the same error, with its folder on the path)
+            continue
+        done.append(name)
+    return done
 
 
 # ---------------------------------------------------------------------- waiting for the cluster
@@ -204,11 +227,11 @@ def run_in_process(program: Program) -> int:
             stream.reconfigure(line_buffering=True, write_through=program.unbuffered)
     if program.kind == "script":
         sys.argv = [program.target, *program.args]
-        set_path0(os.path.dirname(os.path.realpath(program.target)))
+        set_path0(program_folder(program))
         run = lambda: runpy.run_path(program.target, run_name="__main__")  # noqa: E731
     else:
         sys.argv = [program.target, *program.args]  # runpy sets argv[0] to the module's file
-        set_path0(os.getcwd())
+        set_path0(program_folder(program))
         run = lambda: runpy.run_module(program.target, run_name="__main__", alter_sys=True)  # noqa: E731
     try:
         run()
@@ -349,16 +372,19 @@ def launch(settings: AgentSettings, argv: list[str]) -> int:
     os.environ.update(driver_env(settings, folder))  # before Ray is imported: it reads them then
     program = in_process(command)
     started = time.monotonic()
-    preloaded = bool(program) and imports_first(source_of(program))
-    if preloaded:
-        import ray  # noqa: F401  (the point: this costs a second or more, done while nodes join)
+    # The program's leading imports (Ray, torch: a second or more each) done while the nodes join.
+    preloaded = import_early(early_imports(source_of(program), program_folder(program))) if program else []
     try:
         info = wait_alive(folder, settings.ready_timeout + 60, lambda: pid_alive(agents))
     except ClusterGone as e:
         print(f"raybridge: {e}; the driver did not run", file=sys.stderr)
         return 1
     os.environ["RAY_ADDRESS"] = info.address or ""
-    how = "in process, Ray imported early" if preloaded else ("in process" if program else "child process")
+    how = (
+        "child process"
+        if not program
+        else "in process" + (f", imported early: {', '.join(preloaded)}" if preloaded else "")
+    )
     head = f" on head {info.head.hostname}" if info.head else ""
     say(
         f"all {len(info.nodes) or info.expected_nodes} nodes alive{head} (waited "

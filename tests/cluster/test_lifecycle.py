@@ -177,7 +177,7 @@ def test_run_propagates_the_driver_exit_code(testbed, how):
     (log,) = (testbed.shared_dir / "logs").glob(f"*-{job}.out")
     if how == "in-process":
         assert "args [\"it's a; $(x)\", '3'] __main__" in r.stdout
-        assert "running (in process, Ray imported early)" in r.stdout
+        assert "running (in process, imported early: os, ray, sys)" in r.stdout
     else:
         assert "running (child process)" in log.read_text()
         assert "raybridge[" not in r.stdout and "environment ok" not in r.stdout, r.stdout

@@ -48,17 +48,26 @@ def test_same_interpreter_means_same_folder_and_same_file(tmp_path):
 @pytest.mark.parametrize(
     ("source", "early"),
     [
-        ("import ray\nray.init()", True),
-        ('"""doc"""\nimport os, sys\nfrom ray import train\n', True),
-        ("import os\nos.environ['RAY_DEDUP_LOGS'] = '0'\nimport ray\n", False),
-        ("from . import ray\n", False),
-        ("import rayx\n", False),
-        ("def f(:\n", False),
-        ("", False),
+        ("import ray\nray.init()", ["ray"]),
+        (
+            '"""doc"""\nfrom __future__ import annotations\nimport os, json\nfrom ray import train\n',
+            ["os", "json", "ray"],
+        ),
+        ("import ray.train.torch\nfrom torch import nn\nx = 1\nimport numpy\n", ["ray.train.torch", "torch"]),
+        ("import os\nos.environ['RAY_DEDUP_LOGS'] = '0'\nimport ray\n", ["os"]),
+        ("from . import ray\n", []),
+        ("import helpers, ray\nfrom helpers.x import y\n", ["ray"]),  # the program's own helpers.py
+        ("def f(:\n", []),
+        ("", []),
     ],
 )
-def test_ray_is_imported_early_only_when_nothing_runs_before_the_programs_own_import(source, early):
-    assert driver.imports_first(source) is early
+def test_only_the_programs_leading_imports_are_done_early_and_never_its_own_modules(tmp_path, source, early):
+    (tmp_path / "helpers.py").write_text("")
+    assert driver.early_imports(source, str(tmp_path)) == early
+
+
+def test_a_module_that_cannot_be_imported_early_is_left_to_the_program():
+    assert driver.import_early(["json", "no_such_module_here", "os.path"]) == ["json", "os.path"]
 
 
 def job_env(tmp_path: Path) -> dict[str, str]:
@@ -141,7 +150,7 @@ def test_a_script_runs_in_process_as_python_would_once_the_nodes_are_alive(tmp_p
     assert seen["auth"] == "token" and seen["token"].endswith("/jobs/77/token")
     assert seen["ray_loaded"] and seen["line_buffered"]
     assert seen["alive_at_start"] is not None  # it started only once the head had recorded every node
-    assert "running (in process, Ray imported early)" in err
+    assert "running (in process, imported early: ray, json, os, sys)" in err
 
 
 def test_an_uncaught_exception_prints_the_programs_traceback_and_exits_1(tmp_path):
