@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -143,13 +144,22 @@ def write_checkpoint_dir(folder: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, folder / MARKER)
 
 
+def marked_sha256(text: str) -> str | None:
+    """The state's sha256 that a completion marker's text names; None for anything else."""
+    try:
+        digest = json.loads(text)["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
 def is_complete(folder: Path, state_sha256: str | None = None) -> bool:
     """The marker is there and names the state's sha256 (state_sha256: already known, e.g. hashed as
     it was copied; else read and hashed here)."""
     try:
-        meta = json.loads((folder / MARKER).read_text())
-        return (state_sha256 or _sha256(folder / STATE)) == meta["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marked = marked_sha256((folder / MARKER).read_text())
+        return marked is not None and (state_sha256 or _sha256(folder / STATE)) == marked
+    except OSError:
         return False
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from raybridge import train, trust
 from raybridge.errors import RaybridgeError
 from raybridge.layout import CHECKPOINT_MARKER, SharedDir
-from raybridge.transport import openssh, transfer
+from raybridge.transport import transfer
 from raybridge.transport.runner import Runner
 
 CHUNK = 1024 * 1024
@@ -206,12 +206,8 @@ def marked_state_sum(runner: Runner, folder: str, sizes: dict[str, int]) -> str 
     size = sizes.get(CHECKPOINT_MARKER)
     if train.STATE not in sizes or size is None or size > MARKER_MAX:
         return None
-    r = runner.run(openssh.dd_argv(posixpath.join(folder, CHECKPOINT_MARKER), 0, size), check=False)
-    try:
-        digest = json.loads(r.stdout)["sha256"] if r.returncode == 0 else None
-    except (ValueError, TypeError, KeyError):
-        return None
-    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+    r = runner.run(transfer.dd_argv(posixpath.join(folder, CHECKPOINT_MARKER), 0, size), check=False)
+    return train.marked_sha256(r.stdout) if r.returncode == 0 else None
 
 
 def sha256_of(path: Path) -> str:
@@ -351,8 +347,6 @@ def inside(path: Path, root: Path) -> bool:
 
 def newest_complete(runner: Runner, run_dir: str) -> tuple[CheckpointInfo, int | None] | None:
     """The run's newest checkpoint with its completion marker (written last), and its step."""
-    import json
-
     try:
         cps = list_checkpoints(runner, run_dir)
     except RaybridgeError:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raybridge.errors import SSHError
+from raybridge.transport.transfer import dd_argv
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,6 @@ MASTER_WAIT_S = 20.0  # connect + authenticate, at most
 
 class Unavailable(SSHError):
     """ssh could not connect (exit 255, no byte arrived): use paramiko instead."""
-
-
-def dd_argv(path: str, offset: int, length: int) -> list[str]:
-    """GNU dd for bytes [offset, offset+length) of path, never through a link (the login node's side of a
-    range, whichever client carries it)."""
-    return [
-        "dd",
-        f"if={path}",
-        "bs=4M",
-        f"skip={offset}",
-        f"count={length}",
-        "status=none",
-        "iflag=skip_bytes,count_bytes,nofollow",
-    ]
 
 
 def ssh_argv(target: Any, ssh: str, control: str, *, master: bool = False) -> list[str]:

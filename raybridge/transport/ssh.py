@@ -19,8 +19,9 @@ from typing import Any
 import paramiko
 
 from raybridge.errors import CommandError, HostKeyError, SSHError
-from raybridge.transport.openssh import GLOBAL_KNOWN_HOSTS, BulkRanges, dd_argv
+from raybridge.transport.openssh import GLOBAL_KNOWN_HOSTS, BulkRanges
 from raybridge.transport.runner import LoginSpec, Result
+from raybridge.transport.transfer import dd_argv
 
 # Throughput (scripts/bench-tunnel): paramiko decrypts every packet in Python, so fewer, larger packets
 # and one-pass AEAD ciphers matter. AES-GCM (one call per packet) before AES-CTR + HMAC (two); the

@@ -79,6 +79,20 @@ class Digest:
                 self.hexdigest = self.h.hexdigest()
 
 
+def dd_argv(path: str, offset: int, length: int) -> list[str]:
+    """GNU dd for bytes [offset, offset+length) of path, never through a link (the login node's side of a
+    range, whichever client carries it)."""
+    return [
+        "dd",
+        f"if={path}",
+        "bs=4M",
+        f"skip={offset}",
+        f"count={length}",
+        "status=none",
+        "iflag=skip_bytes,count_bytes,nofollow",
+    ]
+
+
 def part_of(target: Path) -> Path:
     return target.with_name(target.name + ".part")
 
