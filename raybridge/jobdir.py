@@ -7,6 +7,8 @@
     cluster.json       ClusterRecord: everything a client needs; kept current by the head
     stop               flag: please tear down (`raybridge down`, the driver's end)
     preempt            flag: Slurm warned of the time limit or preemption; training checkpoints now
+    warm.json          WarmRecord (agent/warm.py): the job and runtime env of the training workers, so
+                       every node keeps an idle worker process ready for the next worker group
     logs/              Ray's start logs per node; logs/ray/<host>/ Ray's session logs, kept at teardown
     events/            one small JSON file per event written outside the head (driver start and end,
                        checkpoint restores): no two writers share a file; kept across requeues
@@ -45,6 +47,7 @@ PREEMPT = "preempt"
 CHAIN_NEXT = "chain-next"  # `run --chain`: the job id of the next allocation, queued behind this one
 DRIVER_RESTART = "driver-restart"
 DRIVER_EXIT = "driver-exit"
+WARM = "warm.json"
 MAX_HEAD_LOSSES = 3  # a lost head is replaced (and the batch driver started again) this many times
 LOGS = "logs"
 EVENTS = "events"
@@ -120,6 +123,10 @@ class JobDir:
     @property
     def preempt(self) -> str:
         return self.join(PREEMPT)
+
+    @property
+    def warm(self) -> str:
+        return self.join(WARM)
 
     @property
     def chain_next(self) -> str:

@@ -56,6 +56,7 @@ class AgentSettings:
     idle_timeout: int = 60  # seconds an added node may be idle before it is released
     join_timeout: int = 600  # seconds from an added node's submission until its Ray must have joined
     signal_seconds: int | None = None  # Slurm's USR1 comes this long before the limit: the drain's deadline
+    warm_workers: int = 1  # idle Ray worker processes kept per node for the next training worker group
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0

@@ -19,7 +19,7 @@ import psutil
 
 from raybridge import jobdir as jd
 from raybridge import trust
-from raybridge.agent import keeplogs, netinfo, ports, procs
+from raybridge.agent import keeplogs, netinfo, ports, procs, warm
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import RayStarter
@@ -66,6 +66,15 @@ class AgentBase:
         self.rendezvous = Rendezvous(settings)
         self.replacer = Replacer(settings, self.rendezvous)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
+        self.raylet_address: str | None = None  # ip:node manager port, once Ray runs here
+        self.warm_unavailable = False  # the head: Ray's tables could not be read for warm.json
+        self.warm = warm.Keeper(
+            self.rendezvous.dir,
+            settings.warm_workers,
+            lambda: self.raylet_address,
+            self.rendezvous.dir.token if settings.auth else None,
+            self.say,
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -83,6 +92,7 @@ class AgentBase:
     def write_node(self, iface: netinfo.Iface, plan: ports.PortPlan) -> None:
         res, how = self.ray.resources, self.ray.how
         assert res is not None and how is not None
+        self.raylet_address = f"{iface.ip}:{plan.node_manager}"
         self.rendezvous.write_node(
             jd.NodeRecord(
                 rank=self.settings.rank,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from raybridge import jobdir as jd
-from raybridge.agent import netinfo, ports, procs, ray_internals, slurmjob
+from raybridge.agent import netinfo, ports, procs, ray_internals, slurmjob, warm
 from raybridge.agent.base import Abdicate, AgentBase
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.startray import StopRequested
@@ -119,6 +119,7 @@ class HeadRole(AgentBase):
             if now - last_refresh > 2:
                 last_refresh = now
                 self.refresh(gcs)
+            self.warm.step(now)
             if self.batch_host_gone:
                 raise StopRequested()
             if not drain_given and self.rendezvous.preempt_flagged():
@@ -174,6 +175,20 @@ class HeadRole(AgentBase):
                     self.replacer.on_dead(node)
             self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
             self.rendezvous.publish_targets()
+        self.publish_warm(gcs)
+
+    def publish_warm(self, gcs: GcsView) -> None:
+        """warm.json for every node's warm workers; a Ray whose tables are not what agent/warm.py
+        reads ends warm workers for this head, with one line."""
+        if self.settings.warm_workers <= 0 or self.warm_unavailable:
+            return
+        try:
+            warm.publish(self.rendezvous.dir, gcs)
+        except GcsUnavailable:
+            return  # busy: the next refresh
+        except Exception as e:
+            self.warm_unavailable = True
+            self.say(f"warm workers: none kept (Ray's actor table: {ray_internals.first_line(e)})")
 
     def watch_batch_host(self) -> None:
         """Ask Slurm every BATCH_CHECK_S in a thread of its own: the refresh can wait seconds on a GCS

@@ -549,6 +549,79 @@ class GcsView:
     def alive_count(self) -> int:
         return sum(1 for n in self.nodes() if n["alive"])
 
+    def alive_actors(self) -> list[ActorView]:
+        """The alive actors' job, class and runtime env, from the GCS's actor table (what Ray's state
+        API lists). GcsUnavailable when the GCS did not answer."""
+        import asyncio
+
+        from ray.core.generated import gcs_pb2
+
+        alive = gcs_pb2.ActorTableData.ActorState.Value("ALIVE")
+
+        async def fetch() -> Any:
+            return await self.client.async_get_all_actor_info(timeout=5)
+
+        try:
+            info = asyncio.run(fetch())
+        except Exception as e:
+            if transient(e):
+                raise GcsUnavailable(first_line(e)) from e
+            raise
+        return [
+            ActorView(a.job_id.hex(), a.class_name, a.node_id.hex(), a.serialized_runtime_env)
+            for a in info.values()
+            if a.state == alive
+        ]
+
+    def alive_jobs(self) -> list[str]:
+        """The ids (hex) of the jobs whose driver is alive."""
+        try:
+            info = self.client.get_all_job_info(timeout=5)
+        except Exception as e:
+            if transient(e):
+                raise GcsUnavailable(first_line(e)) from e
+            raise
+        return [j.job_id.hex() for j in info.values() if not j.is_dead]
+
+
+@dataclass(frozen=True)
+class ActorView:
+    job_id: str  # hex, as Ray prints it
+    class_name: str
+    node_id: str
+    runtime_env: str  # serialized, exactly as Ray's scheduler hashed it to pick a worker process
+
+
+def prestart_workers(
+    raylet: str, job_id: str, runtime_env: str, count: int, keep_alive_s: int, token_path: str | None
+) -> str | None:
+    """Ask the raylet at `raylet` (ip:node manager port) to start `count` idle Python worker
+    processes for this job with this runtime env, kept alive `keep_alive_s` (the raylet's
+    PrestartWorkers call, what Ray's core worker uses for the same). An actor of the same job and
+    runtime env that is placed on the node later takes one of them instead of a fresh process.
+    None when the raylet took the request, else why not (one line)."""
+    try:
+        import grpc
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+        request = node_manager_pb2.PrestartWorkersRequest(
+            language=common_pb2.Language.Value("PYTHON"),
+            job_id=bytes.fromhex(job_id),
+            keep_alive_duration_secs=keep_alive_s,
+            num_workers=count,
+        )
+        request.runtime_env_info.serialized_runtime_env = runtime_env
+        metadata = []
+        if token_path:
+            with open(token_path) as f:
+                metadata.append(("authorization", "Bearer " + f.read().strip()))
+        with grpc.insecure_channel(raylet) as channel:
+            stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+            stub.PrestartWorkers(request, timeout=5, metadata=metadata)
+    except Exception as e:
+        return first_line(e)
+    return None
+
 
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"  # Ray Train's preemption path and Serve's replica moves
 

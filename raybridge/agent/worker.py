@@ -75,6 +75,8 @@ class WorkerRole(AgentBase):
                 elif now - missing_since >= RAYLET_GONE_S and self.iface:
                     self.restart_worker(self.iface, head)
                     missing_since = None
+            elif head_down_since is None:
+                self.warm.step(now)
             time.sleep(0.2)
         return 0
 
@@ -87,6 +89,7 @@ class WorkerRole(AgentBase):
         self.ray.afresh()
         plan = self.ray.start(iface, head)
         self.write_node(iface, plan)
+        self.warm.raylet_restarted()
 
     def drain(self, head: jd.HeadRecord) -> None:
         """Ray's drain notice for this node (reason preemption): the scheduler stops placing work here
