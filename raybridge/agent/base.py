@@ -93,6 +93,7 @@ class AgentBase:
         res, how = self.ray.resources, self.ray.how
         assert res is not None and how is not None
         self.raylet_address = f"{iface.ip}:{plan.node_manager}"
+        self.warm.raylet_restarted()
         self.rendezvous.write_node(
             jd.NodeRecord(
                 rank=self.settings.rank,

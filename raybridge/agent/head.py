@@ -97,6 +97,7 @@ class HeadRole(AgentBase):
                 return
             if self.stop_requested():
                 raise StopRequested()
+            self.warm.step()  # after a lost head: ready before the restarted driver asks
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {alive} of {want} Ray nodes alive after "

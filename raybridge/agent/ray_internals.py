@@ -573,16 +573,6 @@ class GcsView:
             if a.state == alive
         ]
 
-    def alive_jobs(self) -> list[str]:
-        """The ids (hex) of the jobs whose driver is alive."""
-        try:
-            info = self.client.get_all_job_info(timeout=5)
-        except Exception as e:
-            if transient(e):
-                raise GcsUnavailable(first_line(e)) from e
-            raise
-        return [j.job_id.hex() for j in info.values() if not j.is_dead]
-
 
 @dataclass(frozen=True)
 class ActorView:
@@ -596,9 +586,10 @@ def prestart_workers(
     raylet: str, job_id: str, runtime_env: str, count: int, keep_alive_s: int, token_path: str | None
 ) -> str | None:
     """Ask the raylet at `raylet` (ip:node manager port) to start `count` idle Python worker
-    processes for this job with this runtime env, kept alive `keep_alive_s` (the raylet's
-    PrestartWorkers call, what Ray's core worker uses for the same). An actor of the same job and
-    runtime env that is placed on the node later takes one of them instead of a fresh process.
+    processes with this runtime env, kept alive `keep_alive_s` (the raylet's PrestartWorkers call,
+    what Ray's core worker uses for the same); for this job, or with job_id "" for the first job
+    that takes one. An actor with the same runtime env placed on the node later takes one of them
+    instead of a fresh process.
     None when the raylet took the request, else why not (one line)."""
     try:
         import grpc
@@ -606,10 +597,11 @@ def prestart_workers(
 
         request = node_manager_pb2.PrestartWorkersRequest(
             language=common_pb2.Language.Value("PYTHON"),
-            job_id=bytes.fromhex(job_id),
             keep_alive_duration_secs=keep_alive_s,
             num_workers=count,
         )
+        if job_id:
+            request.job_id = bytes.fromhex(job_id)
         request.runtime_env_info.serialized_runtime_env = runtime_env
         metadata = []
         if token_path:

@@ -44,7 +44,6 @@ class Rendezvous:
             self.dir.token,
             self.dir.preempt,
             self.dir.driver_restart,
-            self.dir.warm,
         ):
             Path(stale).unlink(missing_ok=True)
         shutil.rmtree(self.dir.nodes, ignore_errors=True)

@@ -2,33 +2,35 @@
 
 When a node is lost, Ray Train replaces the whole worker group: one new actor per training node,
 each in a fresh Python process that starts, imports Ray, Ray Train and torch, and only then joins
-the process group (on the test bed about 5 of the ~10 seconds a worker loss costs). Ray's scheduler
-gives a new actor an idle worker process when one of the same job and runtime env is there. So:
+the process group; when the head is lost, the whole Ray cluster starts again and the restarted
+driver's Ray Train controller needs a fresh process too. Ray's scheduler gives a new actor an idle
+worker process with the same runtime env when one is there (one started for no job in particular
+takes the job of the first actor it gets). So:
 
-- the head looks at Ray's actor table every few seconds: the job and runtime env of the alive Ray
-  Train workers (or, after a lost head, the new driver's job with the runtime env seen before) go
-  to <job folder>/warm.json;
-- every node's agent keeps `warm_workers` idle processes of that job and runtime env among its own
-  descendants, asking its raylet for one (Ray's PrestartWorkers) when there are fewer; with the
-  profile's `preload` (Ray's preload_python_modules) those processes import torch and Ray Train
-  while they wait, before any actor needs them.
+- the head reads Ray's actor table every few seconds: the runtime env (serialized, exactly as Ray's
+  scheduler hashes it) of the alive Ray Train workers, and of Ray Train's controller with the nodes
+  it runs on (the driver's), go to <job folder>/warm.json;
+- every node's agent keeps `warm_workers` idle processes with the workers' runtime env among its own
+  descendants, and CONTROLLER_WARM with the controller's where the controller ran (what a restarted
+  driver starts first), asking its raylet for one
+  (Ray's PrestartWorkers, for no job) when there are fewer. With the profile's `preload` (Ray's
+  preload_python_modules) those processes import torch and Ray Train while they wait.
 
-A new process is asked for at once when the job is new here (the first worker group runs; after a
-lost head, a new driver's group is about to start) or this node's Ray restarted (it rejoins, and a
-worker of the new group may land on it); REFILL_DELAY_S after one was taken (a recovery is under
-way: the CPU is the new worker group's). Only a runtime env of environment variables is kept warm: anything else
-(pip, a working_dir, a container) would make Ray build it on every node just in case. Anything Ray
-refuses ends warm workers for that job with one line in the agent's log; nothing else depends on them.
+A process is asked for at once when this node's Ray (re)started: after a lost head every process
+is new, and the warm ones are ready before the restarted driver's controller and worker group ask.
+After one was taken, REFILL_DELAY_S later (a recovery is under way: the CPU is the new worker
+group's). Only a runtime env of environment variables is kept warm: anything else (pip, a
+working_dir, a container) would make Ray build it on every node just in case. A request Ray refuses
+ends warm workers on that node with one line in the agent's log; nothing else depends on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import psutil
@@ -38,21 +40,27 @@ from raybridge.agent import procs, ray_internals
 from raybridge.agent.ray_internals import ActorView
 
 TRAIN_WORKER_CLASS = "RayTrainWorker"  # Ray Train's worker actor (ray.train.v2 worker_group.worker)
+CONTROLLER_CLASS = "TrainController"  # Ray Train's controller actor, on the driver's node
 IDLE_TITLE = "ray::IDLE"  # what Ray's worker processes call themselves while they wait for work
 REFILL_DELAY_S = 10.0
-PENDING_S = 30.0  # a requested process shows up within this long, or it is asked for again
-KEEP_ALIVE_S = 3600  # Ray may end an idle process after this; the next look asks for another
+# A new driver's Ray Train starts four actors with the controller's runtime env on the driver's node:
+# the controller, its placement group cleaner, preemption watcher and the worker group's sync actor
+# (the last one again for every new worker group).
+CONTROLLER_WARM = 4
+# A requested process shows up within seconds, or it is asked for again.
+PENDING_S = 5.0
+KEEP_ALIVE_S = 600  # Ray may end an idle process after this (above its soft limit); then another
 CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
 class WarmRecord(jd.Record):
-    """The job and runtime env (serialized, exactly as Ray hashes it) of the training workers."""
+    """What to keep warm: runtime envs, serialized exactly as Ray's scheduler hashes them."""
 
     KIND: ClassVar[str] = "warm"
-    job_id: str
-    runtime_env: str
-    seen_at: float = 0.0
+    runtime_env: str  # Ray Train's workers': every node
+    controller_env: str | None = None  # Ray Train's controller's: on the nodes below
+    controller_ips: list[str] = field(default_factory=list)
 
 
 def job_number(job_id: str) -> int:
@@ -63,19 +71,28 @@ def job_number(job_id: str) -> int:
         return -1
 
 
-def choose(actors: list[ActorView], jobs: list[str], last: WarmRecord | None) -> WarmRecord | None:
-    """What to keep warm: the newest job's alive training workers; with none alive, the last record
-    while its job lives, or (a lost head: a new GCS, the driver started again) the newest alive job
-    with the last record's runtime env; None when no driver is alive."""
-    train = [a for a in actors if a.class_name == TRAIN_WORKER_CLASS]
-    if train:
-        newest = max(train, key=lambda a: job_number(a.job_id))
-        return WarmRecord(newest.job_id, newest.runtime_env, jd.now())
-    if last is None or not jobs:
+def newest(actors: list[ActorView], class_name: str) -> list[ActorView]:
+    """The alive actors of this class of the newest job that has any."""
+    mine = [a for a in actors if a.class_name == class_name]
+    if not mine:
+        return []
+    job = max(mine, key=lambda a: job_number(a.job_id)).job_id
+    return [a for a in mine if a.job_id == job]
+
+
+def choose(actors: list[ActorView], ips: dict[str, str], last: WarmRecord | None) -> WarmRecord | None:
+    """The record from the alive actors (ips: node id -> address); what is not alive now is kept
+    from the last record (after a lost head nothing is alive until the driver starts again)."""
+    workers, controllers = newest(actors, TRAIN_WORKER_CLASS), newest(actors, CONTROLLER_CLASS)
+    runtime_env = workers[0].runtime_env if workers else last.runtime_env if last else None
+    if runtime_env is None:
         return None
-    if last.job_id in jobs:
-        return last
-    return WarmRecord(max(jobs, key=job_number), last.runtime_env, jd.now())
+    if controllers:
+        where = sorted({ips[a.node_id] for a in controllers if a.node_id in ips})
+        return WarmRecord(runtime_env, controllers[0].runtime_env, where)
+    if last:
+        return WarmRecord(runtime_env, last.controller_env, last.controller_ips)
+    return WarmRecord(runtime_env)
 
 
 def env_vars_only(runtime_env: str) -> dict[str, str] | None:
@@ -93,36 +110,36 @@ def env_vars_only(runtime_env: str) -> dict[str, str] | None:
     return None
 
 
-def is_warm(title: str, environ: dict[str, str], job_id: str, env_vars: dict[str, str]) -> bool:
-    """An idle worker process of this job with this runtime env's variables."""
-    return (
-        title.startswith(IDLE_TITLE)
-        and environ.get("RAY_JOB_ID") == job_id
-        and all(environ.get(k) == v for k, v in env_vars.items())
-    )
+def state(title: str, cmdline: list[str]) -> str:
+    """A Ray worker process's state from its title: "idle", "starting" (not connected yet: the
+    raylet's command line), "busy" (Ray retitled it after its actor or task), or "other"."""
+    if title.startswith(IDLE_TITLE):
+        return "idle"
+    if title.startswith("ray::"):
+        return "busy"
+    if any(arg.endswith("default_worker.py") for arg in cmdline):
+        return "starting"
+    return "other"
 
 
-def idle_workers(job_id: str, env_vars: dict[str, str]) -> list[int]:
-    """Our descendants (this node's Ray) that are idle workers of this job and runtime env."""
-    out = []
+def workers() -> dict[int, tuple[str, float]]:
+    """Our descendants (this node's Ray) that are Ray worker processes: pid -> (state, started at)."""
+    out = {}
     for p in procs.descendants():
         with contextlib.suppress(psutil.Error):
             cmdline = p.cmdline()
-            if cmdline and is_warm(cmdline[0], p.environ(), job_id, env_vars):
-                out.append(p.pid)
+            st = state(cmdline[0] if cmdline else "", cmdline)
+            if st != "other":
+                out[p.pid] = (st, p.create_time())
     return out
 
 
 def publish(folder: jd.JobDir, gcs: ray_internals.GcsView) -> WarmRecord | None:
-    """The head's part: warm.json as Ray's actor and job tables say now (unchanged: not rewritten)."""
+    """The head's part: warm.json as Ray's actor table says now (unchanged: not rewritten)."""
     last = read(folder)
-    chosen = choose(gcs.alive_actors(), gcs.alive_jobs(), last)
-    if chosen is None:
-        if last is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(folder.warm)
-        return None
-    if last is None or (chosen.job_id, chosen.runtime_env) != (last.job_id, last.runtime_env):
+    ips = {n["node_id"]: n["ip"] for n in gcs.nodes() if n["alive"]}
+    chosen = choose(gcs.alive_actors(), ips, last)
+    if chosen is not None and chosen != last:
         jd.write(folder.warm, chosen)
     return chosen
 
@@ -133,8 +150,21 @@ def read(folder: jd.JobDir) -> WarmRecord | None:
     return None
 
 
+def wanted(rec: WarmRecord, count: int, ip: str | None) -> list[tuple[str, int]]:
+    """(runtime env, how many) this node keeps, in the order they are needed: where the driver runs,
+    first CONTROLLER_WARM with the controller's (after a lost head, the restarted driver's controller
+    starts before any training worker), then the workers'."""
+    out = [(rec.runtime_env, count)]
+    if rec.controller_env is not None and ip in rec.controller_ips and rec.controller_env != rec.runtime_env:
+        out.insert(0, (rec.controller_env, CONTROLLER_WARM))
+    return out
+
+
 class Keeper:
-    """One node's part: keep `count` idle workers of the recorded job and runtime env."""
+    """One node's part: keep the idle workers warm.json asks for. Two runtime envs may hold the same
+    variables, so the processes this keeper asked for are told apart by the order the raylet started
+    them in: the requests of one look go out back to back, and the worker processes that appear after
+    them, oldest first, are theirs in the same order."""
 
     def __init__(
         self,
@@ -152,57 +182,71 @@ class Keeper:
             say,
         )
         self.last_check = 0.0
-        self.job: str | None = None  # the job this node last kept workers for
-        self.urgent = False  # a new job, or this node's Ray restarted: ask at once
+        self.mine: dict[int, str] = {}  # pid -> the runtime env it was asked for with
+        self.expect: list[str] = []  # runtime envs of requested processes not seen yet, in order
+        self.before: set[int] = set()  # the worker processes there were when they were requested
+        self.expect_until = 0.0
+        self.urgent = True  # this node's Ray (re)started: ask at once
         self.short_since: float | None = None
-        self.pending_until = 0.0
-        self.refused: set[str] = set()  # jobs (and runtime envs) Ray or this module would not warm
-        self.announced: set[str] = set()
+        self.stopped = False  # Ray refused a request, or the runtime env is more than env_vars
+        self.said = False
 
     def raylet_restarted(self) -> None:
-        """This node's Ray started again and rejoins: a worker of the next group may land here."""
-        self.urgent, self.pending_until, self.last_check = True, 0.0, 0.0
+        """This node's Ray started (again): every process of the old one is gone."""
+        self.urgent, self.short_since, self.last_check = True, None, 0.0
+        self.mine.clear()
+        self.expect.clear()
 
     def step(self, now: float | None = None) -> None:
-        """One look (at most every CHECK_S): ask for a process when there are too few."""
+        """One look (at most every CHECK_S): ask for processes when there are too few."""
         now = time.monotonic() if now is None else now
-        if self.count <= 0 or now - self.last_check < CHECK_S:
+        if self.count <= 0 or self.stopped or now - self.last_check < CHECK_S:
             return
         self.last_check = now
         rec = read(self.folder)
         raylet = self.raylet()
         if rec is None or raylet is None:
             return
-        key = f"{rec.job_id} {rec.runtime_env}"
-        if key in self.refused:
-            return
-        env_vars = env_vars_only(rec.runtime_env)
-        if env_vars is None:
-            self.refused.add(key)
+        targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0])
+        if any(env_vars_only(env) is None for env, _ in targets):
+            self.stopped = True
             self.say("warm workers: none kept (the training's runtime env is more than env_vars)")
             return
-        if self.job != rec.job_id:
-            self.urgent = True
-            self.job, self.short_since, self.pending_until = rec.job_id, None, 0.0
-        have = len(idle_workers(rec.job_id, env_vars))
-        if have >= self.count:
-            self.short_since, self.pending_until, self.urgent = None, 0.0, False
-            return
-        if now < self.pending_until:
+        seen = workers()
+        if self.expect:
+            new = sorted(
+                (pid for pid in seen if pid not in self.before and pid not in self.mine),
+                key=lambda p: seen[p][1],
+            )
+            for pid in new[: len(self.expect)]:
+                self.mine[pid] = self.expect.pop(0)
+            if self.expect and now < self.expect_until:
+                return
+            self.expect.clear()  # not started (the raylet was busy or dropped it): ask again
+        # Ours while waiting for work (or still starting); taken (retitled) or gone: no longer ours.
+        self.mine = {
+            pid: env for pid, env in self.mine.items() if seen.get(pid, ("gone",))[0] in ("idle", "starting")
+        }
+        short = [(env, n - sum(1 for e in self.mine.values() if e == env)) for env, n in targets]
+        short = [(env, n) for env, n in short if n > 0]
+        if not short:
+            self.short_since, self.urgent = None, False
             return
         self.short_since = self.short_since if self.short_since is not None else now
         if not self.urgent and now - self.short_since < REFILL_DELAY_S:
             return
-        problem = ray_internals.prestart_workers(
-            raylet, rec.job_id, rec.runtime_env, self.count - have, KEEP_ALIVE_S, self.token_path
-        )
-        if problem and "UNAVAILABLE" in problem:  # the raylet is (re)starting: the next look
-            return
-        if problem:
-            self.refused.add(key)
-            self.say(f"warm workers: Ray refused to start one ({problem}); none kept for job {rec.job_id}")
-            return
-        self.pending_until = now + PENDING_S
-        if rec.job_id not in self.announced:
-            self.announced.add(rec.job_id)
-            self.say(f"warm workers: keeping {self.count} idle worker process(es) for job {rec.job_id}")
+        self.before = set(seen)
+        for env, n in short:
+            problem = ray_internals.prestart_workers(raylet, "", env, n, KEEP_ALIVE_S, self.token_path)
+            if problem and "UNAVAILABLE" in problem:  # the raylet is (re)starting: the next look
+                self.expect.clear()
+                return
+            if problem:
+                self.stopped = True
+                self.say(f"warm workers: Ray refused to start one ({problem}); none kept on this node")
+                return
+            self.expect += [env] * n
+        self.expect_until = now + PENDING_S
+        if not self.said:
+            self.said = True
+            self.say(f"warm workers: keeping {self.count} idle worker process(es) for Ray Train")

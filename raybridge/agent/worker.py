@@ -89,7 +89,6 @@ class WorkerRole(AgentBase):
         self.ray.afresh()
         plan = self.ray.start(iface, head)
         self.write_node(iface, plan)
-        self.warm.raylet_restarted()
 
     def drain(self, head: jd.HeadRecord) -> None:
         """Ray's drain notice for this node (reason preemption): the scheduler stops placing work here

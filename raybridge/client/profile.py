@@ -53,9 +53,11 @@ LABEL_HELP = "key=value: letters, digits, '-', '_', '.', an optional DNS prefix/
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-# What a new Ray Train worker imports before its first step: Ray Train with torch, and torch's compiler
-# front end, which DistributedDataParallel imports the first time it wraps a model (0.7 s of CPU).
-PRELOAD = ("ray.train.torch", "torch._dynamo")
+# Nothing by default: every Ray worker process would import these, Ray Train's controller and its
+# helper actors too (docs/fault-tolerance.md has the measured trade-off). For worker-loss recovery:
+# ["ray.train.torch", "torch._dynamo"] (DistributedDataParallel imports torch._dynamo when it first
+# wraps a model, 0.7 s of CPU).
+PRELOAD: tuple[str, ...] = ()
 MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 HOST = re.compile(r"^[A-Za-z0-9_.:-]+$|^\[[0-9A-Fa-f:]+\]$")
 TIME_FORMATS = [
