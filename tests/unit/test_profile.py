@@ -70,6 +70,9 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"object_store_fraction": 2}, "between 0.05 and 0.8"),
         ({"failure_detection_s": 0}, "failure_detection_s must be between 1"),
         ({"failure_detection_s": "fast"}, "failure_detection_s must be a whole number"),
+        ({"warm_workers": 17}, "warm_workers must be between 0 and 16"),
+        ({"preload": ["torch; rm -rf ~"]}, "preload has characters"),
+        ({"preload": ["torch\nimport os"]}, "preload must not contain newlines"),
         ({"ray_start": "ray start; rm -rf ~"}, "ray_start must be one of agent, command, got"),
     ],
 )

@@ -30,6 +30,7 @@ CASES = {
         "env": {"OMP_NUM_THREADS": "8"},
         "sbatch_args": ["--constraint=ib"],
         "ray_args": ["--log-style=record"],
+        "preload": ["ray.train.torch", "torch._dynamo"],
     },
     "fault-tolerant": {
         "nodes": 4,
