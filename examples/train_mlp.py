@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import ray.train
 import ray.train.torch
 import torch
@@ -66,6 +67,11 @@ def train_loop(config: dict) -> None:
     hosts = progress.parent / "hosts"
     hosts.mkdir(parents=True, exist_ok=True)
     (hosts / f"attempt{history['restores']}-rank{rank}").write_text(socket.gethostname())
+    # ... and when the worker process started (a warm one started before the node was lost).
+    procs = progress.parent / "procs"
+    procs.mkdir(exist_ok=True)
+    started = psutil.Process().create_time()
+    (procs / f"attempt{history['restores']}-rank{rank}").write_text(json.dumps({"started": started}))
     x, y = make_data(config["samples"], config["dim"], seed=1)
     shard = slice(rank, None, world)  # each worker its own slice of the data
     x, y = x[shard], y[shard]

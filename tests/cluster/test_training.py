@@ -144,23 +144,47 @@ def test_raylet_killed_on_a_worker_node_training_completes(testbed):
     assert_no_leaks(job)
 
 
+def wait_warm(job: str, nodes: list[str], proc, timeout=60) -> None:
+    """Until every node has an idle Ray worker process of this job (agent/warm.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        idle = {n for n in nodes for p in job_procs_in(n, job) if title(p).startswith("ray::IDLE")}
+        if idle == set(nodes):
+            return
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no warm worker on {sorted(set(nodes) - idle)}"
+        time.sleep(0.2)
+
+
+def title(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error, IndexError):
+        return p.cmdline()[0]
+    return ""
+
+
 def test_spare_node_takes_over_from_a_dead_node(testbed):
     # Three training nodes and a spare (the whole bed): at least one training node is neither the batch
     # host nor the head, so the victim is a plain worker whatever the placement.
-    proc, job = start_training(testbed, "--workers", "3", nodes=3, extra=("--spare-nodes", "1"))
+    steps = 2 * STEPS  # time for every node's warm worker to start before the loss
+    proc, job = start_training(testbed, "--workers", "3", nodes=3, extra=("--spare-nodes", "1"), steps=steps)
     run = run_dir(testbed, job)
     wait_progress(testbed, run, EVERY + 15, proc)
     before = hosts(run, 0)
     assert len(before) == 3
     head = testbed.cluster_json(job)["head"]["hostname"]
     victim = sorted(before - {job_hosts(testbed, job)[0], head})[0]
+    wait_warm(job, job_hosts(testbed, job), proc)
     # The whole node goes: its raybridge agent (no self-healing), raylet and training worker.
+    lost_at = time.time()
     assert "raylet" in kill_in_node(victim, job)
     rc, result, out, err = finish(proc)
     assert rc == 0, out[-3000:] + err[-2000:]
-    assert result["final_step"] == STEPS and result["restores"] >= 1
+    assert result["final_step"] == steps and result["restores"] >= 1
     after = hosts(run, result["restores"])
     assert victim not in after and len(after) == 3  # the spare replaced the dead node
+    # Each worker of the new group ran in a process started before the loss: a warm one, the spare's too.
+    for f in (run / "procs").glob(f"attempt{result['restores']}-rank*"):
+        assert json.loads(f.read_text())["started"] < lost_at, f.name
     status = testbed.cluster_json(job)
     (node,) = [n for n in status["nodes"] if n["hostname"] == victim]
     assert not node["alive"] and node["generation"] == 0  # recorded dead; it never rejoined
