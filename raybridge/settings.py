@@ -57,6 +57,10 @@ class AgentSettings:
     join_timeout: int = 600  # seconds from an added node's submission until its Ray must have joined
     signal_seconds: int | None = None  # Slurm's USR1 comes this long before the limit: the drain's deadline
     warm_workers: int = 1  # idle Ray worker processes kept per node for the next training worker group
+    # What Ray Train's workers (raybridge.train.make_trainer) import before they take work: Ray Train
+    # with torch, and torch's compiler front end, which DistributedDataParallel imports the first time it
+    # wraps a model (0.7 s of CPU). A warm worker has them imported while it waits.
+    preload: tuple[str, ...] = ("ray.train.torch", "torch._dynamo")
     # From Slurm, not from the script: SLURM_JOB_ID and SLURM_PROCID.
     job_id: str = ""
     rank: int = 0

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import socket
 import stat
 import sys
@@ -91,11 +92,15 @@ def make_trainer(
     storage: str | None = None,
     placement_strategy: str = "SPREAD",
     resize_check_s: float | None = None,
+    preload: tuple[str, ...] | None = None,
 ) -> Any:
     """A TorchTrainer on shared storage with a requeue-stable run name and failure handling.
     One worker per training node by default; gloo on CPU, NCCL on GPU (follows the allocation).
     num_workers=(min, max): elastic (Ray Train V2): starts with what fits, grows when nodes join (e.g.
-    `raybridge scale --add`), checked every resize_check_s (Ray's default: 60 s)."""
+    `raybridge scale --add`), checked every resize_check_s (Ray's default: 60 s).
+    preload: modules each worker process imports before it takes work (default: the profile's
+    `preload`, Ray Train with torch); the idle worker each node keeps for the next worker group after
+    a lost node has them imported already. () starts workers as Ray does."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,12 +122,25 @@ def make_trainer(
             **elastic,
         ),
         run_config=RunConfig(
+            worker_runtime_env=worker_runtime_env(preload),
             name=name or run_name(),
             storage_path=storage or storage_path(),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         ),
     )
+
+
+def worker_runtime_env(preload: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The training workers' runtime env: started through raybridge.preload when there is anything to
+    import first (Ray's `py_executable`: a Python with arguments)."""
+    from raybridge.preload import command
+    from raybridge.settings import DEFAULTS
+
+    if preload is None:
+        raw = os.environ.get(env_name("preload"))
+        preload = tuple(shlex.split(raw)) if raw is not None else DEFAULTS["preload"]
+    return {"py_executable": command(sys.executable, tuple(preload))} if preload else {}
 
 
 def _sha256(path: Path) -> str:

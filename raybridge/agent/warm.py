@@ -12,15 +12,15 @@ takes the job of the first actor it gets). So:
   it runs on (the driver's), go to <job folder>/warm.json;
 - every node's agent keeps `warm_workers` idle processes with the workers' runtime env among its own
   descendants, and CONTROLLER_WARM with the controller's where the controller ran (what a restarted
-  driver starts first), asking its raylet for one
-  (Ray's PrestartWorkers, for no job) when there are fewer. With the profile's `preload` (Ray's
-  preload_python_modules) those processes import torch and Ray Train while they wait.
+  driver starts first), asking its raylet for them (Ray's PrestartWorkers, for no job) when there
+  are fewer. Workers of raybridge.train.make_trainer start through raybridge.preload (the profile's
+  `preload`): a warm one has torch and Ray Train imported while it waits.
 
 A process is asked for at once when this node's Ray (re)started: after a lost head every process
 is new, and the warm ones are ready before the restarted driver's controller and worker group ask.
 After one was taken, REFILL_DELAY_S later (a recovery is under way: the CPU is the new worker
-group's). Only a runtime env of environment variables is kept warm: anything else (pip, a
-working_dir, a container) would make Ray build it on every node just in case. A request Ray refuses
+group's). Only a runtime env of environment variables (and raybridge.preload) is kept warm: anything
+else (pip, a working_dir, a container) would make Ray build it on every node just in case. A request Ray refuses
 ends warm workers on that node with one line in the agent's log; nothing else depends on them.
 """
 
@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import psutil
 
@@ -51,6 +55,7 @@ CONTROLLER_WARM = 4
 PENDING_S = 5.0
 KEEP_ALIVE_S = 600  # Ray may end an idle process after this (above its soft limit); then another
 CHECK_S = 1.0
+MODULES = re.compile(r"[A-Za-z_][\w.]*(,[A-Za-z_][\w.]*)*")
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,38 @@ def choose(actors: list[ActorView], ips: dict[str, str], last: WarmRecord | None
     return WarmRecord(runtime_env)
 
 
-def env_vars_only(runtime_env: str) -> dict[str, str] | None:
-    """The runtime env's environment variables when that is all it holds, else None."""
+def warmable(runtime_env: str) -> bool:
+    """Whether a runtime env may be kept warm: environment variables, and raybridge's own preloading
+    start (raybridge.preload with this Python); anything else would make Ray build it on every node."""
     if runtime_env.strip() in ("", "{}"):
-        return {}
-    with contextlib.suppress(ValueError):
+        return True
+    try:
         env = json.loads(runtime_env)
-        if isinstance(env, dict) and set(env) <= {"env_vars"}:
-            env_vars = env.get("env_vars") or {}
-            if isinstance(env_vars, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
-            ):
-                return env_vars
-    return None
+    except ValueError:
+        return False
+    if not isinstance(env, dict) or not set(env) <= {"env_vars", "py_executable"}:
+        return False
+    env_vars = env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
+    ):
+        return False
+    return "py_executable" not in env or is_preload(env["py_executable"])
+
+
+def is_preload(py_executable: Any) -> bool:
+    """raybridge.preload.command(this Python, some modules)."""
+    try:
+        exe, *rest = shlex.split(py_executable)
+    except (ValueError, AttributeError):
+        return False
+    same = os.path.realpath(exe) == os.path.realpath(sys.executable)
+    return (
+        same
+        and len(rest) == 4
+        and rest[:3] == ["-P", "-m", "raybridge.preload"]
+        and bool(MODULES.fullmatch(rest[3]))
+    )
 
 
 def state(title: str, cmdline: list[str]) -> str:
@@ -208,9 +232,9 @@ class Keeper:
         if rec is None or raylet is None:
             return
         targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0])
-        if any(env_vars_only(env) is None for env, _ in targets):
+        if not all(warmable(env) for env, _ in targets):
             self.stopped = True
-            self.say("warm workers: none kept (the training's runtime env is more than env_vars)")
+            self.say("warm workers: none kept (the training's runtime env holds more than variables)")
             return
         seen = workers()
         if self.expect:

@@ -53,11 +53,6 @@ LABEL_HELP = "key=value: letters, digits, '-', '_', '.', an optional DNS prefix/
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-# Nothing by default: every Ray worker process would import these, Ray Train's controller and its
-# helper actors too (docs/fault-tolerance.md has the measured trade-off). For worker-loss recovery:
-# ["ray.train.torch", "torch._dynamo"] (DistributedDataParallel imports torch._dynamo when it first
-# wraps a model, 0.7 s of CPU).
-PRELOAD: tuple[str, ...] = ()
 MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 HOST = re.compile(r"^[A-Za-z0-9_.:-]+$|^\[[0-9A-Fa-f:]+\]$")
 TIME_FORMATS = [
@@ -258,9 +253,10 @@ class ClusterSpec:
         agent=True,
     )
     preload: tuple[str, ...] = param(
-        PRELOAD,
+        AGENT_DEFAULTS["preload"],
         lambda v, k, x: v.modules(k, x),
-        "Python modules every Ray worker process imports at its start (Ray's preload_python_modules).",
+        "Python modules Ray Train's workers (raybridge.train.make_trainer) import before they take work.",
+        agent=True,
     )
     command: tuple[str, ...] = param((), _lines, "The driver command (batch mode).", profile=False)
     login: LoginSpec | None = param(

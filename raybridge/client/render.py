@@ -222,12 +222,6 @@ def exports(spec: ClusterSpec) -> list[str]:
         "# when tasks and actors need them.",
         "export RAY_prestart_worker_first_driver=0",
     ]
-    if spec.preload:
-        lines += [
-            "# Every Ray worker process imports these at its start: the idle workers each node keeps",
-            "# (warm_workers) have them imported before a new training worker group needs them.",
-            f"export RAY_preload_python_modules={q(','.join(spec.preload))}",
-        ]
     return lines + [f"export {name}={q(value)}" for name, value in spec.env]
 
 

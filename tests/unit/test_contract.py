@@ -84,7 +84,7 @@ def test_render_exports_round_trip_to_the_agent_settings():
     assert got.ray_args == ('--resources={"x": 1}', "--log-style=record")
     assert got.interface == ("ib0", "ib1") and got.auth is False and got.nodes == 4
     assert (got.min_nodes, got.max_nodes, got.idle_timeout, got.join_timeout) == (5, 6, 30, 120)
-    assert got.warm_workers == 2 and env["RAY_preload_python_modules"] == "ray.train.torch,torch._dynamo"
+    assert got.warm_workers == 2 and got.preload == ("ray.train.torch", "torch._dynamo")
     assert env["NASTY"] == "a'b\"c; echo pwned $(id)"
 
 

@@ -12,7 +12,14 @@ PKG = Path(__file__).resolve().parents[2] / "raybridge"
 
 # Lowest first; a module may import from its own layer or below, never above.
 LAYERS = [
-    {"raybridge.errors", "raybridge.layout", "raybridge.settings", "raybridge.envcheck", "raybridge.trust"},
+    {
+        "raybridge.errors",
+        "raybridge.layout",
+        "raybridge.settings",
+        "raybridge.envcheck",
+        "raybridge.trust",
+        "raybridge.preload",
+    },
     {"raybridge.container"},
     {"raybridge.transport.transfer", "raybridge.transport.runner", "raybridge.jobdir"},
     {"raybridge.slurm", "raybridge.metrics"},
@@ -31,6 +38,7 @@ IN_ALLOCATION = [
     "raybridge.autoscaler.provider",
     "raybridge.train",
     "raybridge.envcheck",
+    "raybridge.preload",  # every Ray Train worker of make_trainer starts through it
 ]
 USER_SIDE = ("yaml", "paramiko", "typer", "rich")
 

@@ -3,11 +3,15 @@ keeper asks its raylet for. Ray's processes and the raylet are stand-ins here; t
 tests/cluster/test_training.py (a spare takes over with processes started before the loss) and
 tests/cluster/test_compat.py (every supported Ray)."""
 
+import json
+import sys
+
 import pytest
 
 from raybridge import jobdir as jd
 from raybridge.agent import warm
 from raybridge.agent.ray_internals import ActorView
+from raybridge.preload import command as preload_command
 
 TRAIN = '{"env_vars":{"A":"1"}}'
 CTRL = '{"env_vars": {"A": "1"}}'  # the same variables, serialized by another side of Ray
@@ -35,21 +39,28 @@ def test_choose_takes_the_newest_jobs_training_workers_and_the_controllers_node(
     assert warm.job_number("02000000") == 2 and warm.job_number("zz") == -1
 
 
+PRELOAD = preload_command(sys.executable, ("ray.train.torch", "torch._dynamo"))
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ("", {}),
-        ("{}", {}),
-        (TRAIN, {"A": "1"}),
-        ('{"env_vars": {"A": "1"}, "pip": ["torch"]}', None),  # Ray would install it on every node
-        ('{"working_dir": "/x"}', None),
-        ('{"env_vars": {"A": 1}}', None),
-        ("not json", None),
-        ("[1]", None),
+        ("", True),
+        ("{}", True),
+        (TRAIN, True),
+        (json.dumps({"env_vars": {"A": "1"}, "py_executable": PRELOAD}), True),
+        (json.dumps({"py_executable": "/bin/sh -c 'rm -rf ~'"}), False),  # only raybridge.preload
+        (json.dumps({"py_executable": preload_command("/usr/bin/other-python", ("torch",))}), False),
+        (json.dumps({"py_executable": preload_command(sys.executable, ("torch; id",))}), False),
+        ('{"env_vars": {"A": "1"}, "pip": ["torch"]}', False),  # Ray would install it on every node
+        ('{"working_dir": "/x"}', False),
+        ('{"env_vars": {"A": 1}}', False),
+        ("not json", False),
+        ("[1]", False),
     ],
 )
-def test_only_a_runtime_env_of_variables_is_kept_warm(env, expected):
-    assert warm.env_vars_only(env) == expected
+def test_only_variables_and_raybridges_own_start_are_kept_warm(env, expected):
+    assert warm.warmable(env) is expected
 
 
 def test_a_workers_state_from_its_title():
@@ -174,7 +185,7 @@ def test_no_record_no_raylet_or_a_runtime_env_beyond_variables_asks_for_nothing(
     jd.write(folder.warm, warm.WarmRecord('{"pip": ["torch"]}'))
     k.step(now=200)
     assert node.requests == [] and k.stopped
-    assert said == ["warm workers: none kept (the training's runtime env is more than env_vars)"]
+    assert said == ["warm workers: none kept (the training's runtime env holds more than variables)"]
     off = warm.Keeper(folder, 0, lambda: "10.0.0.1:1234", None, said.append)
     off.step(now=300)
     assert node.requests == []
