@@ -28,6 +28,28 @@ nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 pinned = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
 print("hosts", sorted(ray.get(pinned)))
 """
+# Warm workers on this Ray (agent/warm.py): the head reads the actor table, every node's agent asks its
+# raylet for an idle process with a training worker's runtime env, and Ray gives the next such actor
+# that process (started before the actor was asked for).
+WARM = """
+import time, psutil, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+@ray.remote(num_cpus=0, runtime_env={"env_vars": {"RB_COMPAT": "1"}})
+class RayTrainWorker:
+    def started(self):
+        return psutil.Process().create_time()
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+def group():
+    return [RayTrainWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+first = group()
+ray.get([a.started.remote() for a in first])
+time.sleep(12)
+for a in first:
+    ray.kill(a)
+asked = time.time()
+print("warm", [s < asked for s in ray.get([a.started.remote() for a in group()])])
+"""
 
 
 @pytest.fixture(scope="module", params=os.environ.get("RAYBRIDGE_COMPAT_RAY", "oldest,newest").split(","))
@@ -117,6 +139,8 @@ def test_two_node_cluster(testbed, venv):
         tasks = testbed.exec(head, *env, str(py), "-c", TASKS, timeout=180)
         hosts = sorted(n["hostname"] for n in rec["nodes"])
         assert f"hosts {hosts}" in tasks.stdout.splitlines(), tasks.stdout[-2000:] + tasks.stderr[-2000:]
+        warm = testbed.exec(head, *env, str(py), "-c", WARM, timeout=180)
+        assert "warm [True, True]" in warm.stdout.splitlines(), warm.stdout[-2000:] + warm.stderr[-2000:]
     finally:
         down = testbed.exec("login", str(rb), "down", job, "--profile", str(profile))
     assert down.returncode == 0, down.stderr
