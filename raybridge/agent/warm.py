@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import psutil
 
 from raybridge import jobdir as jd
+from raybridge import trust
 from raybridge.agent import procs, ray_internals
 from raybridge.agent.ray_internals import ActorView
 
@@ -160,7 +161,10 @@ def workers() -> dict[int, tuple[str, float]]:
 
 def publish(folder: jd.JobDir, gcs: ray_internals.GcsView) -> WarmRecord | None:
     """The head's part: warm.json as Ray's actor table says now (unchanged: not rewritten)."""
-    last = read(folder)
+    try:
+        last = read(folder)
+    except trust.TrustError:
+        last = None  # replaced by the head's own
     ips = {n["node_id"]: n["ip"] for n in gcs.nodes() if n["alive"]}
     chosen = choose(gcs.alive_actors(), ips, last)
     if chosen is not None and chosen != last:
@@ -169,8 +173,12 @@ def publish(folder: jd.JobDir, gcs: ray_internals.GcsView) -> WarmRecord | None:
 
 
 def read(folder: jd.JobDir) -> WarmRecord | None:
+    """warm.json, or None when there is none (yet); TrustError when it fails the trust rule: what it
+    holds becomes a process's environment and command."""
+    if not os.path.lexists(folder.warm):
+        return None
     with contextlib.suppress(jd.RecordError):
-        return jd.read(folder.warm, WarmRecord)
+        return jd.parse(trust.read_private(folder.warm), WarmRecord, folder.warm)
     return None
 
 
@@ -227,7 +235,12 @@ class Keeper:
         if self.count <= 0 or self.stopped or now - self.last_check < CHECK_S:
             return
         self.last_check = now
-        rec = read(self.folder)
+        try:
+            rec = read(self.folder)
+        except trust.TrustError as e:
+            self.stopped = True
+            self.say(f"warm workers: none kept ({e})")
+            return
         raylet = self.raylet()
         if rec is None or raylet is None:
             return

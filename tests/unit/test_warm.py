@@ -211,3 +211,12 @@ def test_publish_writes_the_record_only_when_it_changed(tmp_path):
     warm.publish(folder, gcs)
     assert (tmp_path / "warm.json").stat().st_mtime_ns == before
     assert (tmp_path / "warm.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_record_others_could_have_written_is_not_used(keeper, monkeypatch, tmp_path):
+    node = Node(monkeypatch)
+    (tmp_path / "warm.json").chmod(0o620)
+    keeper.step(now=100)
+    assert node.requests == [] and keeper.stopped
+    assert keeper.said_lines[0].startswith("warm workers: none kept (")
+    assert "writable by others" in keeper.said_lines[0]
