@@ -97,7 +97,8 @@ class HeadRole(AgentBase):
                 return
             if self.stop_requested():
                 raise StopRequested()
-            self.warm.step()  # after a lost head: ready before the restarted driver asks
+            if alive_at is not None:  # not before: the nodes' own start has the CPU until then
+                self.warm.step()  # after a lost head: started with the restarted driver
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {alive} of {want} Ray nodes alive after "
