@@ -16,8 +16,9 @@ takes the job of the first actor it gets). So:
   are fewer. Workers of raybridge.train.make_trainer start through raybridge.preload (the profile's
   `preload`): a warm one has torch and Ray Train imported while it waits.
 
-A process is asked for at once when this node's Ray (re)started: after a lost head every process
-is new, and the warm ones are ready before the restarted driver's controller and worker group ask.
+A process is asked for at once when this node's Ray (re)started (after a lost head every process is
+new; the new head asks once the nodes are in, when the restarted driver starts: before that their
+own start has the CPU).
 After one was taken, REFILL_DELAY_S later (a recovery is under way: the CPU is the new worker
 group's). Only a runtime env of environment variables (and raybridge.preload) is kept warm: anything
 else (pip, a working_dir, a container) would make Ray build it on every node just in case. A request Ray refuses
