@@ -68,6 +68,7 @@ class AgentBase:
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
         self.raylet_address: str | None = None  # ip:node manager port, once Ray runs here
         self.warm_unavailable = False  # the head: Ray's tables could not be read for warm.json
+        self.warm_next = 0.0  # the head: when to read them again
         self.warm = warm.Keeper(
             self.rendezvous.dir,
             settings.warm_workers,

@@ -21,6 +21,7 @@ from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import LocalRunner
 
 BATCH_CHECK_S = 1.0  # how often the head asks Slurm whether the batch host is still in the job
+WARM_RECHECK_S = 30.0
 
 
 class HeadRole(AgentBase):
@@ -182,10 +183,15 @@ class HeadRole(AgentBase):
     def publish_warm(self, gcs: GcsView) -> None:
         """warm.json for every node's warm workers; a Ray whose tables are not what agent/warm.py
         reads ends warm workers for this head, with one line."""
-        if self.settings.warm_workers <= 0 or self.warm_unavailable:
+        now = time.monotonic()
+        if self.settings.warm_workers <= 0 or self.warm_unavailable or now < self.warm_next:
             return
         try:
-            warm.publish(self.rendezvous.dir, gcs)
+            rec = warm.publish(self.rendezvous.dir, gcs)
+            # The actor table can be large (a Serve or Data cluster): once the training's runtime envs
+            # are known, a look every WARM_RECHECK_S follows a new program on the same cluster.
+            complete = rec is not None and rec.controller_env is not None
+            self.warm_next = now + (WARM_RECHECK_S if complete else 0)
         except GcsUnavailable:
             return  # busy: the next refresh
         except Exception as e:

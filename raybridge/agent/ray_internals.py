@@ -558,8 +558,8 @@ class GcsView:
 
         alive = gcs_pb2.ActorTableData.ActorState.Value("ALIVE")
 
-        async def fetch() -> Any:
-            return await self.client.async_get_all_actor_info(timeout=5)
+        async def fetch() -> Any:  # only the alive ones travel (the table keeps dead actors too)
+            return await self.client.async_get_all_actor_info(actor_state_name="ALIVE", timeout=5)
 
         try:
             info = asyncio.run(fetch())
