@@ -611,6 +611,9 @@ def prestart_workers(
             stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
             stub.PrestartWorkers(request, timeout=5, metadata=metadata)
     except Exception as e:
+        if callable(getattr(e, "code", None)) and callable(getattr(e, "details", None)):  # gRPC's error
+            details = (e.details() or "").strip().splitlines() or [""]
+            return f"{e.code().name}: {details[0][:200]}"
         return first_line(e)
     return None
 

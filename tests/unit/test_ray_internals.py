@@ -298,3 +298,16 @@ def test_drain_falls_back_on_rays_command_where_the_client_has_no_drain(monkeypa
     assert launch.drain_node("10.0.0.1:6379", "cd" * 28, "released", 3) == (
         "Ray refused the drain: Error: The drain request is not accepted: busy"
     )
+
+
+def test_prestart_says_in_one_line_why_a_raylet_did_not_take_the_request(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: a raylet that is gone or restarting
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    why = launch.prestart_workers(f"127.0.0.1:{port}", "", "{}", 1, 60, str(token))
+    assert why is not None and why.startswith("UNAVAILABLE: ") and "\n" not in why  # the keeper retries
+    assert "secret" not in why

@@ -161,15 +161,15 @@ def test_a_request_the_raylet_dropped_is_made_again(keeper, monkeypatch):
 
 
 def test_a_raylet_that_is_restarting_is_asked_again_and_a_refusal_ends_it_with_one_line(keeper, monkeypatch):
-    node = Node(monkeypatch, answer="StatusCode.UNAVAILABLE: failed to connect")
+    node = Node(monkeypatch, answer="UNAVAILABLE: failed to connect to all addresses")
     keeper.step(now=100)
     keeper.step(now=102)
     assert len(node.requests) == 2 and not keeper.stopped
-    node.answer = "StatusCode.UNIMPLEMENTED: unknown method"
+    node.answer = "UNIMPLEMENTED: unknown method"
     keeper.step(now=104)
     assert keeper.stopped
     assert keeper.said_lines == [
-        "warm workers: Ray refused to start one (StatusCode.UNIMPLEMENTED: unknown method); none kept on this node"
+        "warm workers: Ray refused to start one (UNIMPLEMENTED: unknown method); none kept on this node"
     ]
     keeper.step(now=110)
     assert len(node.requests) == 3
