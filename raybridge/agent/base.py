@@ -12,6 +12,7 @@ import logging
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ import psutil
 
 from raybridge import jobdir as jd
 from raybridge import trust
-from raybridge.agent import keeplogs, netinfo, ports, procs, warm
+from raybridge.agent import keeplogs, netinfo, ports, procs, ray_internals, warm
 from raybridge.agent.rendezvous import Rendezvous
 from raybridge.agent.replace import Replacer
 from raybridge.agent.startray import RayStarter
@@ -46,6 +47,9 @@ class HeadLost(Exception):
         self.head = head
 
 
+WARM_RECHECK_S = 30.0
+
+
 class AgentBase:
     def __init__(self, settings: AgentSettings, env: Mapping[str, str]):
         self.settings = settings
@@ -67,8 +71,8 @@ class AgentBase:
         self.replacer = Replacer(settings, self.rendezvous)
         self.ray = RayStarter(settings, dict(env), self.say, self.stop_requested)
         self.raylet_address: str | None = None  # ip:node manager port, once Ray runs here
-        self.warm_unavailable = False  # the head: Ray's tables could not be read for warm.json
-        self.warm_next = 0.0  # the head: when to read them again
+        self.warm_gcs: str | None = None  # the head: its GCS, whose actor table warm.json follows
+        self.warm_paused = False  # a head starting: the nodes' own start has the CPU until they are in
         self.warm = warm.Keeper(
             self.rendezvous.dir,
             settings.warm_workers,
@@ -128,6 +132,37 @@ class AgentBase:
         else:
             self.watched.pop(name, None)
         return found is not None
+
+    # ------------------------------------------------------------ warm workers
+
+    def start_warm(self) -> None:
+        """Warm workers (agent/warm.py) in a thread of their own: their Ray calls (the actor table, the
+        raylet's PrestartWorkers, up to 5 s each) never hold up the loops that notice a lost head or
+        batch host."""
+        if self.settings.warm_workers > 0:
+            threading.Thread(target=self.warm_loop, name="raybridge-warm", daemon=True).start()
+
+    def warm_loop(self) -> None:
+        publish_next, gcs = 0.0, None
+        while not self.stop_requested():
+            now = time.monotonic()
+            try:
+                if self.role == "head" and self.warm_gcs and now >= publish_next:
+                    if gcs is None or gcs.address != self.warm_gcs:
+                        gcs = ray_internals.GcsView(self.warm_gcs)
+                    rec = warm.publish(self.rendezvous.dir, gcs)
+                    # The actor table can be large (a Serve or Data cluster): once the training's
+                    # runtime envs are known, a look every WARM_RECHECK_S follows a new program.
+                    known = rec is not None and rec.controller_env is not None
+                    publish_next = now + (WARM_RECHECK_S if known else 2.0)
+                if not self.warm_paused:
+                    self.warm.step(now)
+            except ray_internals.GcsUnavailable:
+                publish_next = now + 2.0  # busy: the next look
+            except Exception as e:  # not what agent/warm.py expects of this Ray: none kept, one line
+                self.say(f"warm workers: none kept ({ray_internals.first_line(e)})")
+                return
+            time.sleep(0.5)
 
     # ------------------------------------------------------------ teardown
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from raybridge import jobdir as jd
-from raybridge.agent import netinfo, ports, procs, ray_internals, slurmjob, warm
+from raybridge.agent import netinfo, ports, procs, ray_internals, slurmjob
 from raybridge.agent.base import Abdicate, AgentBase
 from raybridge.agent.ray_internals import GcsUnavailable, GcsView
 from raybridge.agent.startray import StopRequested
@@ -21,7 +21,6 @@ from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import LocalRunner
 
 BATCH_CHECK_S = 1.0  # how often the head asks Slurm whether the batch host is still in the job
-WARM_RECHECK_S = 30.0
 
 
 class HeadRole(AgentBase):
@@ -47,6 +46,7 @@ class HeadRole(AgentBase):
             )
             self.rendezvous.publish_head(published["head"])
 
+        self.warm_paused, self.warm_gcs = True, None
         plan = self.ray.start(iface, None, on_gcs_up=publish)
         head_up = jd.now()
         head = dataclasses.replace(published["head"], up_at=head_up)
@@ -60,6 +60,7 @@ class HeadRole(AgentBase):
             head_up_at=head_up,
         )
         gcs = GcsView(head.gcs_address)
+        self.warm_gcs = head.gcs_address
         self.wait_until_ready(gcs, expected)
         nodes = self.rendezvous.node_records(gcs.nodes())
         if generation:
@@ -90,6 +91,7 @@ class HeadRole(AgentBase):
             want = expected()
             if alive_at is None and alive >= want and joined >= want:
                 alive_at = jd.now()
+                self.warm_paused = False  # after a lost head: warm workers with the restarted driver
                 self.rendezvous.update_cluster(nodes_alive_at=alive_at)
                 if started:
                     started.start_services()
@@ -98,8 +100,6 @@ class HeadRole(AgentBase):
                 return
             if self.stop_requested():
                 raise StopRequested()
-            if alive_at is not None:  # not before: the nodes' own start has the CPU until then
-                self.warm.step()  # after a lost head: started with the restarted driver
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {alive} of {want} Ray nodes alive after "
@@ -122,7 +122,6 @@ class HeadRole(AgentBase):
             if now - last_refresh > 2:
                 last_refresh = now
                 self.refresh(gcs)
-            self.warm.step(now)
             if self.batch_host_gone:
                 raise StopRequested()
             if not drain_given and self.rendezvous.preempt_flagged():
@@ -178,25 +177,6 @@ class HeadRole(AgentBase):
                     self.replacer.on_dead(node)
             self.rendezvous.update_cluster(nodes=nodes, updated_at=jd.now())
             self.rendezvous.publish_targets()
-        self.publish_warm(gcs)
-
-    def publish_warm(self, gcs: GcsView) -> None:
-        """warm.json for every node's warm workers; a Ray whose tables are not what agent/warm.py
-        reads ends warm workers for this head, with one line."""
-        now = time.monotonic()
-        if self.settings.warm_workers <= 0 or self.warm_unavailable or now < self.warm_next:
-            return
-        try:
-            rec = warm.publish(self.rendezvous.dir, gcs)
-            # The actor table can be large (a Serve or Data cluster): once the training's runtime envs
-            # are known, a look every WARM_RECHECK_S follows a new program on the same cluster.
-            complete = rec is not None and rec.controller_env is not None
-            self.warm_next = now + (WARM_RECHECK_S if complete else 0)
-        except GcsUnavailable:
-            return  # busy: the next refresh
-        except Exception as e:
-            self.warm_unavailable = True
-            self.say(f"warm workers: none kept (Ray's actor table: {ray_internals.first_line(e)})")
 
     def watch_batch_host(self) -> None:
         """Ask Slurm every BATCH_CHECK_S in a thread of its own: the refresh can wait seconds on a GCS

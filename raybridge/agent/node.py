@@ -65,6 +65,7 @@ class Agent(Recovery):
         either becomes it or joins it."""
         # Import Ray while Slurm starts the step and the interfaces are read (or the head starts).
         threading.Thread(target=ray_internals.preload, daemon=True).start()
+        self.start_warm()
         if self.role == "head":
             return self.watch_head(self.become_head(0, expected=lambda: self.settings.nodes))
         head = self.join()

@@ -75,8 +75,6 @@ class WorkerRole(AgentBase):
                 elif now - missing_since >= RAYLET_GONE_S and self.iface:
                     self.restart_worker(self.iface, head)
                     missing_since = None
-            elif head_down_since is None:
-                self.warm.step(now)
             time.sleep(0.2)
         return 0
 
