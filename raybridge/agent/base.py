@@ -162,7 +162,7 @@ class AgentBase:
             except Exception as e:  # not what agent/warm.py expects of this Ray: none kept, one line
                 self.say(f"warm workers: none kept ({ray_internals.first_line(e)})")
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)  # as the main loops: a restarted raylet is asked at once
 
     # ------------------------------------------------------------ teardown
 
