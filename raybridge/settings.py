@@ -8,6 +8,7 @@ profile's defaults for the same keys come from here too.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from raybridge.layout import SharedDir
 PREFIX = "RAYBRIDGE_"
 JOB_DIR_VAR = "RAYBRIDGE_JOB_DIR"  # derived in the script; the driver and raybridge.train read it
 SUBMITTED_AT_VAR = "RAYBRIDGE_SUBMITTED_AT"  # sbatch's environment: when `up` submitted (the record's start)
+
+
+# A Python module name (the profile's `preload`; what raybridge.preload is started with).
+MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def env_name(field: str) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -44,6 +43,7 @@ from raybridge import jobdir as jd
 from raybridge import trust
 from raybridge.agent import procs, ray_internals
 from raybridge.agent.ray_internals import ActorView
+from raybridge.settings import MODULE
 
 TRAIN_WORKER_CLASS = "RayTrainWorker"  # Ray Train's worker actor (ray.train.v2 worker_group.worker)
 CONTROLLER_CLASS = "TrainController"  # Ray Train's controller actor, on the driver's node
@@ -57,7 +57,6 @@ CONTROLLER_WARM = 4
 PENDING_S = 5.0
 KEEP_ALIVE_S = 600  # Ray may end an idle process after this (above its soft limit); then another
 CHECK_S = 1.0
-MODULES = re.compile(r"[A-Za-z_][\w.]*(,[A-Za-z_][\w.]*)*")
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def is_preload(py_executable: Any) -> bool:
         same
         and len(rest) == 4
         and rest[:3] == ["-P", "-m", "raybridge.preload"]
-        and bool(MODULES.fullmatch(rest[3]))
+        and all(MODULE.fullmatch(name) for name in rest[3].split(","))
     )
 
 

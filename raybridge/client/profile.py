@@ -23,8 +23,8 @@ from raybridge.container import RUNTIMES, ContainerSpec
 from raybridge.errors import ConfigError
 from raybridge.layout import SharedDir
 from raybridge.settings import DEFAULTS as AGENT_DEFAULTS
+from raybridge.settings import MODULE, AgentSettings
 from raybridge.settings import RESERVED as RESERVED_SETTINGS
-from raybridge.settings import AgentSettings
 from raybridge.transport.runner import LoginSpec
 
 # Options raybridge sets itself; a user's extra directive may not override them. sbatch accepts any
@@ -53,7 +53,6 @@ LABEL_HELP = "key=value: letters, digits, '-', '_', '.', an optional DNS prefix/
 MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 HOST = re.compile(r"^[A-Za-z0-9_.:-]+$|^\[[0-9A-Fa-f:]+\]$")
 TIME_FORMATS = [
     re.compile(p)
