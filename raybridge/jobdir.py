@@ -240,6 +240,7 @@ class NodeRecord(Record):
     ray_hostname: str | None = None
     ray_cpus: float | None = None
     ray_gpus: float | None = None
+    died_at: float | None = None  # when Ray marked it dead
 
 
 @dataclass(frozen=True)

@@ -509,6 +509,15 @@ class GcsUnavailable(RuntimeError):
     """The GCS did not answer this time (not up yet, busy); a later try may succeed."""
 
 
+def died_at(node: Any) -> float | None:
+    """When the GCS marked a dead node dead (GcsNodeInfo.end_time_ms, the GCS's clock: the head's), so
+    the timeline shows Ray's moment rather than when the head's next look saw it; None if unknown."""
+    ms = getattr(node, "end_time_ms", 0)
+    if getattr(node, "state", 0) == 0 or not isinstance(ms, int) or ms <= 0:
+        return None
+    return ms / 1000
+
+
 class GcsView:
     """Node table from the head's GCS (uses the auth token from the environment)."""
 
@@ -541,6 +550,7 @@ class GcsView:
                 "alive": n.state == 0,
                 "ray_cpus": total.get("CPU", 0),
                 "ray_gpus": total.get("GPU", 0),
+                "died_at": died_at(n),
             }
             if rec["ip"] not in best or rec["alive"]:
                 best[rec["ip"]] = rec

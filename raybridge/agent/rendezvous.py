@@ -27,7 +27,7 @@ class Rendezvous:
     def __init__(self, settings: AgentSettings):
         self.settings = settings
         self.dir = jd.JobDir(settings.job_dir)
-        self._update_lock = threading.Lock()
+        self._update_lock = threading.RLock()
 
     # ------------------------------------------------------------ the batch step, once
 
@@ -151,7 +151,7 @@ class Rendezvous:
                     self.log_event("node_left", n.hostname or n.ip, f"member job {n.member_job} released")
                     continue
                 dead.append(n)
-                self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead")
+                self.log_event("node_dead", n.hostname or n.ip, "Ray marked the node dead", at=n.died_at)
             elif n.alive and n.ip in was and not was[n.ip]:
                 self.log_event("node_alive", n.hostname or n.ip, "alive again")
         return dead
@@ -181,11 +181,14 @@ class Rendezvous:
         self.log_event("head_lost", lost.hostname, f"rank {lost.rank}, generation {lost.generation}")
         self.update_cluster(state="recovering", generation=generation, nodes_alive_at=None, ready_at=None)
 
-    def log_event(self, event: str, node: str, detail: str = "") -> None:
-        rec = self.cluster()
-        if rec is not None:
-            entry = {"at": jd.now(), "event": event, "node": node, "detail": detail}
-            self.update_cluster(events=(*rec.events, entry))
+    def log_event(self, event: str, node: str, detail: str = "", at: float | None = None) -> None:
+        """An event on the cluster record; `at` where it happened earlier than now (never later)."""
+        when = jd.now() if at is None else min(at, jd.now())
+        entry = {"at": when, "event": event, "node": node, "detail": detail}
+        with self._update_lock:  # read and append under the lock: the head's threads log too
+            rec = self.cluster()
+            if rec is not None:
+                self.update_cluster(events=(*rec.events, entry))
 
     def publish_targets(self) -> None:
         """Prometheus service discovery for this cluster (metrics.py): the alive nodes' endpoints."""

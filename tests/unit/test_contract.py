@@ -184,6 +184,38 @@ def test_records_written_by_the_agents_parse(tmp_path):
     assert Cluster(LocalRunner(), "9", folder.path).info() == rec
 
 
+def test_a_dead_node_is_on_the_timeline_when_ray_marked_it_dead(tmp_path):
+    """Not when the head's next look saw it: a fast recovery can restore a checkpoint in between."""
+    from ray.core.generated import gcs_pb2
+
+    from raybridge.agent import ray_internals
+    from raybridge.agent.rendezvous import Rendezvous
+
+    folder = records_written_by_the_agents(tmp_path)
+    rz = Rendezvous(AgentSettings(shared_dir=str(tmp_path), nodes=2, job_id="9"))
+    before = rz.cluster().nodes
+
+    class Client:  # the GCS's answer, in Ray's own message type
+        def get_all_node_info(self, timeout):
+            dead = gcs_pb2.GcsNodeInfo(
+                node_id=b"ab", node_manager_address="10.0.0.1", node_manager_hostname="n1", state=1
+            )
+            dead.end_time_ms = 1_700_000_000_250
+            return {b"ab": dead}
+
+    view = ray_internals.GcsView.__new__(ray_internals.GcsView)
+    view.client = Client()
+    (gcs,) = view.nodes()
+    assert gcs["alive"] is False and gcs["died_at"] == 1_700_000_000.25
+    (lost,) = rz.node_changes(before, rz.node_records([gcs]))
+    assert lost.hostname == "n1"
+    (event,) = jd.read(folder.cluster, jd.ClusterRecord).events
+    assert (event["event"], event["node"], event["at"]) == ("node_dead", "n1", 1_700_000_000.25)
+    # Alive (or a Ray that does not say when): no time of death, the event is stamped when seen.
+    assert ray_internals.died_at(gcs_pb2.GcsNodeInfo(state=0, end_time_ms=5)) is None
+    assert ray_internals.died_at(object()) is None
+
+
 def test_a_record_of_another_schema_is_one_clear_line(tmp_path):
     folder = records_written_by_the_agents(tmp_path)
     data = json.loads(open(folder.cluster).read())
