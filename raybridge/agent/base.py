@@ -79,6 +79,7 @@ class AgentBase:
             lambda: self.raylet_address,
             self.rendezvous.dir.token if settings.auth else None,
             self.say,
+            lambda: self.role == "head",
         )
 
     # ------------------------------------------------------------ plumbing
@@ -150,7 +151,7 @@ class AgentBase:
                 if self.role == "head" and self.warm_gcs and now >= publish_next:
                     if gcs is None or gcs.address != self.warm_gcs:
                         gcs = ray_internals.GcsView(self.warm_gcs)
-                    rec = warm.publish(self.rendezvous.dir, gcs)
+                    rec = warm.publish(self.rendezvous.dir, gcs, self.warm_gcs.rsplit(":", 1)[0])
                     # The actor table can be large (a Serve or Data cluster): once the training's
                     # runtime envs are known, a look every WARM_RECHECK_S follows a new program.
                     known = rec is not None and rec.controller_env is not None

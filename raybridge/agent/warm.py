@@ -67,6 +67,9 @@ class WarmRecord(jd.Record):
     runtime_env: str  # Ray Train's workers': every node
     controller_env: str | None = None  # Ray Train's controller's: on the nodes below
     controller_ips: list[str] = field(default_factory=list)
+    # The controller ran on the head's node (a batch or Jobs driver does): after a lost head, the new
+    # head is where the restarted driver's controller starts.
+    controller_on_head: bool = False
 
 
 def job_number(job_id: str) -> int:
@@ -86,7 +89,9 @@ def newest(actors: list[ActorView], class_name: str) -> list[ActorView]:
     return [a for a in mine if a.job_id == job]
 
 
-def choose(actors: list[ActorView], ips: dict[str, str], last: WarmRecord | None) -> WarmRecord | None:
+def choose(
+    actors: list[ActorView], ips: dict[str, str], last: WarmRecord | None, head_ip: str | None = None
+) -> WarmRecord | None:
     """The record from the alive actors (ips: node id -> address); what is not alive now is kept
     from the last record (after a lost head nothing is alive until the driver starts again)."""
     workers, controllers = newest(actors, TRAIN_WORKER_CLASS), newest(actors, CONTROLLER_CLASS)
@@ -95,9 +100,9 @@ def choose(actors: list[ActorView], ips: dict[str, str], last: WarmRecord | None
         return None
     if controllers:
         where = sorted({ips[a.node_id] for a in controllers if a.node_id in ips})
-        return WarmRecord(runtime_env, controllers[0].runtime_env, where)
+        return WarmRecord(runtime_env, controllers[0].runtime_env, where, head_ip in where)
     if last:
-        return WarmRecord(runtime_env, last.controller_env, last.controller_ips)
+        return WarmRecord(runtime_env, last.controller_env, last.controller_ips, last.controller_on_head)
     return WarmRecord(runtime_env)
 
 
@@ -159,14 +164,15 @@ def workers() -> dict[int, tuple[str, float]]:
     return out
 
 
-def publish(folder: jd.JobDir, gcs: ray_internals.GcsView) -> WarmRecord | None:
-    """The head's part: warm.json as Ray's actor table says now (unchanged: not rewritten)."""
+def publish(folder: jd.JobDir, gcs: ray_internals.GcsView, head_ip: str | None = None) -> WarmRecord | None:
+    """The head's part (head_ip: its own address): warm.json as Ray's actor table says now
+    (unchanged: not rewritten)."""
     try:
         last = read(folder)
     except trust.TrustError:
         last = None  # replaced by the head's own
     ips = {n["node_id"]: n["ip"] for n in gcs.nodes() if n["alive"]}
-    chosen = choose(gcs.alive_actors(), ips, last)
+    chosen = choose(gcs.alive_actors(), ips, last, head_ip)
     if chosen is not None and chosen != last:
         jd.write(folder.warm, chosen)
     return chosen
@@ -182,12 +188,14 @@ def read(folder: jd.JobDir) -> WarmRecord | None:
     return None
 
 
-def wanted(rec: WarmRecord, count: int, ip: str | None) -> list[tuple[str, int]]:
-    """(runtime env, how many) this node keeps, in the order they are needed: where the driver runs,
-    first CONTROLLER_WARM with the controller's (after a lost head, the restarted driver's controller
-    starts before any training worker), then the workers'."""
+def wanted(rec: WarmRecord, count: int, ip: str | None, head: bool = False) -> list[tuple[str, int]]:
+    """(runtime env, how many) this node keeps, in the order they are needed: where the driver runs
+    (the controller's node; the head, if it ran there: after a lost head, the new one), first
+    CONTROLLER_WARM with the controller's (the restarted driver's controller starts before any
+    training worker), then the workers'."""
     out = [(rec.runtime_env, count)]
-    if rec.controller_env is not None and ip in rec.controller_ips and rec.controller_env != rec.runtime_env:
+    driver_here = ip in rec.controller_ips or (head and rec.controller_on_head)
+    if rec.controller_env is not None and driver_here and rec.controller_env != rec.runtime_env:
         out.insert(0, (rec.controller_env, CONTROLLER_WARM))
     return out
 
@@ -205,6 +213,7 @@ class Keeper:
         raylet: Callable[[], str | None],
         token_path: str | None,
         say: Callable[[str], None],
+        is_head: Callable[[], bool] = lambda: False,
     ):
         self.folder, self.count, self.raylet, self.token_path, self.say = (
             folder,
@@ -213,6 +222,7 @@ class Keeper:
             token_path,
             say,
         )
+        self.is_head = is_head
         self.last_check = 0.0
         self.mine: dict[int, str] = {}  # pid -> the runtime env it was asked for with
         self.expect: list[str] = []  # runtime envs of requested processes not seen yet, in order
@@ -244,7 +254,7 @@ class Keeper:
         raylet = self.raylet()
         if rec is None or raylet is None:
             return
-        targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0])
+        targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0], self.is_head())
         if not all(warmable(env) for env, _ in targets):
             self.stopped = True
             self.say("warm workers: none kept (the training's runtime env holds more than variables)")

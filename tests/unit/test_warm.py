@@ -79,6 +79,21 @@ def test_the_controllers_node_keeps_controller_processes_first():
     assert warm.wanted(warm.WarmRecord(TRAIN, TRAIN, ["10.0.0.1"]), 1, "10.0.0.1") == [(TRAIN, 1)]
 
 
+def test_after_a_lost_head_the_new_head_keeps_the_controllers_processes():
+    """The driver ran on the head (10.0.0.1, gone now): its restart, and its controller, are on the new head."""
+    actors = [actor("02000000", "RayTrainWorker", "n2"), actor("02000000", "TrainController", "n1", CTRL)]
+    rec = warm.choose(actors, IPS, None, head_ip="10.0.0.1")
+    assert rec == warm.WarmRecord(TRAIN, CTRL, ["10.0.0.1"], controller_on_head=True)
+    kept = warm.choose([], {"n9": "10.0.0.3"}, rec, head_ip="10.0.0.3")  # the new cluster, nothing alive yet
+    assert kept == rec
+    assert warm.wanted(kept, 1, "10.0.0.3", head=True) == [(CTRL, warm.CONTROLLER_WARM), (TRAIN, 1)]
+    assert warm.wanted(kept, 1, "10.0.0.2", head=False) == [(TRAIN, 1)]
+    # A driver that ran on another node than the head: its node only, whichever node is head.
+    elsewhere = warm.choose(actors, IPS, None, head_ip="10.0.0.2")
+    assert not elsewhere.controller_on_head
+    assert warm.wanted(elsewhere, 1, "10.0.0.3", head=True) == [(TRAIN, 1)]
+
+
 class Node:
     """A stand-in for one node: its raylet's PrestartWorkers and the worker processes it starts."""
 
@@ -204,8 +219,8 @@ def test_publish_writes_the_record_only_when_it_changed(tmp_path):
             return self.actors
 
     gcs = Gcs()
-    assert warm.publish(folder, gcs) == warm.WarmRecord(TRAIN, CTRL, ["10.0.0.1"])
-    assert warm.read(folder) == warm.WarmRecord(TRAIN, CTRL, ["10.0.0.1"])
+    assert warm.publish(folder, gcs, "10.0.0.1") == warm.WarmRecord(TRAIN, CTRL, ["10.0.0.1"], True)
+    assert warm.read(folder) == warm.WarmRecord(TRAIN, CTRL, ["10.0.0.1"], True)
     before = (tmp_path / "warm.json").stat().st_mtime_ns
     gcs.actors = []
     warm.publish(folder, gcs)
