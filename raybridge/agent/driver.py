@@ -18,8 +18,16 @@ Ray. Here both happen while the cluster forms:
 
 When the Ray head is lost and another node takes over (agent/node.py), the cluster record says
 `recovering`: the launcher stops the program at once, leaves the driver-restart flag and exits, and the
-batch script starts it again; it then runs once the new head's nodes are alive (a program written with
-raybridge.train resumes from its newest complete checkpoint).
+program runs again on the new head once its nodes are alive (a program written with raybridge.train
+resumes from its newest complete checkpoint). By a standby launcher where there is one:
+
+    python -m raybridge.agent driver --standby GENERATION -- COMMAND...
+
+runs on the next node in line for the head, does the program's leading imports once the cluster is
+ready, and waits. When a head after GENERATION runs on its node, it runs the program there as soon as
+the nodes are alive: no srun step, interpreter start or imports after the loss, and no wait for Slurm
+to notice that the old head's node (and the driver's step on it) is gone. It ends without running
+anything when the run ends first or another node takes over.
 
 The driver sees RAY_ADDRESS, RAYBRIDGE_JOB_DIR and the auth settings: `ray.init()` with no arguments
 joins the cluster. Its stdout and stderr are line-buffered (a Python program in process; PYTHONUNBUFFERED
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybridge import jobdir as jd
+from raybridge.agent import netinfo
 from raybridge.settings import AgentSettings
 
 POLL = 0.05  # the cluster record is one small file; the driver waits a few seconds at most
@@ -177,6 +186,45 @@ def wait_alive(
         time.sleep(poll)
 
 
+def stand_by(
+    folder: jd.JobDir, generation: int, program: Program | None, host: str
+) -> tuple[jd.ClusterRecord, list[str]] | None:
+    """A standby launcher's wait: the program's leading imports once the cluster is ready (not while it
+    starts: they would compete with it), then, when a head after `generation` runs on this host and
+    its nodes are alive, the cluster record and what was imported. None when the run ends first
+    (stopped, failed, the driver's program ended) or another node took over as head."""
+    imported: list[str] | None = None
+    said = False
+    while True:
+        try:
+            info = jd.read(folder.cluster, jd.ClusterRecord)
+            head = jd.read(folder.head, jd.HeadRecord)
+        except jd.RecordError:
+            info = head = None  # being replaced, or not ours to read: the next look
+        if info is None:
+            time.sleep(WATCH)
+            continue
+        if info.state in ("failed", "stopped") or any(map(os.path.exists, (folder.stop, folder.driver_exit))):
+            return None
+        lost = info.generation > generation
+        if imported is None and (info.state == "ready" or lost):
+            imported = (
+                import_early(early_imports(source_of(program), program_folder(program))) if program else []
+            )
+        if imported is not None and not said:
+            said = True
+            what = f"; imported early: {', '.join(imported)}" if imported else ""
+            say(f"standing by on {host} to run the command if the head is lost{what}")
+        if lost and head is not None and head.generation == info.generation:
+            if head.hostname != host:
+                say(f"the new head is {head.hostname}, not this node: the driver starts there")
+                return None
+            if info.nodes_alive_at and info.address:
+                assert imported is not None
+                return info, imported
+        time.sleep(POLL if lost else WATCH)
+
+
 # Ray Train's own settings (environment variables Ray Train reads in the driver and passes on to its
 # controller and workers), where its defaults cost a failed or preempted run seconds: the controller
 # looks at its workers every 2 s and at Ray's drain notices every 5 s. Checked every 0.5 s, a lost worker
@@ -272,6 +320,10 @@ def head_lost(folder: jd.JobDir, generation: int) -> jd.ClusterRecord | None:
 
 
 def flag_restart(folder: jd.JobDir, info: jd.ClusterRecord) -> None:
+    """The program stops for a lost head: the flag says so, and no exit code is left (the program did
+    not end; it runs again on the new head)."""
+    global _restarting
+    _restarting = True
     lost = next((e for e in reversed(info.events) if e.get("event") == "head_lost"), {})
     say(
         f"the Ray head {lost.get('node', '')} was lost; stopping the driver to start it again on the new head"
@@ -338,8 +390,9 @@ def say(message: str) -> None:
 
 
 def record_exit(code: int) -> None:
-    """The driver ended on its own, with this code (no file: it was killed, e.g. with its node)."""
-    if _exit_record:
+    """The driver ended on its own, with this code (no file: it was killed, e.g. with its node, or it
+    stopped for a lost head)."""
+    if _exit_record and not _restarting:
         with contextlib.suppress(OSError), open(_exit_record, "w") as f:
             f.write(f"{code}\n")
         folder = jd.JobDir(os.path.dirname(_exit_record))
@@ -347,12 +400,14 @@ def record_exit(code: int) -> None:
 
 
 _exit_record: str | None = None
+_restarting = False
 
 
 def main(settings: AgentSettings, argv: list[str]) -> int:
-    """argv: [AGENTS_PID] -- COMMAND...; leaves the exit code in the job folder (driver-exit)."""
+    """argv: [AGENTS_PID | --standby GENERATION] -- COMMAND...; leaves the exit code in the job folder
+    (driver-exit) when the program ran and ended (a standby: only once it took over)."""
     global _exit_record
-    _exit_record = jd.JobDir(settings.job_dir).driver_exit
+    _exit_record = None if argv[:1] == ["--standby"] else jd.JobDir(settings.job_dir).driver_exit
     try:
         code = launch(settings, argv)
     except SystemExit as e:
@@ -363,22 +418,37 @@ def main(settings: AgentSettings, argv: list[str]) -> int:
 
 
 def launch(settings: AgentSettings, argv: list[str]) -> int:
-    if "--" not in argv or argv.index("--") == len(argv) - 1:
-        print("raybridge driver: usage: driver [AGENTS_PID] -- COMMAND...", file=sys.stderr)
+    global _exit_record
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, command = argv[:cut], argv[cut + 1 :]
+    standby = int(head[1]) if len(head) == 2 and head[0] == "--standby" and head[1].isdigit() else None
+    if not command or (head[:1] == ["--standby"] and standby is None):
+        print(
+            "raybridge driver: usage: driver [AGENTS_PID | --standby GENERATION] -- COMMAND...",
+            file=sys.stderr,
+        )
         return 2
-    head, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     agents = int(head[0]) if head and head[0].isdigit() else None
     folder = jd.JobDir(settings.job_dir)
     os.environ.update(driver_env(settings, folder))  # before Ray is imported: it reads them then
     program = in_process(command)
     started = time.monotonic()
-    # The program's leading imports (Ray, torch: a second or more each) done while the nodes join.
-    preloaded = import_early(early_imports(source_of(program), program_folder(program))) if program else []
-    try:
-        info = wait_alive(folder, settings.ready_timeout + 60, lambda: pid_alive(agents))
-    except ClusterGone as e:
-        print(f"raybridge: {e}; the driver did not run", file=sys.stderr)
-        return 1
+    if standby is not None:
+        took = stand_by(folder, standby, program, netinfo.short_hostname())
+        if took is None:
+            return 0
+        info, preloaded = took
+        _exit_record = folder.driver_exit  # the job's driver from now on
+    else:
+        # The program's leading imports (Ray, torch: a second or more each) done while the nodes join.
+        preloaded = (
+            import_early(early_imports(source_of(program), program_folder(program))) if program else []
+        )
+        try:
+            info = wait_alive(folder, settings.ready_timeout + 60, lambda: pid_alive(agents))
+        except ClusterGone as e:
+            print(f"raybridge: {e}; the driver did not run", file=sys.stderr)
+            return 1
     os.environ["RAY_ADDRESS"] = info.address or ""
     how = (
         "child process"
@@ -386,9 +456,10 @@ def launch(settings: AgentSettings, argv: list[str]) -> int:
         else "in process" + (f", imported early: {', '.join(preloaded)}" if preloaded else "")
     )
     head = f" on head {info.head.hostname}" if info.head else ""
+    waited = f"waited {time.monotonic() - started:.1f}s" if standby is None else "the standby takes over"
     say(
-        f"all {len(info.nodes) or info.expected_nodes} nodes alive{head} (waited "
-        f"{time.monotonic() - started:.1f}s); running ({how}): {' '.join(command)}"
+        f"all {len(info.nodes) or info.expected_nodes} nodes alive{head} ({waited}); "
+        f"running ({how}): {' '.join(command)}"
     )
     jd.add_event(folder, "driver_started", socket.gethostname().split(".")[0], " ".join(command))
     if program:

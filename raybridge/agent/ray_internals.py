@@ -330,9 +330,19 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+# Ray's processes that serve people and tools rather than the running program (the dashboard with the
+# Jobs API, the Ray Client server, the log and autoscaler monitors): they start at this niceness, so
+# that after a lost head the restarted driver, its controller and the workers' imports get the CPU
+# first (the new head starts all of them in the same seconds). Idle most of the time, they answer as
+# fast at it; under a saturated CPU they get a smaller share than the training.
+BACKGROUND_NICE = 10
+BACKGROUND = frozenset({"dashboard", "ray_client_server", "log_monitor", "monitor"})
+
+
 class SpawnGuard:
     """Lets Ray's launcher start processes until stop(), none after it: teardown sweeps this job's
-    processes once, and a start still under way in a thread must not add one behind it."""
+    processes once, and a start still under way in a thread must not add one behind it. Starts the
+    BACKGROUND kinds at BACKGROUND_NICE (their children, the dashboard's modules, inherit it)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -352,10 +362,23 @@ class SpawnGuard:
                 if self.stopped:
                     raise RuntimeError("the agent is stopping")
                 self.spawned += 1
-                return start_process(*args, **kwargs)
+                info = start_process(*args, **kwargs)
+            kind = kwargs.get("process_type", args[1] if len(args) > 1 else None)
+            if kind in BACKGROUND:
+                background(info)
+            return info
 
         start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
         return start_ray_process
+
+
+def background(info: Any) -> None:
+    """Lower a just-started process's priority (Ray's ProcessInfo.process is its Popen); anything else
+    leaves it as Ray started it. It has not started its own children yet: they inherit it."""
+    pid = getattr(getattr(info, "process", None), "pid", None)
+    if isinstance(pid, int):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, BACKGROUND_NICE)
 
 
 class Started:

@@ -52,7 +52,7 @@ REFILL_DELAY_S = 10.0
 # A new driver's Ray Train starts four actors with the controller's runtime env on the driver's node:
 # the controller, its placement group cleaner, preemption watcher and the worker group's sync actor
 # (the last one again for every new worker group).
-CONTROLLER_WARM = 4
+CONTROLLER_WARM = 1
 # A requested process shows up within seconds, or it is asked for again.
 PENDING_S = 5.0
 KEEP_ALIVE_S = 600  # Ray may end an idle process after this (above its soft limit); then another

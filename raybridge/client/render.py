@@ -35,37 +35,55 @@ trap 'echo "raybridge: USR1 received: asking the training to checkpoint"; touch 
 # The driver runs on the head's node (the second node; the first when alone), as Ray expects: it starts
 # now, imports Ray while the nodes join, and runs the command once every node is alive, with RAY_ADDRESS
 # and the auth settings set. If the head's node is lost, another agent takes over as head and the driver
-# starts again there (it resumes from its newest checkpoint), up to {max_restarts} times.
+# runs again there (it resumes from its newest checkpoint), up to {max_restarts} times: a standby driver
+# waits on the next node in line for the head with its imports done, and runs the command the moment
+# the new head's nodes are alive, without waiting for Slurm to notice that the old node is gone.
 {chain_start}hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 driver_host=${{hosts[1]:-${{hosts[0]}}}}
+lost=
 generation=0
 restarts=0
+standby=
 set +e
 while :; do
-  rm -f "$RAYBRIDGE_JOB_DIR/{restart}" "$RAYBRIDGE_JOB_DIR/{exited}"
-  srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {step}{python} -P -m raybridge.agent driver -- {command} &
-  driver=$!
+  if [ -n "$standby" ] && [ "$standby_host" = "$driver_host" ] && kill -0 "$standby" 2>/dev/null; then
+    driver=$standby  # the standby on the new head runs the command
+  else
+    rm -f "$RAYBRIDGE_JOB_DIR/{restart}" "$RAYBRIDGE_JOB_DIR/{exited}"
+    srun --overlap --nodes=1 --ntasks=1 -w "$driver_host" {step}{python} -P -m raybridge.agent driver -- {command} &
+    driver=$!
+  fi
+  # The next in line for the head (the agents' order: the second node, the third, ..., the first last).
+  standby= standby_host=
+  for h in "${{hosts[@]:1}}" "${{hosts[0]}}"; do
+    case " $lost $driver_host " in *" $h "*) ;; *) standby_host=$h; break ;; esac
+  done
+  if [ -n "$standby_host" ] && [ "$restarts" -lt {max_restarts} ]; then
+    srun --overlap --nodes=1 --ntasks=1 -w "$standby_host" {step}{python} -P -m raybridge.agent driver --standby "$generation" -- {command} &
+    standby=$!
+  fi
   while :; do  # `wait` returns early when a trap runs; keep waiting for the driver itself
     wait "$driver"
     rc=$?
     kill -0 "$driver" 2>/dev/null || break
   done
-  # The driver leaves its exit code when it ends on its own (srun says 0 when the node failed). Without
-  # it, or when it stopped for a lost head: start it again if another node took over as head.
-  if [ -e "$RAYBRIDGE_JOB_DIR/{exited}" ] && [ ! -e "$RAYBRIDGE_JOB_DIR/{restart}" ]; then
+  # The driver leaves its exit code when its command ended (srun says 0 when the node failed). Without
+  # it the command was stopped or killed with its node: it starts again if another node took over as head.
+  if [ -e "$RAYBRIDGE_JOB_DIR/{exited}" ]; then
     rc=$(cat "$RAYBRIDGE_JOB_DIR/{exited}")
     break
   fi
   [ "$rc" = 0 ] && rc=1  # killed: not a success, whatever srun says
   [ "$restarts" -lt {max_restarts} ] || break
   next=$({here}{python} -P -m raybridge.agent new-head "$generation") || break
+  lost="$lost $driver_host"
   read -r driver_host generation <<<"$next"
   restarts=$((restarts + 1))
-  echo "raybridge: starting the driver again on the new head $driver_host ($restarts of {max_restarts})"
+  echo "raybridge: the driver runs again on the new head $driver_host ($restarts of {max_restarts})"
 done
 set -e
 echo "raybridge: driver exited with code $rc"
-{here}{python} -P -m raybridge.agent stop
+{here}{python} -P -m raybridge.agent stop  # a standby that is still waiting ends with the cluster
 wait "$agents" || true
 {chain_end}{requeue}exit "$rc"
 """

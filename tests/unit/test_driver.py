@@ -4,6 +4,7 @@ folder is written here the way the head agent writes it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -96,8 +97,11 @@ def cluster(tmp_path: Path, alive: bool, state: str = "starting") -> None:
     )
 
 
-def launch(tmp_path: Path, *command: str, cwd: Path | None = None, agents: str = "") -> subprocess.Popen:
-    argv = [PY, "-P", "-m", "raybridge.agent", "driver", *([agents] if agents else []), "--", *command]
+def launch(
+    tmp_path: Path, *command: str, cwd: Path | None = None, agents: str = "", standby: str = ""
+) -> subprocess.Popen:
+    head = [agents] if agents else ["--standby", standby] if standby else []
+    argv = [PY, "-P", "-m", "raybridge.agent", "driver", *head, "--", *command]
     return subprocess.Popen(
         argv,
         cwd=cwd or tmp_path,
@@ -278,6 +282,71 @@ def test_a_lost_head_stops_the_program_and_asks_for_a_restart(tmp_path, how):
     assert p.returncode == driver.RESTART, err
     assert "the Ray head n2 was lost" in err
     assert Path(folder.driver_restart).exists()
+    assert not Path(folder.driver_exit).exists()  # the program did not end: it runs again
+
+
+def lose_head(tmp_path: Path, new_head: str, alive: bool = True) -> jd.JobDir:
+    """What the agents write when `new_head` took over (generation 1) and, if alive, its nodes are in."""
+    folder = jd.JobDir(str(tmp_path / "shared" / "jobs" / "77"))
+    rec = jd.read(folder.cluster, jd.ClusterRecord)
+    head = jd.HeadRecord(
+        ip="10.0.0.3", hostname=new_head, interface="ib0", ports={"gcs": 6379}, gcs_up_at=1.0
+    )
+    jd.write(folder.head, dataclasses.replace(head, generation=1))
+    jd.write(
+        folder.cluster,
+        rec.with_changes(
+            generation=1,
+            state="recovering",
+            address="10.0.0.3:6379",
+            nodes_alive_at=time.time() if alive else None,
+        ),
+    )
+    return folder
+
+
+def test_a_standby_runs_the_program_when_its_node_is_the_new_head(tmp_path):
+    """Its imports done once the cluster is ready; the program runs the moment the new head's nodes are
+    alive, and its exit code is the job's."""
+    from raybridge.agent import netinfo
+
+    (tmp_path / "probe.py").write_text(PROBE)
+    cluster(tmp_path, alive=True, state="ready")
+    p = launch(tmp_path, PY, "probe.py", "5", standby="0")
+    deadline = time.time() + 30
+    while "standing by on" not in (line := p.stderr.readline()) and time.time() < deadline:
+        pass
+    assert f"standing by on {netinfo.short_hostname()} " in line and "imported early: json, os, sys" in line
+    time.sleep(0.5)
+    assert p.poll() is None  # the head is not lost: it waits
+    folder = lose_head(tmp_path, netinfo.short_hostname(), alive=False)
+    time.sleep(1)
+    assert p.poll() is None  # the new head's nodes are not alive yet
+    lose_head(tmp_path, netinfo.short_hostname())
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 5, err
+    seen = json.loads(out)
+    assert seen["address"] == "10.0.0.3:6379" and seen["alive_at_start"] and seen["ray_loaded"] is False
+    assert "the standby takes over" in err
+    assert Path(folder.driver_exit).read_text() == "5\n"
+
+
+@pytest.mark.parametrize("how", ["another-head", "stopped", "driver-ended"])
+def test_a_standby_that_is_not_needed_ends_without_running_anything(tmp_path, how):
+    (tmp_path / "probe.py").write_text(PROBE)
+    cluster(tmp_path, alive=True, state="ready")
+    p = launch(tmp_path, PY, "probe.py", "5", standby="0")
+    folder = jd.JobDir(str(tmp_path / "shared" / "jobs" / "77"))
+    if how == "another-head":
+        lose_head(tmp_path, "some-other-node")
+    elif how == "stopped":
+        jd.write(folder.cluster, jd.read(folder.cluster, jd.ClusterRecord).with_changes(state="stopped"))
+    else:
+        Path(folder.driver_exit).write_text("0\n")  # the driver's program ended: the job ends
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out == "", err
+    assert ("not this node" in err) == (how == "another-head")
+    assert how == "driver-ended" or not Path(folder.driver_exit).exists()
 
 
 def test_a_child_that_dies_of_a_signal_takes_the_launcher_with_it(tmp_path):
