@@ -312,10 +312,10 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
     assert info["generation"] == 1 and info["head"]["hostname"] not in (head, batch)
     # The standby on the next node in line ran it: its imports done before the loss, no new srun step.
     new_head = info["head"]["hostname"]
-    assert re.search(
-        rf"standing by on {new_head} to run the command if the head is lost; imported early: .*torch", out
-    )
-    assert re.search(rf"all 2 nodes alive on head {new_head} \(the standby takes over\)", out), out[-3000:]
+    log = out + err
+    standby = rf"standing by on {new_head} to run the command if the head is lost; imported early: .*torch"
+    assert re.search(standby, log), log[-3000:]
+    assert re.search(rf"nodes alive on head {new_head} \(the standby takes over\)", log), log[-3000:]
     events = [(e["event"], e["node"]) for e in info["events"]]
     assert ("head_lost", head) in events and ("head_replaced", info["head"]["hostname"]) in events
     lost = next(e for e in info["events"] if e["event"] == "head_lost")
