@@ -21,6 +21,11 @@ from raybridge.slurm import SlurmClient
 from raybridge.transport.runner import LocalRunner
 
 BATCH_CHECK_S = 1.0  # how often the head asks Slurm whether the batch host is still in the job
+# After a lost head, a batch driver's restart (its controller, the new workers' imports) is what the
+# user waits for: the new head's dashboard and Ray Client server (~3 s of CPU for the dashboard's
+# processes) start once its training is back (raybridge.train's restore) or this long after the nodes
+# are in, whichever is first.
+SERVICES_DEFER_S = 15.0
 
 
 class HeadRole(AgentBase):
@@ -93,8 +98,8 @@ class HeadRole(AgentBase):
                 alive_at = jd.now()
                 self.warm_paused = False  # after a lost head: warm workers with the restarted driver
                 self.rendezvous.update_cluster(nodes_alive_at=alive_at)
-                if started:
-                    started.start_services()
+            if started and alive_at and not started.services_started and self.services_due(alive_at):
+                started.start_services()
             waiting = started.services_pending() if alive_at and started else ""
             if alive_at is not None and not waiting:
                 return
@@ -136,6 +141,17 @@ class HeadRole(AgentBase):
             with contextlib.suppress(StopRequested, RaybridgeError, OSError):
                 self.check_batch_host()
         return 0
+
+    def services_due(self, alive_at: float) -> bool:
+        """Whether the head's services start now (SERVICES_DEFER_S): at once on a first head, or when
+        no batch driver runs here; after a lost head, once the restarted training restored its
+        checkpoint (an event after the nodes were in) or SERVICES_DEFER_S after that."""
+        if self.generation == 0 or time.time() >= alive_at + SERVICES_DEFER_S:
+            return True
+        events = self.rendezvous.event_times()
+        if not events.get("driver_started"):
+            return True
+        return any(at > alive_at for at in events.get("restored", ()))
 
     def drain_all(self, gcs: GcsView) -> None:
         """Slurm's USR1 (the time limit or a preemption ahead): Ray's drain notice for every node, with

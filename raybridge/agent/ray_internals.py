@@ -330,19 +330,9 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-# Ray's processes that serve people and tools rather than the running program (the dashboard with the
-# Jobs API, the Ray Client server, the log and autoscaler monitors): they start at this niceness, so
-# that after a lost head the restarted driver, its controller and the workers' imports get the CPU
-# first (the new head starts all of them in the same seconds). Idle most of the time, they answer as
-# fast at it; under a saturated CPU they get a smaller share than the training.
-BACKGROUND_NICE = 10
-BACKGROUND = frozenset({"dashboard", "ray_client_server", "log_monitor", "monitor"})
-
-
 class SpawnGuard:
     """Lets Ray's launcher start processes until stop(), none after it: teardown sweeps this job's
-    processes once, and a start still under way in a thread must not add one behind it. Starts the
-    BACKGROUND kinds at BACKGROUND_NICE (their children, the dashboard's modules, inherit it)."""
+    processes once, and a start still under way in a thread must not add one behind it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -362,23 +352,10 @@ class SpawnGuard:
                 if self.stopped:
                     raise RuntimeError("the agent is stopping")
                 self.spawned += 1
-                info = start_process(*args, **kwargs)
-            kind = kwargs.get("process_type", args[1] if len(args) > 1 else None)
-            if kind in BACKGROUND:
-                background(info)
-            return info
+                return start_process(*args, **kwargs)
 
         start_ray_process.unguarded = start_process  # type: ignore[attr-defined]
         return start_ray_process
-
-
-def background(info: Any) -> None:
-    """Lower a just-started process's priority (Ray's ProcessInfo.process is its Popen); anything else
-    leaves it as Ray started it. It has not started its own children yet: they inherit it."""
-    pid = getattr(getattr(info, "process", None), "pid", None)
-    if isinstance(pid, int):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, pid, BACKGROUND_NICE)
 
 
 class Started:
@@ -388,6 +365,7 @@ class Started:
         self.node = node
         self.guard = guard
         self.background_started = False
+        self.services_started = False
         self.errors: list[str] = []
 
     def run_later(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -405,6 +383,7 @@ class Started:
         Client server. Started once every node is alive, so that they do not compete with the
         nodes' own start for the CPU."""
         node, params = self.node, self.node._ray_params
+        self.services_started = True
         if not node.head:
             return
         dash = params.include_dashboard

@@ -11,8 +11,8 @@ takes the job of the first actor it gets). So:
   scheduler hashes it) of the alive Ray Train workers, and of Ray Train's controller with the nodes
   it runs on (the driver's), go to <job folder>/warm.json;
 - every node's agent keeps `warm_workers` idle processes with the workers' runtime env among its own
-  descendants, and CONTROLLER_WARM with the controller's where the controller ran (what a restarted
-  driver starts first), asking its raylet for them (Ray's PrestartWorkers, for no job) when there
+  descendants, and CONTROLLER_WARM with the controller's where the controller ran (on the head:
+  after a lost head, the new one), what a restarted driver starts first, asking its raylet for them (Ray's PrestartWorkers, for no job) when there
   are fewer. Workers of raybridge.train.make_trainer start through raybridge.preload (the profile's
   `preload`): a warm one has torch and Ray Train imported while it waits.
 
@@ -50,8 +50,10 @@ CONTROLLER_CLASS = "TrainController"  # Ray Train's controller actor, on the dri
 IDLE_TITLE = "ray::IDLE"  # what Ray's worker processes call themselves while they wait for work
 REFILL_DELAY_S = 10.0
 # A new driver's Ray Train starts four actors with the controller's runtime env on the driver's node:
-# the controller, its placement group cleaner, preemption watcher and the worker group's sync actor
-# (the last one again for every new worker group).
+# the controller, its placement group cleaner, preemption watcher and the worker group's sync actor.
+# One is kept: the controller, which the restarted driver waits for first; four processes starting
+# together on a new head took more of its CPU than they saved (scripts/bench-recovery, head case:
+# 17.5 and 17.7 s with four, 16.7 s with one).
 CONTROLLER_WARM = 1
 # A requested process shows up within seconds, or it is asked for again.
 PENDING_S = 5.0

@@ -124,3 +124,34 @@ def test_the_head_is_not_the_batch_host_while_another_node_is_there():
     assert AgentSettings("/s", nodes=1).head_order == [0]
     assert AgentSettings("/s", nodes=3).head_order == [1, 2, 0]
     assert AgentSettings("/s", nodes=3).head_rank == 1
+
+
+def test_after_a_lost_head_the_services_wait_for_the_restarted_training(tmp_path, monkeypatch):
+    """A new head with a batch driver starts its dashboard once the driver's training restored its
+    checkpoint (raybridge.train's event), or SERVICES_DEFER_S after the nodes were in; otherwise at once."""
+    import time
+    from types import SimpleNamespace
+
+    from raybridge import jobdir as jd
+    from raybridge.agent import head
+    from raybridge.agent.rendezvous import Rendezvous
+    from raybridge.settings import AgentSettings
+
+    rz = Rendezvous(AgentSettings(shared_dir=str(tmp_path), nodes=3, job_id="5"))
+    rz.prepare()
+    folder = rz.dir
+    role = SimpleNamespace(generation=1, rendezvous=rz)
+    due = lambda alive_at: head.HeadRole.services_due(role, alive_at)  # noqa: E731
+    now = time.time()
+    assert due(now)  # no batch driver (the events folder holds none): nothing to wait for
+    jd.add_event(folder, "driver_started", "n2", "python train.py")
+    jd.add_event(folder, "restored", "n2", "step 40")  # the first head's run: before the nodes were in
+    alive_at = time.time()
+    assert not due(alive_at)
+    assert due(alive_at - head.SERVICES_DEFER_S)  # waited long enough
+    assert head.HeadRole.services_due(SimpleNamespace(generation=0, rendezvous=rz), alive_at)  # a first head
+    time.sleep(0.01)
+    jd.add_event(folder, "restored", "n3", "step 40")  # the restarted training is back
+    assert due(alive_at)
+    (tmp_path / "jobs" / "5" / "events" / "not-an-event").write_text("")  # anything else planted there
+    assert set(rz.event_times()) == {"driver_started", "restored"}
