@@ -312,7 +312,7 @@ def test_head_node_crash_a_new_head_takes_over_and_training_finishes(testbed, cr
     assert info["generation"] == 1 and info["head"]["hostname"] not in (head, batch)
     # The standby on the next node in line ran it: its imports done before the loss, no new srun step.
     new_head = info["head"]["hostname"]
-    log = out + err
+    log = (testbed.shared_dir / "logs" / f"raybridge-{job}.out").read_text()  # with raybridge's own lines
     standby = rf"standing by on {new_head} to run the command if the head is lost; imported early: .*torch"
     assert re.search(standby, log), log[-3000:]
     assert re.search(rf"nodes alive on head {new_head} \(the standby takes over\)", log), log[-3000:]
