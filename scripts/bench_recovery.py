@@ -96,6 +96,16 @@ def in_node(node: str, job: str, names: tuple[str, ...] | None = None) -> list[p
     return out
 
 
+SETTLE_S = 60.0
+
+
+def settled(log: Path, nodes: int) -> bool:
+    """Every node keeps its warm worker process and the standby driver (the next node in line for the
+    head) has its imports done: what the job log says once the cluster runs the training."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text.count("warm workers: keeping") >= nodes and (nodes < 2 or "standing by on" in text)
+
+
 def one_run(args: argparse.Namespace, case: str) -> dict:
     profile, shared, steps, every = args.profile, args.shared, args.steps, args.every
     workers = "3" if case == "raylet" else "2"
@@ -118,7 +128,18 @@ def one_run(args: argparse.Namespace, case: str) -> dict:
         m = re.search(r"submitted job (\d+)", line)
         job = m.group(1) if m else None
     run = Path(shared) / "runs" / f"raybridge-{job}"
-    while high_water(run) < every + every // 2:
+    # A settled job, as most failures meet one: the training past its first checkpoint, every node's warm
+    # worker process kept and the standby driver's imports done; then the kill half-way between two
+    # checkpoints (the same work redone in every run).
+    log = Path(shared) / "logs" / f"raybridge-{job}.out"
+    settled_by = time.monotonic() + SETTLE_S
+    while high_water(run) < every or (time.monotonic() < settled_by and not settled(log, int(nodes))):
+        if p.poll() is not None:
+            raise RuntimeError(f"job {job} ended before the kill:\n" + p.stderr.read()[-3000:])
+        time.sleep(0.1)
+    kill_at = (high_water(run) // every + 1) * every - every // 2
+    kill_at += every if kill_at <= high_water(run) else 0
+    while high_water(run) < kill_at:
         if p.poll() is not None:
             raise RuntimeError(f"job {job} ended before the kill:\n" + p.stderr.read()[-3000:])
         time.sleep(0.05)
@@ -185,7 +206,7 @@ def main() -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--shared", required=True)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=40)
     ap.add_argument("--cases", default="raylet,head,requeue")
     ap.add_argument("--example", required=True, help="examples/train_mlp.py where the user can read it")
