@@ -51,10 +51,11 @@ IDLE_TITLE = "ray::IDLE"  # what Ray's worker processes call themselves while th
 REFILL_DELAY_S = 10.0
 # A new driver's Ray Train starts four actors with the controller's runtime env on the driver's node:
 # the controller, its placement group cleaner, preemption watcher and the worker group's sync actor.
-# One is kept: the controller, which the restarted driver waits for first; four processes starting
-# together on a new head took more of its CPU than they saved (scripts/bench-recovery, head case:
-# 17.5 and 17.7 s with four, 16.7 s with one).
-CONTROLLER_WARM = 1
+# All four are kept (a lost worker's new group takes a new sync actor and preemption watcher); a node
+# whose Ray (re)started keeps one of each runtime env for REFILL_DELAY_S first: four processes starting
+# together on a new head took more of its CPU than they saved (scripts/bench-recovery, head case: 17.5
+# and 17.7 s with four at once, 16.7 s with one).
+CONTROLLER_WARM = 4
 # A requested process shows up within seconds, or it is asked for again.
 PENDING_S = 5.0
 KEEP_ALIVE_S = 600  # Ray may end an idle process after this (above its soft limit); then another
@@ -231,13 +232,16 @@ class Keeper:
         self.before: set[int] = set()  # the worker processes there were when they were requested
         self.expect_until = 0.0
         self.urgent = True  # this node's Ray (re)started: ask at once
+        # When this node's Ray (re)started (the first look after): for REFILL_DELAY_S one process of each
+        # runtime env, so that a new head's recovery does not compete with four controller processes.
+        self.started_at: float | None = None
         self.short_since: float | None = None
         self.stopped = False  # Ray refused a request, or the runtime env is more than env_vars
         self.said = False
 
     def raylet_restarted(self) -> None:
         """This node's Ray started (again): every process of the old one is gone."""
-        self.urgent, self.short_since, self.last_check = True, None, 0.0
+        self.urgent, self.short_since, self.last_check, self.started_at = True, None, 0.0, None
         self.mine.clear()
         self.expect.clear()
 
@@ -257,6 +261,10 @@ class Keeper:
         if rec is None or raylet is None:
             return
         targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0], self.is_head())
+        if self.started_at is None:
+            self.started_at = now
+        if now - self.started_at < REFILL_DELAY_S:  # Ray (re)started here: one of each for now
+            targets = [(env, min(n, 1)) for env, n in targets]
         if not all(warmable(env) for env, _ in targets):
             self.stopped = True
             self.say("warm workers: none kept (the training's runtime env holds more than variables)")

@@ -134,21 +134,32 @@ def test_a_started_node_asks_at_once_and_tells_its_processes_apart_by_start_orde
     node = Node(monkeypatch)
     node.procs[7] = ("busy", 1.0)  # the dashboard agent or a worker that was already there
     keeper.step(now=100)
-    assert node.requests == [(CTRL, warm.CONTROLLER_WARM), (TRAIN, 1)]
+    # Ray just started here: one of each at once (a new head's recovery has the CPU), the rest later.
+    assert node.requests == [(CTRL, 1), (TRAIN, 1)]
     assert keeper.said_lines == ["warm workers: keeping 1 idle worker process(es) for Ray Train"]
-    ctrl = node.start(warm.CONTROLLER_WARM, "starting")
+    (ctrl,) = node.start(1, "starting")
     (train,) = node.start(1, "starting")
     keeper.step(now=101)
-    assert keeper.mine == dict.fromkeys(ctrl, CTRL) | {train: TRAIN}
+    assert keeper.mine == {ctrl: CTRL, train: TRAIN}
     for pid in node.procs:
         node.procs[pid] = ("idle", node.procs[pid][1])
     keeper.step(now=102)
-    assert len(node.requests) == 2  # enough: nothing more asked for
+    assert len(node.requests) == 2  # enough for now: nothing more asked for
+    keeper.step(now=100 + warm.REFILL_DELAY_S)  # the controller's other three become due...
+    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S - 1)
+    assert len(node.requests) == 2  # ...after the refill delay
+    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S)
+    assert node.requests[2:] == [(CTRL, warm.CONTROLLER_WARM - 1)]
+    more = node.start(warm.CONTROLLER_WARM - 1)
+    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S + 1)
+    assert keeper.mine == dict.fromkeys([ctrl, *more], CTRL) | {train: TRAIN}
 
 
 def test_a_taken_process_is_replaced_after_the_refill_delay_and_at_once_after_a_restart(keeper, monkeypatch):
     node = Node(monkeypatch)
+    keeper.started_at = 0.0  # Ray started here long ago
     keeper.step(now=100)
+    assert node.requests == [(CTRL, warm.CONTROLLER_WARM), (TRAIN, 1)]
     pids = node.start(warm.CONTROLLER_WARM + 1)
     keeper.step(now=101)
     node.requests.clear()
@@ -158,12 +169,12 @@ def test_a_taken_process_is_replaced_after_the_refill_delay_and_at_once_after_a_
     assert node.requests == []  # the new group's start has the CPU
     keeper.step(now=102 + warm.REFILL_DELAY_S)
     assert node.requests == [(TRAIN, 1)]
-    # This node's Ray restarted: its processes are gone, and the keeper asks for all of them at once.
+    # This node's Ray restarted: its processes are gone, and the keeper asks for one of each at once.
     node.procs.clear()
     node.requests.clear()
     keeper.raylet_restarted()
     keeper.step(now=200)
-    assert node.requests == [(CTRL, warm.CONTROLLER_WARM), (TRAIN, 1)]
+    assert node.requests == [(CTRL, 1), (TRAIN, 1)]
 
 
 def test_a_request_the_raylet_dropped_is_made_again(keeper, monkeypatch):
