@@ -52,7 +52,7 @@ REFILL_DELAY_S = 10.0
 # A new driver's Ray Train starts four actors with the controller's runtime env on the driver's node:
 # the controller, its placement group cleaner, preemption watcher and the worker group's sync actor.
 # All four are kept (a lost worker's new group takes a new sync actor and preemption watcher); a node
-# whose Ray (re)started keeps one of each runtime env for REFILL_DELAY_S first: four processes starting
+# whose Ray (re)started keeps one of each runtime env for REFILL_DELAY_S, then all: four processes starting
 # together on a new head took more of its CPU than they saved (scripts/bench-recovery, head case: 17.5
 # and 17.7 s with four at once, 16.7 s with one).
 CONTROLLER_WARM = 4
@@ -235,6 +235,7 @@ class Keeper:
         # When this node's Ray (re)started (the first look after): for REFILL_DELAY_S one process of each
         # runtime env, so that a new head's recovery does not compete with four controller processes.
         self.started_at: float | None = None
+        self.capped = False
         self.short_since: float | None = None
         self.stopped = False  # Ray refused a request, or the runtime env is more than env_vars
         self.said = False
@@ -258,13 +259,16 @@ class Keeper:
             self.say(f"warm workers: none kept ({e})")
             return
         raylet = self.raylet()
+        if raylet is not None and self.started_at is None:
+            self.started_at = now
         if rec is None or raylet is None:
             return
         targets = wanted(rec, self.count, raylet.rsplit(":", 1)[0], self.is_head())
-        if self.started_at is None:
-            self.started_at = now
         if now - self.started_at < REFILL_DELAY_S:  # Ray (re)started here: one of each for now
             targets = [(env, min(n, 1)) for env, n in targets]
+            self.capped = True
+        elif self.capped:  # the rest at once when that time is over
+            self.capped, self.urgent = False, True
         if not all(warmable(env) for env, _ in targets):
             self.stopped = True
             self.say("warm workers: none kept (the training's runtime env holds more than variables)")

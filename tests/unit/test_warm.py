@@ -145,13 +145,12 @@ def test_a_started_node_asks_at_once_and_tells_its_processes_apart_by_start_orde
         node.procs[pid] = ("idle", node.procs[pid][1])
     keeper.step(now=102)
     assert len(node.requests) == 2  # enough for now: nothing more asked for
-    keeper.step(now=100 + warm.REFILL_DELAY_S)  # the controller's other three become due...
-    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S - 1)
-    assert len(node.requests) == 2  # ...after the refill delay
-    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S)
+    keeper.step(now=100 + warm.REFILL_DELAY_S - 1)
+    assert len(node.requests) == 2
+    keeper.step(now=100 + warm.REFILL_DELAY_S)  # the controller's other three, at once
     assert node.requests[2:] == [(CTRL, warm.CONTROLLER_WARM - 1)]
     more = node.start(warm.CONTROLLER_WARM - 1)
-    keeper.step(now=100 + 2 * warm.REFILL_DELAY_S + 1)
+    keeper.step(now=100 + warm.REFILL_DELAY_S + 1)
     assert keeper.mine == dict.fromkeys([ctrl, *more], CTRL) | {train: TRAIN}
 
 
