@@ -146,7 +146,8 @@ def test_after_a_lost_head_the_services_wait_for_the_restarted_training(tmp_path
     assert due(now)  # no batch driver (the events folder holds none): nothing to wait for
     jd.add_event(folder, "driver_started", "n2", "python train.py")
     jd.add_event(folder, "restored", "n2", "step 40")  # the first head's run: before the nodes were in
-    alive_at = time.time()
+    time.sleep(0.01)  # (event times are rounded to the millisecond)
+    alive_at = jd.now()
     assert not due(alive_at)
     assert due(alive_at - head.SERVICES_DEFER_S)  # waited long enough
     assert head.HeadRole.services_due(SimpleNamespace(generation=0, rendezvous=rz), alive_at)  # a first head
