@@ -325,6 +325,18 @@ def add_event(folder: JobDir, event: str, node: str, detail: str = "") -> None:
         write_json(posixpath.join(folder.events, name), entry)
 
 
+def event_times(folder: JobDir) -> dict[str, list[float]]:
+    """The times of the events add_event wrote, by kind, from their file names alone."""
+    out: dict[str, list[float]] = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder.events):
+            parts = name.removesuffix(".json").split("-", 3)  # the name add_event gives it
+            if len(parts) == 4 and name.endswith(".json"):
+                with contextlib.suppress(ValueError):
+                    out.setdefault(parts[3], []).append(float(parts[0]))
+    return out
+
+
 def to_text(record: Record) -> str:
     """A record as written to a file (for writers on the far side of a Runner)."""
     return json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -148,7 +148,7 @@ class HeadRole(AgentBase):
         checkpoint (an event after the nodes were in) or SERVICES_DEFER_S after that."""
         if self.generation == 0 or time.time() >= alive_at + SERVICES_DEFER_S:
             return True
-        events = self.rendezvous.event_times()
+        events = jd.event_times(self.rendezvous.dir)
         if not events.get("driver_started"):
             return True
         return any(at > alive_at for at in events.get("restored", ()))

@@ -190,18 +190,6 @@ class Rendezvous:
             if rec is not None:
                 self.update_cluster(events=(*rec.events, entry))
 
-    def event_times(self) -> dict[str, list[float]]:
-        """The times of the events written outside the head (jobdir.add_event), by kind, from their
-        file names alone."""
-        out: dict[str, list[float]] = {}
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.dir.events):
-                parts = name.removesuffix(".json").split("-", 3)  # at-pid-seq-event.json
-                if len(parts) == 4 and name.endswith(".json"):
-                    with contextlib.suppress(ValueError):
-                        out.setdefault(parts[3], []).append(float(parts[0]))
-        return out
-
     def publish_targets(self) -> None:
         """Prometheus service discovery for this cluster (metrics.py): the alive nodes' endpoints."""
         from raybridge import metrics

@@ -155,4 +155,4 @@ def test_after_a_lost_head_the_services_wait_for_the_restarted_training(tmp_path
     jd.add_event(folder, "restored", "n3", "step 40")  # the restarted training is back
     assert due(alive_at)
     (tmp_path / "jobs" / "5" / "events" / "not-an-event").write_text("")  # anything else planted there
-    assert set(rz.event_times()) == {"driver_started", "restored"}
+    assert set(jd.event_times(folder)) == {"driver_started", "restored"}
