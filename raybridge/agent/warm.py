@@ -12,8 +12,8 @@ takes the job of the first actor it gets). So:
   it runs on (the driver's), go to <job folder>/warm.json;
 - every node's agent keeps `warm_workers` idle processes with the workers' runtime env among its own
   descendants, and CONTROLLER_WARM with the controller's where the controller ran (on the head:
-  after a lost head, the new one), what a restarted driver starts first, asking its raylet for them (Ray's PrestartWorkers, for no job) when there
-  are fewer. Workers of raybridge.train.make_trainer start through raybridge.preload (the profile's
+  after a lost head, the new one), what a restarted driver starts first, asking its raylet for them
+  (Ray's PrestartWorkers, for no job) when there are fewer. Workers of raybridge.train.make_trainer start through raybridge.preload (the profile's
   `preload`): a warm one has torch and Ray Train imported while it waits.
 
 A process is asked for at once when this node's Ray (re)started (after a lost head every process is
